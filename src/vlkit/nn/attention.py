@@ -1,0 +1,27 @@
+"""Multi-head self-attention with a fused QKV projection and SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Self-attention: one matmul for Q, K and V, then ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """``x`` is ``[B, N, D]``; ``mask`` is boolean (True = attend) or additive, broadcastable
+        to ``[B, H, N, N]``."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))

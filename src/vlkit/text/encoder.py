@@ -1,0 +1,85 @@
+"""CLIP's text transformer: token + position embeddings, pre-LN blocks, a final norm, pooling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlkit.nn.transformer import Transformer
+
+
+@dataclass
+class TextConfig:
+    """Defaults are CLIP ViT-B/32's text tower.
+
+    ``pool``: "eot" takes the features at the end-of-text token (the first ``eot_token_id``,
+    or the highest id when that is ``None``, as OpenAI's checkpoints do); "last" takes the
+    last position (SigLIP).
+    """
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    eps: float = 1e-5
+    causal: bool = True
+    pool: str = "eot"
+    eot_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.pool not in ("eot", "last"):
+            raise ValueError(f"TextConfig.pool must be 'eot' or 'last', got {self.pool!r}")
+
+
+@dataclass
+class TextOutput:
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, eps=cfg.eps)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def attention_mask(self, attention_mask: torch.Tensor, n: int, device) -> torch.Tensor:
+        """Boolean ``[B, 1, N, N]`` mask (True = attend) from padding and, if causal, causality."""
+        mask = attention_mask.bool()[:, None, None, :]
+        if self.cfg.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        return mask
+
+    def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool == "last":
+            return tokens[:, -1]
+        if self.cfg.eot_token_id is None:
+            index = input_ids.argmax(dim=-1)
+        else:
+            index = (input_ids == self.cfg.eot_token_id).int().argmax(dim=-1)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), index]
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> TextOutput:
+        n = input_ids.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(f"text of {n} tokens is longer than the context length {self.cfg.context_length}")
+        x = self.token_embed(input_ids) + self.pos_embed[:, :n]
+        if attention_mask is None:
+            x, states = self.transformer(x, causal=self.cfg.causal, return_all=output_hidden_states)
+        else:
+            mask = self.attention_mask(attention_mask, n, x.device)
+            x, states = self.transformer(x, mask=mask, return_all=output_hidden_states)
+        x = self.norm(x)
+        return TextOutput(tokens=x, pooled=self.pool(x, input_ids), hidden_states=states)

@@ -1,0 +1,238 @@
+"""The training loop, written once for every model whose ``forward(**batch)`` returns a loss.
+
+Batches are chosen by step (``batch_indices``), and the checkpoint holds the model,
+optimizer, schedule, step and RNG states, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vlkit.precision import PRECISIONS, autocast
+from vlkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from vlkit.train.distributed import World
+from vlkit.train.schedule import make_scheduler
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; decay is not applied to gains, biases,
+    embeddings' positions or temperatures (parameters with fewer than 2 dimensions)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoopConfig:
+    """``batch_size`` is the global batch per optimizer step (split over ranks and
+    ``grad_accum`` micro-batches); ``freeze`` names submodules to keep fixed (LiT: ["vision"])."""
+
+    steps: int = 1000
+    batch_size: int = 256
+    grad_accum: int = 1
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    freeze: list[str] = field(default_factory=list)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"LoopConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches in order from ``start_step``; the schedule is a pure
+    function of the step, so resuming needs only the step number. Each epoch is a seeded
+    permutation unless ``shuffle`` is off (procedural data is random already)."""
+
+    def __init__(self, n: int, cfg: LoopConfig, world: World, start_step: int, shuffle: bool = True):
+        self.n, self.cfg, self.world, self.start, self.shuffle = n, cfg, world, start_step, shuffle
+        self.micro = cfg.batch_size // (cfg.grad_accum * world.world_size)
+        if self.micro * cfg.grad_accum * world.world_size != cfg.batch_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} × world size {world.world_size}"
+            )
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def __len__(self) -> int:
+        return (self.cfg.steps - self.start) * self.cfg.grad_accum
+
+    def __iter__(self):
+        b, w = self.cfg.batch_size, self.world
+        for step in range(self.start, self.cfg.steps):
+            for a in range(self.cfg.grad_accum):
+                first = step * b + (a * w.world_size + w.rank) * self.micro
+                yield [self.index(k) for k in range(first, first + self.micro)]
+
+    def index(self, k: int) -> int:
+        """The ``k``-th sample of the run as ``epoch · n + position``; datasets take it modulo
+        their length and may use the epoch (to vary captions, say)."""
+        epoch, pos = divmod(k, self.n)
+        return epoch * self.n + (int(self._perm(epoch)[pos]) if self.shuffle else pos)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def freeze(model: torch.nn.Module, names: list[str]) -> None:
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"cannot freeze {name!r}: the model has no such submodule") from None
+        module.requires_grad_(False)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    collate: Callable,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    run_dir: Path,
+    model_type: str,
+    world: World = World(),
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    after_step: Callable[[torch.nn.Module], None] | None = None,
+) -> dict:
+    """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict."""
+    device = torch.device(device)
+    run_dir = Path(run_dir)
+    torch.manual_seed(loop.seed)
+    freeze(model, loop.freeze)
+    if loop.grad_checkpointing:
+        for m in model.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    scheduler = make_scheduler(optimizer, optim.warmup_steps, loop.steps, optim.min_lr_ratio)
+    start, skipped, elapsed_before = 0, 0, 0.0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        state = load_state(ckpt / "training_state")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start, skipped, elapsed_before = state["step"], state["skipped"], state["elapsed"]
+    wrapped = model
+    if world.distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers)
+    metrics_file = run_dir / "metrics.jsonl"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if start == 0 and metrics_file.exists():
+        metrics_file.unlink()
+
+    def training_state(step: int, elapsed: float) -> dict:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "step": step,
+            "skipped": skipped,
+            "elapsed": elapsed,
+        }
+
+    bar = tqdm(total=loop.steps, initial=start, disable=not world.is_main, desc="train", unit="step", dynamic_ncols=True)
+    t0, seen, window_t, window_n = time.perf_counter(), 0, time.perf_counter(), 0
+    step, micro, loss_sum = start, 0, 0.0
+    for batch in loader:
+        skipped += len(batch.pop("skipped", []))
+        if batch:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = batch["pixel_values"].shape[0]
+            sync = micro == loop.grad_accum - 1 or not world.distributed
+            ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+            with ctx, autocast(loop.precision, device):
+                loss = wrapped(**batch) / loop.grad_accum
+            with ctx:
+                loss.backward()
+            loss_sum += loss.item()
+            seen += n * world.world_size
+            window_n += n * world.world_size
+        micro += 1
+        if micro < loop.grad_accum:
+            continue
+        if optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if after_step is not None:
+            after_step(model)
+        step, micro = step + 1, 0
+        if world.is_main and (step % loop.log_every == 0 or step == loop.steps):
+            now = time.perf_counter()
+            rate = window_n / max(now - window_t, 1e-9)
+            record = {
+                "step": step,
+                "loss": loss_sum,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": rate,
+                "elapsed_s": elapsed_before + now - t0,
+                "skipped": skipped,
+            }
+            if hasattr(model, "logit_scale"):
+                record["logit_scale"] = float(model.logit_scale.exp())
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_sum:.3f}", samples_s=f"{rate:.0f}")
+            window_t, window_n = now, 0
+        bar.update(1)
+        loss_sum = 0.0
+        if world.is_main and loop.save_every and step % loop.save_every == 0 and step < loop.steps:
+            save_checkpoint(run_dir, step, model, model_type, training_state(step, elapsed_before + time.perf_counter() - t0), loop.keep_checkpoints)
+    bar.close()
+    elapsed = elapsed_before + time.perf_counter() - t0
+    if world.is_main:
+        save_checkpoint(run_dir, step, model, model_type, training_state(step, elapsed), loop.keep_checkpoints)
+    return {"steps": step, "samples": seen, "train_seconds": elapsed, "skipped": skipped}

@@ -1,0 +1,112 @@
+"""Image preprocessing as CLIP/SigLIP image processors do it: resize, center crop, rescale, normalise.
+
+The config reads and writes ``preprocessor_config.json`` in transformers' keys, so one
+file serves vlkit checkpoints and downloaded ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlkit.data.images import to_rgb
+
+RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageProcessor:
+    """``resize_mode``: "shortest_edge" keeps the aspect ratio (CLIP), "exact" resizes to
+    ``size``×``size`` (SigLIP). Then an optional center crop of ``crop_size``."""
+
+    size: int = 224
+    crop_size: int | None = 224
+    resize_mode: str = "shortest_edge"
+    resample: int = 3
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+
+    @property
+    def output_size(self) -> int:
+        return self.crop_size or self.size
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if self.resize_mode == "exact":
+            target = (self.size, self.size)
+        else:
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.size * long / short)
+            target = (self.size, new_long) if w <= h else (new_long, self.size)
+        if target == (w, h):
+            return image
+        return image.resize(target, RESAMPLE[self.resample])
+
+    def crop(self, arr: np.ndarray) -> np.ndarray:
+        """Center crop ``[H, W, C]``, padding with zeros where the image is smaller."""
+        c = self.crop_size
+        h, w = arr.shape[:2]
+        if c is None or (h, w) == (c, c):
+            return arr
+        top, left = (h - c) // 2, (w - c) // 2
+        if top >= 0 and left >= 0:
+            return arr[top : top + c, left : left + c]
+        out = np.zeros((c, c, arr.shape[2]), dtype=arr.dtype)
+        src = arr[max(top, 0) : max(top, 0) + c, max(left, 0) : max(left, 0) + c]
+        out[max(-top, 0) : max(-top, 0) + src.shape[0], max(-left, 0) : max(-left, 0) + src.shape[1]] = src
+        return out
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image → ``[3, S, S]`` float tensor."""
+        arr = self.crop(np.asarray(self.resize(to_rgb(image)), dtype=np.float32))
+        arr = (arr * self.rescale_factor - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self(im) for im in images])
+
+    def to_hf(self) -> dict:
+        """transformers' ``preprocessor_config.json`` keys."""
+        size = {"shortest_edge": self.size} if self.resize_mode == "shortest_edge" else {"height": self.size, "width": self.size}
+        out = {
+            "do_resize": True,
+            "size": size,
+            "resample": self.resample,
+            "do_rescale": True,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "do_center_crop": self.crop_size is not None,
+        }
+        if self.crop_size is not None:
+            out["crop_size"] = {"height": self.crop_size, "width": self.crop_size}
+        return out
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ImageProcessor":
+        size = cfg.get("size", 224)
+        if isinstance(size, dict) and "shortest_edge" in size:
+            mode, side = "shortest_edge", size["shortest_edge"]
+        elif isinstance(size, dict):
+            mode, side = "exact", size["height"]
+        else:
+            mode, side = "shortest_edge", int(size)
+        crop = cfg.get("crop_size") if cfg.get("do_center_crop", False) else None
+        if isinstance(crop, dict):
+            crop = crop["height"]
+        return cls(
+            size=side,
+            crop_size=crop,
+            resize_mode=mode,
+            resample=int(cfg.get("resample", 3)),
+            mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+            std=tuple(cfg.get("image_std", CLIP_STD)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+        )

@@ -1,0 +1,122 @@
+"""The Vision Transformer and its variants (CLIP, SigLIP, DINOv2), chosen by config switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlkit.nn.transformer import Transformer
+from vlkit.vision.pooling import AttentionPool
+
+
+@dataclass
+class ViTConfig:
+    """Defaults are CLIP ViT-B/32.
+
+    ``final_norm``: "pooled" normalises only the pooled token (CLIP), "all" every token
+    (SigLIP, DINOv2). ``pool``: "cls", "mean" (over patch tokens) or "map" (attention pool).
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    eps: float = 1e-5
+    class_token: bool = True
+    num_registers: int = 0
+    patch_bias: bool = False
+    pre_norm: bool = True
+    final_norm: str = "pooled"
+    pool: str = "cls"
+    layer_scale: float | None = None
+
+    def __post_init__(self):
+        if self.pool not in ("cls", "mean", "map"):
+            raise ValueError(f"ViTConfig.pool must be 'cls', 'mean' or 'map', got {self.pool!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("ViTConfig.pool='cls' needs class_token=True")
+        if self.final_norm not in ("pooled", "all"):
+            raise ValueError(f"ViTConfig.final_norm must be 'pooled' or 'all', got {self.final_norm!r}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patch tokens: the class token and the registers."""
+        return int(self.class_token) + self.num_registers
+
+
+@dataclass
+class ViTOutput:
+    tokens: torch.Tensor
+    """``[B, N, D]`` last-layer tokens (after the final norm where the config puts it on all)."""
+    pooled: torch.Tensor
+    """``[B, D]`` pooled embedding (before any projection)."""
+    hidden_states: list[torch.Tensor] | None = None
+    """Every layer's output, the embeddings first (as transformers' ``hidden_states``)."""
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02) if cfg.class_token else None
+        self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d)) if cfg.num_registers else None
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid**2 + int(cfg.class_token), d) * 0.02)
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
+        self.transformer = Transformer(
+            d, cfg.depth, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, act=cfg.act, eps=cfg.eps, layer_scale=cfg.layer_scale
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.eps)
+        self.head = AttentionPool(d, cfg.num_heads, cfg.mlp_ratio, cfg.act, cfg.eps) if cfg.pool == "map" else None
+
+    def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Learned positions, bicubically interpolated when the patch grid differs from training."""
+        pos = self.pos_embed
+        n_cls = int(self.cfg.class_token)
+        g = self.cfg.grid
+        if (grid_h, grid_w) == (g, g):
+            return pos
+        patch_pos = pos[:, n_cls:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([pos[:, :n_cls], patch_pos], dim=1)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.position_embedding(gh, gw)
+        if self.registers is not None:
+            x = torch.cat([x[:, :1], self.registers.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return self.norm_pre(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        if self.cfg.pool == "mean":
+            return tokens[:, self.cfg.num_prefix :].mean(dim=1)
+        return self.head(tokens)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViTOutput:
+        """``pixel_values`` ``[B, 3, H, W]`` (H, W multiples of the patch size) → :class:`ViTOutput`."""
+        x = self.embed(pixel_values)
+        x, states = self.transformer(x, return_all=output_hidden_states)
+        if self.cfg.final_norm == "all":
+            x = self.norm(x)
+            pooled = self.pool(x)
+        else:
+            pooled = self.norm(self.pool(x))
+        return ViTOutput(tokens=x, pooled=pooled, hidden_states=states)
