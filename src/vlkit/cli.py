@@ -1,4 +1,4 @@
-"""The ``vlkit`` command: demo, train, eval, embed, data."""
+"""The ``vlkit`` command: demo, train, eval, embed, convert, data."""
 
 from __future__ import annotations
 
@@ -29,7 +29,14 @@ def cmd_train(args, overrides: list[str]) -> int:
 def cmd_eval(args, overrides: list[str]) -> int:
     from vlkit.eval.tasks import run_eval
 
-    results = run_eval(args.task, args.model, args.data, args.out, batch_size=args.batch_size, precision=args.precision)
+    options = {}
+    if args.task in ("caption", "vqa", "grounding", "mcq"):
+        options = {"split": args.split, "box_format": args.box_format}
+        if args.predictions is None:
+            options["max_new_tokens"] = args.max_new_tokens
+    results = run_eval(
+        args.task, args.model, args.data, args.out, args.batch_size, args.precision, args.predictions, **options
+    )
     print(json.dumps(results, indent=2))
     return 0
 
@@ -78,11 +85,25 @@ def _image_paths(spec: list[str]) -> list[Path]:
     return paths
 
 
-def cmd_data(args, overrides: list[str]) -> int:
-    from vlkit.data.export import export_shapes
+def cmd_data_shapes(args, overrides: list[str]) -> int:
+    if args.format is None:
+        from vlkit.data.export import export_shapes
 
-    summary = export_shapes(Path(args.out), args.n, image_size=args.image_size, seed=args.seed, max_objects=args.max_objects)
-    print(json.dumps(summary))
+        summary = export_shapes(Path(args.out), args.n, image_size=args.image_size, seed=args.seed, max_objects=args.max_objects)
+    else:
+        from vlkit.data.formats.shapes_export import export
+        from vlkit.data.shapes import ShapesWorld
+
+        world = ShapesWorld(image_size=args.image_size, max_objects=args.max_objects, seed=args.seed)
+        summary = export(world, args.n, Path(args.out), args.format)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_data_pack(args, overrides: list[str]) -> int:
+    from vlkit.data.formats.shards import pack
+
+    print(json.dumps(pack(args.src, args.out, maxcount=args.maxcount, prefix=args.prefix), default=str))
     return 0
 
 
@@ -111,9 +132,14 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model on a task")
-    ev.add_argument("task", choices=["zeroshot", "retrieval"])
-    ev.add_argument("--model", required=True, help="model or run folder")
-    ev.add_argument("--data", default="shapes", help="'shapes', an ImageFolder (zeroshot) or a captions.jsonl folder (retrieval)")
+    ev.add_argument("task", choices=["zeroshot", "retrieval", "caption", "vqa", "grounding", "mcq"])
+    ev.add_argument("--model", help="model or run folder")
+    ev.add_argument("--data", default="shapes", help="'shapes', an ImageFolder (zeroshot), a captions.jsonl folder "
+                    "(retrieval), or a dataset in a standard format (caption, vqa, grounding, mcq)")
+    ev.add_argument("--predictions", help="score this predictions file instead of running a model (caption, vqa, grounding, mcq)")
+    ev.add_argument("--split", help="dataset split to evaluate (default: all)")
+    ev.add_argument("--box-format", default="pixels", choices=["pixels", "norm1", "norm1000", "loc1000", "loc1024"])
+    ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--out", help="folder for results.json (default: print only)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -129,15 +155,27 @@ def parser() -> argparse.ArgumentParser:
     emb.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     emb.set_defaults(fn=cmd_embed)
 
+    from vlkit.interop.convert import add_parser as add_convert
+
+    add_convert(sub)
+
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    shapes = dsub.add_parser("shapes", help="write the shapes world as an ImageFolder + captions.jsonl")
+    shapes = dsub.add_parser("shapes", help="write the shapes world (ImageFolder + captions.jsonl, or --format)")
     shapes.add_argument("--out", required=True)
     shapes.add_argument("-n", type=int, default=1000)
     shapes.add_argument("--image-size", type=int, default=64)
     shapes.add_argument("--max-objects", type=int, default=3)
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.set_defaults(fn=cmd_data)
+    shapes.add_argument("--format", choices=["coco", "vqav2", "llava", "refcoco", "imagefolder", "mmbench", "mathvista", "shards"],
+                        help="write one standard dataset format instead")
+    shapes.set_defaults(fn=cmd_data_shapes)
+    pack = dsub.add_parser("pack", help="pack a dataset into WebDataset tar shards")
+    pack.add_argument("src", help="a Karpathy COCO JSON, LLaVA JSON, ImageFolder or captions.jsonl folder")
+    pack.add_argument("--out", required=True)
+    pack.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    pack.add_argument("--prefix", default="data")
+    pack.set_defaults(fn=cmd_data_pack)
     return p
 
 

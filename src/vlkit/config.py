@@ -39,6 +39,14 @@ def _convert(tp, value, where: str):
         return tuple(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float, bool) and isinstance(value, str):
+        # YAML reads "1e-3" (no dot) as a string; accept it for floats, refuse other strings.
+        if tp is float:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
 
@@ -50,7 +58,10 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(names)}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a __post_init__ check: say where in the config it failed
+        raise ValueError(f"{where}: {err}") from err
 
 
 def read(path: str | Path) -> dict:

@@ -1,11 +1,16 @@
-"""``vlkit.load(path)``: a ready model (tokenizer and preprocessing attached) from a folder."""
+"""``vlkit.load(path)``: a ready model (tokenizer and preprocessing attached) from a folder.
+
+vlkit's own checkpoints (``model_type`` "vlkit_*") load here; transformers and OpenCLIP
+layouts go to :mod:`vlkit.interop`, chosen by ``config.json``'s ``model_type`` (or by the
+presence of ``open_clip_config.json``), never by the folder name.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
 
 from vlkit.config import from_dict
 from vlkit.models import MODELS
@@ -16,38 +21,72 @@ from vlkit.vision.preprocess import ImageProcessor
 def resolve(path: str | Path) -> Path:
     """A model folder, or a run folder (its newest checkpoint)."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file():
         return path
     pointer = path / "checkpoints" / "latest"
     if pointer.is_file():
         return pointer.parent / pointer.read_text().strip()
-    raise FileNotFoundError(f"{path}: no config.json (nor checkpoints/latest of a training run)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    raise FileNotFoundError(
+        f"{path}: no config.json (vlkit or transformers layout), open_clip_config.json (OpenCLIP layout) "
+        "nor checkpoints/latest (a training run)"
+    )
 
 
-def load(path: str | Path, device: str = "cpu"):
-    """Load a vlkit checkpoint folder (or a run folder) into an eval-mode model."""
+def load(path: str | Path, device: str = "cpu", dtype=None):
+    """Load a vlkit, transformers or OpenCLIP checkpoint folder (or a run folder) into an eval-mode
+    model. Foreign checkpoints are cast to ``dtype`` (default float32)."""
+    from vlkit import interop
+
     folder = resolve(path)
     cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        return interop.load_open_clip(folder, dtype).to(device)
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg_file}: malformed JSON ({err})") from None
-    model_type = raw.pop("model_type", None)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type in interop.LOADERS:
+        return interop.load_transformers(folder, raw, dtype).to(device)
+    raw.pop("model_type", None)
     kind = model_type[len("vlkit_") :] if isinstance(model_type, str) and model_type.startswith("vlkit_") else None
     if kind not in MODELS:
-        known = sorted(f"vlkit_{k}" for k in MODELS)
+        known = sorted(f"vlkit_{k}" for k in MODELS) + sorted(interop.LOADERS)
         raise ValueError(f"{cfg_file}: unknown model_type {model_type!r}; expected one of {known}")
     cfg_cls, model_cls = MODELS[kind]
-    model = model_cls(from_dict(cfg_cls, raw, str(cfg_file)))
+    cfg = from_dict(cfg_cls, raw, str(cfg_file))
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing")
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise KeyError(f"{weights}: missing keys {sorted(missing)}; unexpected keys {sorted(unexpected)}")
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    load_native_weights(model, weights)
     if (folder / "tokenizer.json").is_file():
         model.tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
     if (folder / "preprocessor_config.json").is_file():
         model.processor = ImageProcessor.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
     return model.to(device).eval()
+
+
+def load_native_weights(model, weights: Path) -> None:
+    """Fill ``model`` (built on the meta device) from a vlkit ``model.safetensors`` one tensor at a
+    time, all keys or nothing."""
+    from vlkit.interop.weights import CheckpointError, WeightReader
+
+    reader = WeightReader.open(weights)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(reader.keys()))
+    unexpected = sorted(set(reader.keys()) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{weights}: missing keys {missing}; unexpected keys {unexpected}")
+    state = {}
+    for key, param in expected.items():
+        t = reader.get(key)
+        if t.shape != param.shape:
+            raise CheckpointError(f"{weights}: tensor {key!r} has shape {tuple(t.shape)}; expected {tuple(param.shape)} from config.json")
+        state[key] = t
+    model.load_state_dict(state, strict=True, assign=True)

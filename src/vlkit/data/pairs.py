@@ -79,10 +79,11 @@ class CaptionFolder(Dataset):
         captions = [c for c in rec["captions"] if isinstance(c, str) and c.strip()]
         if not captions:
             raise BadSample(where, "no non-empty caption")
+        longest = max(len(c) for c in captions)
+        if longest > self.max_caption_chars:
+            raise BadSample(where, f"caption of {longest} characters exceeds {self.max_caption_chars}")
         rng = np.random.default_rng([i, epoch])
         caption = captions[int(rng.integers(len(captions)))]
-        if len(caption) > self.max_caption_chars:
-            raise BadSample(where, f"caption of {len(caption)} characters exceeds {self.max_caption_chars}")
         image = load_image(self.root / rec["image"])
         return [(self.processor(image), caption)]
 

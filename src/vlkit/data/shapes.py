@@ -202,10 +202,12 @@ class ShapesWorld:
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         return annotate(self.place(rng, n), self.image_size, rng)
 
-    def place(self, rng: np.random.Generator, n: int) -> list[Obj]:
-        """Sample ``n`` objects with distinct (color, shape) and no overlap; fewer if crowded."""
+    def place(self, rng: np.random.Generator, n: int, kinds: list[int] | None = None) -> list[Obj]:
+        """Sample ``n`` objects with distinct (color, shape) and no overlap; fewer if crowded.
+        ``kinds`` fixes the objects' classes instead of drawing them."""
         objects: list[Obj] = []
-        kinds = rng.permutation(len(CLASS_NAMES))
+        if kinds is None:
+            kinds = rng.permutation(len(CLASS_NAMES))
         for kind in kinds[:n]:
             color, shape = COLOR_NAMES[kind // len(SHAPES)], SHAPES[kind % len(SHAPES)]
             size_i = int(rng.integers(2))
@@ -220,10 +222,12 @@ class ShapesWorld:
             raise RuntimeError(f"could not place any object in a {self.image_size}px image")
         return objects
 
-    def single(self, index: int) -> Scene:
-        """A single-object scene (the classification split)."""
+    def single(self, index: int, label: int | None = None) -> Scene:
+        """A single-object scene (the classification split); of class ``label`` if given."""
+        if label is not None and not 0 <= label < len(CLASS_NAMES):
+            raise ValueError(f"label must be in [0, {len(CLASS_NAMES)}), got {label}")
         rng = self.rng(index)
-        return annotate(self.place(rng, 1), self.image_size, rng)
+        return annotate(self.place(rng, 1, None if label is None else [label]), self.image_size, rng)
 
     def variant(self, scene: Scene, index: int) -> Scene:
         """A hard negative of ``scene``: one object's shape or color changed, or two objects'
@@ -340,7 +344,8 @@ def _vqa(scene: Scene, rng: np.random.Generator) -> list[dict]:
     )
     present = objs[int(rng.integers(len(objs)))]
     qa.append({"question": f"is there {_describe(present, False)}?", "answer": "yes", "type": "yesno"})
-    absent = [k for k in range(len(CLASS_NAMES)) if k not in {o.label for o in objs}]
+    present_labels = {o.label for o in objs}
+    absent = [k for k in range(len(CLASS_NAMES)) if k not in present_labels]
     kind = absent[int(rng.integers(len(absent)))]
     name = CLASS_NAMES[kind]
     qa.append({"question": f"is there {_article(name)} {name}?", "answer": "no", "type": "yesno"})

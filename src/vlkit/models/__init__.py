@@ -1,7 +1,12 @@
 """Model compositions. ``MODELS`` maps a checkpoint's ``model`` field to its config and class."""
 
 from vlkit.models.clip import CLIP, CLIPConfig
+from vlkit.models.single_tower import TextEncoderConfig, TextTower, VisionEncoder, VisionEncoderConfig
 
-MODELS = {"clip": (CLIPConfig, CLIP)}
+MODELS = {
+    "clip": (CLIPConfig, CLIP),
+    "vision_encoder": (VisionEncoderConfig, VisionEncoder),
+    "text_encoder": (TextEncoderConfig, TextTower),
+}
 
-__all__ = ["CLIP", "CLIPConfig", "MODELS"]
+__all__ = ["CLIP", "CLIPConfig", "MODELS", "TextEncoderConfig", "TextTower", "VisionEncoder", "VisionEncoderConfig"]

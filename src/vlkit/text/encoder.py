@@ -16,7 +16,8 @@ class TextConfig:
 
     ``pool``: "eot" takes the features at the end-of-text token (the first ``eot_token_id``,
     or the highest id when that is ``None``, as OpenAI's checkpoints do); "last" takes the
-    last position (SigLIP).
+    last position (SigLIP). ``padding_mask=False`` ignores ``attention_mask`` (SigLIP was
+    trained attending to its padding, and its reference pipeline passes no mask).
     """
 
     vocab_size: int = 49408
@@ -30,6 +31,7 @@ class TextConfig:
     causal: bool = True
     pool: str = "eot"
     eot_token_id: int | None = None
+    padding_mask: bool = True
 
     def __post_init__(self):
         if self.pool not in ("eot", "last"):
@@ -76,7 +78,7 @@ class TextEncoder(nn.Module):
         if n > self.cfg.context_length:
             raise ValueError(f"text of {n} tokens is longer than the context length {self.cfg.context_length}")
         x = self.token_embed(input_ids) + self.pos_embed[:, :n]
-        if attention_mask is None:
+        if attention_mask is None or not self.cfg.padding_mask:
             x, states = self.transformer(x, causal=self.cfg.causal, return_all=output_hidden_states)
         else:
             mask = self.attention_mask(attention_mask, n, x.device)

@@ -88,8 +88,9 @@ def build_dataset(recipe: CLIPRecipe, processor: ImageProcessor):
     return SkippingDataset(dataset) if data.on_bad_sample == "skip" else dataset
 
 
-def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False) -> dict:
-    """Train per the recipe into the run folder ``out``; returns the training summary."""
+def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train per the recipe into the run folder ``out``; returns the training summary.
+    ``stop_at`` stops after that step as if interrupted (see :func:`~vlkit.train.loop.fit`)."""
     out = Path(out)
     world = setup()
     try:
@@ -122,6 +123,7 @@ def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False) -> dic
             resume=resume,
             device=device,
             after_step=CLIP.clamp_logit_scale,
+            stop_at=stop_at,
         )
         if summary["skipped"] and world.is_main:
             print(f"skipped {summary['skipped']} bad samples (see metrics.jsonl)")

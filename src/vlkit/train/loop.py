@@ -63,10 +63,14 @@ class LoopConfig:
 class StepSampler(torch.utils.data.Sampler):
     """Yields this rank's micro-batches in order from ``start_step``; the schedule is a pure
     function of the step, so resuming needs only the step number. Each epoch is a seeded
-    permutation unless ``shuffle`` is off (procedural data is random already)."""
+    permutation unless ``shuffle`` is off (procedural data is random already). It stops
+    before ``end_step`` (default ``cfg.steps``)."""
 
-    def __init__(self, n: int, cfg: LoopConfig, world: World, start_step: int, shuffle: bool = True):
+    def __init__(
+        self, n: int, cfg: LoopConfig, world: World, start_step: int, shuffle: bool = True, end_step: int | None = None
+    ):
         self.n, self.cfg, self.world, self.start, self.shuffle = n, cfg, world, start_step, shuffle
+        self.end = cfg.steps if end_step is None else end_step
         self.micro = cfg.batch_size // (cfg.grad_accum * world.world_size)
         if self.micro * cfg.grad_accum * world.world_size != cfg.batch_size:
             raise ValueError(
@@ -80,11 +84,11 @@ class StepSampler(torch.utils.data.Sampler):
         return self._perms[epoch]
 
     def __len__(self) -> int:
-        return (self.cfg.steps - self.start) * self.cfg.grad_accum
+        return max(0, self.end - self.start) * self.cfg.grad_accum
 
     def __iter__(self):
         b, w = self.cfg.batch_size, self.world
-        for step in range(self.start, self.cfg.steps):
+        for step in range(self.start, self.end):
             for a in range(self.cfg.grad_accum):
                 first = step * b + (a * w.world_size + w.rank) * self.micro
                 yield [self.index(k) for k in range(first, first + self.micro)]
@@ -138,8 +142,13 @@ def fit(
     resume: bool = False,
     device: torch.device | str = "cpu",
     after_step: Callable[[torch.nn.Module], None] | None = None,
+    stop_at: int | None = None,
 ) -> dict:
-    """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict."""
+    """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict.
+
+    ``stop_at`` ends the run early after that step, with a checkpoint, as if it were
+    interrupted there: the schedule still spans ``loop.steps``, so ``resume`` continues it.
+    """
     device = torch.device(device)
     run_dir = Path(run_dir)
     torch.manual_seed(loop.seed)
@@ -165,7 +174,8 @@ def fit(
     wrapped = model
     if world.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True))
+    end = loop.steps if stop_at is None else min(stop_at, loop.steps)
+    sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True), end_step=end)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers)
     metrics_file = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +220,7 @@ def fit(
         if after_step is not None:
             after_step(model)
         step, micro = step + 1, 0
-        if world.is_main and (step % loop.log_every == 0 or step == loop.steps):
+        if world.is_main and (step % loop.log_every == 0 or step == end):
             now = time.perf_counter()
             rate = window_n / max(now - window_t, 1e-9)
             record = {
@@ -222,14 +232,14 @@ def fit(
                 "skipped": skipped,
             }
             if hasattr(model, "logit_scale"):
-                record["logit_scale"] = float(model.logit_scale.exp())
+                record["logit_scale"] = float(model.logit_scale.detach().exp())
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_sum:.3f}", samples_s=f"{rate:.0f}")
             window_t, window_n = now, 0
         bar.update(1)
         loss_sum = 0.0
-        if world.is_main and loop.save_every and step % loop.save_every == 0 and step < loop.steps:
+        if world.is_main and loop.save_every and step % loop.save_every == 0 and step < end:
             save_checkpoint(run_dir, step, model, model_type, training_state(step, elapsed_before + time.perf_counter() - t0), loop.keep_checkpoints)
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t0

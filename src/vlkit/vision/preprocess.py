@@ -31,6 +31,9 @@ class ImageProcessor:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     rescale_factor: float = 1 / 255
+    alpha_background: int = 0
+    """Grey level that transparency is composited onto: 0 (black, as vlkit's data loading does)
+    or 255 (white, as transformers' image processors do; set when loading their checkpoints)."""
 
     @property
     def output_size(self) -> int:
@@ -62,9 +65,20 @@ class ImageProcessor:
         out[max(-top, 0) : max(-top, 0) + src.shape[0], max(-left, 0) : max(-left, 0) + src.shape[1]] = src
         return out
 
+    def flatten_alpha(self, image: Image.Image) -> Image.Image:
+        """Composite a transparent image onto ``alpha_background`` (black is left to ``to_rgb``)."""
+        if not self.alpha_background:
+            return image
+        if "A" not in image.getbands() and image.info.get("transparency") is None:
+            return image
+        rgba = image.convert("RGBA")
+        grey = int(self.alpha_background)
+        background = Image.new("RGBA", rgba.size, (grey, grey, grey, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One PIL image → ``[3, S, S]`` float tensor."""
-        arr = self.crop(np.asarray(self.resize(to_rgb(image)), dtype=np.float32))
+        arr = self.crop(np.asarray(self.resize(to_rgb(self.flatten_alpha(image))), dtype=np.float32))
         arr = (arr * self.rescale_factor - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 

@@ -18,6 +18,11 @@ class ViTConfig:
 
     ``final_norm``: "pooled" normalises only the pooled token (CLIP), "all" every token
     (SigLIP, DINOv2). ``pool``: "cls", "mean" (over patch tokens) or "map" (attention pool).
+    ``pos_antialias``: interpolate position embeddings with the antialiased bicubic kernel
+    (DINOv2 with registers does; its a=-0.5 kernel differs from plain bicubic's a=-0.75).
+    ``stem_channels``: an early-convolution stem (3×3, stride 2, GELU per entry) before the
+    patch embedding, which then covers the remaining ``patch_size / 2^len`` pixels; it
+    gives small models the locality prior that lets them learn shapes from few samples.
     """
 
     image_size: int = 224
@@ -35,8 +40,12 @@ class ViTConfig:
     final_norm: str = "pooled"
     pool: str = "cls"
     layer_scale: float | None = None
+    pos_antialias: bool = False
+    stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if self.patch_size % 2 ** len(self.stem_channels):
+            raise ValueError(f"patch_size {self.patch_size} is not divisible by the conv stem's stride {2 ** len(self.stem_channels)}")
         if self.pool not in ("cls", "mean", "map"):
             raise ValueError(f"ViTConfig.pool must be 'cls', 'mean' or 'map', got {self.pool!r}")
         if self.pool == "cls" and not self.class_token:
@@ -64,12 +73,25 @@ class ViTOutput:
     """Every layer's output, the embeddings first (as transformers' ``hidden_states``)."""
 
 
+def conv_stem(channels: tuple[int, ...]) -> nn.Module:
+    """3×3 stride-2 convolutions with GELU; the identity when ``channels`` is empty."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for ch in channels:
+        layers += [nn.Conv2d(in_ch, ch, 3, 2, 1), nn.GELU()]
+        in_ch = ch
+    return nn.Sequential(*layers)
+
+
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.stem = conv_stem(cfg.stem_channels)
+        patch = cfg.patch_size // 2 ** len(cfg.stem_channels)
+        in_ch = cfg.stem_channels[-1] if cfg.stem_channels else 3
+        self.patch_embed = nn.Conv2d(in_ch, d, patch, patch, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02) if cfg.class_token else None
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d)) if cfg.num_registers else None
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid**2 + int(cfg.class_token), d) * 0.02)
@@ -88,12 +110,13 @@ class ViT(nn.Module):
         if (grid_h, grid_w) == (g, g):
             return pos
         patch_pos = pos[:, n_cls:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = F.interpolate(patch_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                                  antialias=self.cfg.pos_antialias)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat([pos[:, :n_cls], patch_pos], dim=1)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(self.stem(pixel_values.to(self.patch_embed.weight.dtype)))
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:

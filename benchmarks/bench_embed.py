@@ -1,0 +1,99 @@
+"""Image and text embedding throughput: vlkit vs transformers.CLIPModel, identical weights.
+
+Builds a randomly initialised CLIP ViT-B/32 with transformers, saves it, loads the same
+folder with vlkit, checks the embeddings agree, then times both side by side (interleaved
+rounds, best of each) in fp32 and bf16 autocast, and prints the ratios and the fraction of
+this machine's matmul peak (measured in the same run on the model's own matrix shapes).
+
+    python benchmarks/bench_embed.py [--batch 32] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+import vlkit
+from vlkit.precision import bf16_is_fast
+
+
+def vit_b32_flops(batch: int, image: bool) -> float:
+    """Matmul FLOPs of one forward pass of CLIP ViT-B/32's image (224 px) or text (77 tokens) tower."""
+    if image:
+        n, d, layers, patch_in = 50, 768, 12, 3 * 32 * 32
+        per_layer = 2 * n * (4 * d * d + 2 * d * 4 * d) + 2 * 2 * n * n * d
+        return batch * (layers * per_layer + 2 * 49 * patch_in * d + 2 * d * 512)
+    n, d, layers = 77, 512, 12
+    per_layer = 2 * n * (4 * d * d + 2 * d * 4 * d) + 2 * 2 * n * n * d
+    return batch * (layers * per_layer + 2 * d * 512)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of the model's largest matmul shape (tokens × 768 × 3072)."""
+    a, b = torch.randn(1600, 768, dtype=dtype), torch.randn(768, 3072, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 1600 * 768 * 3072 / (time.perf_counter() - t0)
+
+
+def timed(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    args = ap.parse_args()
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    hf = CLIPModel(CLIPConfig()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = vlkit.load(tmp).eval()
+    pixels = torch.randn(args.batch, 3, 224, 224)
+    ids = torch.randint(1, 49000, (args.batch, 77))
+    ids[:, -1] = 49407
+    with torch.no_grad():
+        diff = (hf.get_image_features(pixel_values=pixels) - ours.encode_image(pixels)).abs().max().item()
+        tdiff = (hf.get_text_features(input_ids=ids) - ours.encode_text(ids)).abs().max().item()
+    print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16: {bf16_is_fast(torch.device('cpu'))}")
+    print(f"parity: image max |diff| {diff:.2e}, text max |diff| {tdiff:.2e}")
+    cases = {
+        "image": (lambda: hf.get_image_features(pixel_values=pixels), lambda: ours.encode_image(pixels), True),
+        "text": (lambda: hf.get_text_features(input_ids=ids), lambda: ours.encode_text(ids), False),
+    }
+    for dname in args.dtypes.split(","):
+        dtype = torch.bfloat16 if dname == "bf16" else torch.float32
+        peak = matmul_peak(dtype)
+        print(f"\n[{dname}] matmul peak on 1600x768x3072: {peak / 1e9:.1f} GFLOP/s")
+        for name, (f_hf, f_ours, image) in cases.items():
+            best = {"transformers": float("inf"), "vlkit": float("inf")}
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dname == "bf16"):
+                f_hf(), f_ours()
+                for _ in range(args.rounds):
+                    best["transformers"] = min(best["transformers"], timed(f_hf, args.reps))
+                    best["vlkit"] = min(best["vlkit"], timed(f_ours, args.reps))
+            flops = vit_b32_flops(args.batch, image)
+            for who, sec in best.items():
+                print(f"  {name:5s} {who:12s} {args.batch / sec:8.1f} {'img' if image else 'txt'}/s   "
+                      f"{flops / sec / 1e9:6.1f} GFLOP/s = {flops / sec / peak:5.1%} of peak")
+            print(f"  {name:5s} ratio vlkit / transformers: {best['transformers'] / best['vlkit']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

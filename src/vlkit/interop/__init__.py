@@ -1,0 +1,36 @@
+"""Loading checkpoints from other libraries' folder layouts (and exporting back to them).
+
+The loader is chosen from ``config.json``'s ``model_type`` (transformers layouts) or from the
+presence of ``open_clip_config.json`` (OpenCLIP), never from the folder's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlkit.interop import hf_clip, hf_dinov2, hf_siglip, open_clip
+from vlkit.interop.weights import CheckpointError
+
+LOADERS = {
+    "clip": hf_clip.load,
+    "clip_vision_model": hf_clip.load,
+    "clip_text_model": hf_clip.load,
+    "siglip": hf_siglip.load,
+    "dinov2": hf_dinov2.load,
+    "dinov2_with_registers": hf_dinov2.load,
+}
+"""transformers ``model_type`` → loader ``(folder, config, dtype) -> model``."""
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+def load_transformers(folder: Path, raw: dict, dtype=None):
+    """Dispatch on ``raw['model_type']``, which the caller has checked is in :data:`LOADERS`."""
+    return LOADERS[raw["model_type"]](Path(folder), raw, dtype)
+
+
+def load_open_clip(folder: Path, dtype=None):
+    return open_clip.load(Path(folder), dtype)
+
+
+__all__ = ["LOADERS", "OPEN_CLIP_CONFIG", "CheckpointError", "load_transformers", "load_open_clip"]

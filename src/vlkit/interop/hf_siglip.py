@@ -1,0 +1,104 @@
+"""transformers' SigLIP layout (``SiglipModel``): no class token, MAP head, bidirectional text
+pooled at the last token, a text head with bias, a learned logit bias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlkit.interop import keymap as km
+from vlkit.interop.common import activation, attach_processor, attach_tokenizer, mlp_ratio, open_weights, require, section
+from vlkit.interop.hf_clip import ignorable, layer_rules
+from vlkit.models.clip import CLIP, CLIPConfig
+from vlkit.text.encoder import TextConfig
+from vlkit.vision.vit import ViTConfig
+
+VISION_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=True,
+)
+TEXT_DEFAULTS = dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=64, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, projection_size=None,
+)
+
+
+def vision_config(v: dict, where: str) -> ViTConfig:
+    require(v["num_channels"] == 3, where, f"num_channels={v['num_channels']} is not supported; expected 3")
+    require(v["vision_use_head"], where, "vision_use_head=false (no pooled embedding) is not supported")
+    return ViTConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"], depth=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"], mlp_ratio=mlp_ratio(v["intermediate_size"], v["hidden_size"]),
+        act=activation(v["hidden_act"], f"{where}: vision hidden_act"), eps=v["layer_norm_eps"], class_token=False,
+        patch_bias=True, pre_norm=False, final_norm="all", pool="map",
+    )
+
+
+def text_config(t: dict, where: str) -> TextConfig:
+    """Bidirectional, last-token pooled, and (as the reference pipeline) blind to the padding mask."""
+    return TextConfig(
+        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
+        depth=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+        mlp_ratio=mlp_ratio(t["intermediate_size"], t["hidden_size"]),
+        act=activation(t["hidden_act"], f"{where}: text hidden_act"), eps=t["layer_norm_eps"], causal=False,
+        pool="last", padding_mask=False,
+    )
+
+
+def model_config(raw: dict, where: str) -> CLIPConfig:
+    v = section(raw, "vision_config", VISION_DEFAULTS, where)
+    t = section(raw, "text_config", TEXT_DEFAULTS, where)
+    embed_dim = t["projection_size"] or t["hidden_size"]
+    require(embed_dim == v["hidden_size"], where,
+            f"text projection_size {embed_dim} must equal the vision hidden_size {v['hidden_size']} (SigLIP has no image projection)")
+    return CLIPConfig(vision=vision_config(v, where), text=text_config(t, where), embed_dim=embed_dim,
+                      vision_projection="none", text_projection="linear_bias", loss="sigmoid", logit_bias_init=-10.0)
+
+
+def rules(cfg: CLIPConfig) -> list[km.Rule]:
+    """SigLIP keys → vlkit; the MAP head's packed in-projection splits into q and k|v."""
+    v, e, h = "vision_model.", "vision_model.embeddings", "vision_model.head"
+    w = cfg.vision.width
+    out = [
+        km.copy("vision.patch_embed.weight", f"{e}.patch_embedding.weight"),
+        km.copy("vision.patch_embed.bias", f"{e}.patch_embedding.bias"),
+        km.view("vision.pos_embed", f"{e}.position_embedding.weight", (cfg.vision.grid**2, w)),
+        km.copy("vision.head.probe", f"{h}.probe"),
+        km.view("logit_scale", "logit_scale", (1,)),
+        km.view("logit_bias", "logit_bias", (1,)),
+        km.copy("text.token_embed.weight", "text_model.embeddings.token_embedding.weight"),
+        km.view("text.pos_embed", "text_model.embeddings.position_embedding.weight", (cfg.text.context_length, cfg.text.width)),
+    ]
+    for p in ("weight", "bias"):
+        out += [
+            km.copy(f"vision.norm.{p}", f"{v}post_layernorm.{p}"),
+            km.copy(f"vision.head.proj.{p}", f"{h}.attention.out_proj.{p}"),
+            km.copy(f"vision.head.norm.{p}", f"{h}.layernorm.{p}"),
+            km.copy(f"vision.head.mlp.fc1.{p}", f"{h}.mlp.fc1.{p}"),
+            km.copy(f"vision.head.mlp.fc2.{p}", f"{h}.mlp.fc2.{p}"),
+            km.copy(f"text.norm.{p}", f"text_model.final_layer_norm.{p}"),
+            km.copy(f"text_proj.{p}", f"text_model.head.{p}"),
+        ]
+    out += _split_in_proj(f"{h}.attention", w)
+    return out + layer_rules("vision", v, cfg.vision.depth) + layer_rules("text", "text_model.", cfg.text.depth)
+
+
+def _split_in_proj(src: str, width: int) -> list[km.Rule]:
+    """``nn.MultiheadAttention``'s packed q|k|v rows: vlkit keeps q alone and k|v packed."""
+    out = []
+    for p in ("weight", "bias"):
+        shape = (3 * width, width) if p == "weight" else (3 * width,)
+        out += [
+            km.rows(f"vision.head.q.{p}", f"{src}.in_proj_{p}", 0, width, shape),
+            km.rows(f"vision.head.kv.{p}", f"{src}.in_proj_{p}", width, 3 * width, shape),
+        ]
+    return out
+
+
+def load(folder: Path, raw: dict, dtype=None) -> CLIP:
+    """A ``SiglipModel`` folder → :class:`CLIP` with the sigmoid loss's logit bias."""
+    cfg = model_config(raw, str(folder / "config.json"))
+    reader = open_weights(folder)
+    model = km.load_into(lambda: CLIP(cfg), rules(cfg), reader, "transformers SiglipModel", ignorable, dtype)
+    attach_tokenizer(model, folder, cfg.text.context_length)
+    attach_processor(model, folder)
+    return model

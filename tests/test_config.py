@@ -1,0 +1,134 @@
+"""Typed configs: dicts, JSON/YAML files and ``key=value`` overrides, with errors that name the
+key or file at fault."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlkit.config import apply_overrides, from_dict, read, to_dict, write_json
+from vlkit.models.clip import CLIPConfig
+from vlkit.train.clip import CLIPRecipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = next(p for p in (ROOT / "recipes", ROOT / "src" / "vlkit" / "recipes") if p.is_dir()) / "clip_shapes.yaml"
+
+
+def test_from_dict_builds_nested_dataclasses_and_converts_types():
+    recipe = from_dict(
+        CLIPRecipe,
+        {
+            "model": {"vision": {"width": 64, "mlp_ratio": 2}, "embed_dim": 64},
+            "data": {"object_sizes": [0.2, 0.3]},
+            "optim": {"betas": [0.9, 0.95], "lr": 1},
+            "loop": {"freeze": ["vision"]},
+        },
+    )
+    assert recipe.model.vision.width == 64 and recipe.model.embed_dim == 64
+    assert recipe.model.vision.mlp_ratio == 2.0 and isinstance(recipe.model.vision.mlp_ratio, float)
+    assert recipe.model.vision.depth == 12  # untouched keys keep their defaults
+    assert recipe.data.object_sizes == (0.2, 0.3) and recipe.optim.betas == (0.9, 0.95)
+    assert isinstance(recipe.optim.lr, float) and recipe.loop.freeze == ["vision"]
+
+
+def test_to_dict_round_trips():
+    recipe = from_dict(CLIPRecipe, {"model": {"text": {"width": 96}}, "loop": {"steps": 7}})
+    again = from_dict(CLIPRecipe, json.loads(json.dumps(to_dict(recipe))))
+    assert again == recipe
+
+
+@pytest.mark.parametrize(
+    "data, where",
+    [
+        ({"modle": {}}, "recipe: unknown key(s) ['modle']"),
+        ({"model": {"vision": {"widht": 3}}}, "recipe.model.vision: unknown key(s) ['widht']"),
+        ({"loop": {"step": 3}}, "recipe.loop: unknown key(s) ['step']"),
+        ({"model": {"vision": 5}}, "recipe.model.vision: expected a mapping for ViTConfig"),
+        ({"loop": {"steps": "many"}}, "recipe.loop.steps: expected int, got 'many'"),
+        ({"optim": {"lr": "fast"}}, "recipe.optim.lr: expected float, got 'fast'"),
+        ({"model": {"vision": {"pool": "max"}}}, "recipe.model.vision: ViTConfig.pool must be"),
+        ({"loop": {"precision": "fp8"}}, "recipe.loop: LoopConfig.precision must be one of"),
+    ],
+)
+def test_errors_name_the_key_by_dotted_path(data, where):
+    with pytest.raises(ValueError) as info:
+        from_dict(CLIPRecipe, data, "recipe")
+    assert str(info.value).startswith(where)
+
+
+def test_unknown_key_error_lists_the_expected_keys():
+    with pytest.raises(ValueError, match=r"expected some of \[.*'patch_size'.*'width'"):
+        from_dict(CLIPRecipe, {"model": {"vision": {"widht": 3}}})
+
+
+def test_overrides_parse_values_as_yaml_scalars():
+    data = {"loop": {"steps": 300, "precision": "auto"}, "model": {"vision": {"width": 128}}}
+    out = apply_overrides(
+        data,
+        [
+            "--loop.steps=20",
+            "loop.precision=fp32",
+            "model.vision.width=64",
+            "loop.freeze=[vision, text]",
+            "model.logit_bias_init=null",
+            "data.hard_negatives=false",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=0",
+        ],
+    )
+    assert data["loop"]["steps"] == 300, "the input dict is not modified"
+    assert out["loop"] == {"steps": 20, "precision": "fp32", "freeze": ["vision", "text"]}
+    assert out["model"] == {"vision": {"width": 64}, "logit_bias_init": None}
+    assert out["data"] == {"hard_negatives": False}
+    recipe = load_recipe(out)
+    assert recipe.optim.lr == 1e-3 and isinstance(recipe.optim.lr, float)
+    assert recipe.loop.steps == 20 and recipe.loop.freeze == ["vision", "text"]
+    assert recipe.data.hard_negatives is False and recipe.optim.warmup_steps == 0
+
+
+@pytest.mark.parametrize("bad", ["loop.steps", "loop.steps.max=3"])
+def test_malformed_overrides_are_named(bad):
+    with pytest.raises(ValueError, match="override"):
+        apply_overrides({"loop": {"steps": 3}}, [bad])
+
+
+def test_bundled_recipe_loads():
+    recipe = load_recipe(read(RECIPE))
+    assert recipe.data.source == "shapes"
+    assert recipe.model.vision.image_size == recipe.data.image_size == 64
+    assert recipe.model.vision.patch_size == 8 and recipe.model.embed_dim == 128
+    assert recipe.loop.steps == 300 and recipe.optim.lr == 1e-3
+
+
+def test_yaml_and_json_recipes_give_the_same_config(tmp_path):
+    recipe = load_recipe(read(RECIPE))
+    path = tmp_path / "recipe.json"
+    write_json(path, to_dict(recipe))
+    assert load_recipe(read(path)) == recipe
+    yml = tmp_path / "recipe.yml"
+    yml.write_text("loop:\n  steps: 5\nmodel:\n  text: {width: 48}\n")
+    small = load_recipe(read(yml))
+    assert small.loop.steps == 5 and small.model.text.width == 48 and small.model == CLIPConfig(text=small.model.text)
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("broken.yaml", "loop: {steps: 3\n", "malformed yaml file"),
+        ("broken.json", '{"loop": {"steps": 3}', "malformed json file"),
+        ("list.yaml", "- 1\n- 2\n", "expected a mapping at the top level"),
+    ],
+)
+def test_malformed_files_are_named(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        read(path)
+    assert str(info.value).startswith(f"{path}: {problem}")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.yaml")):
+        read(tmp_path / "nope.yaml")
