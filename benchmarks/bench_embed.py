@@ -43,6 +43,11 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return n * 2 * 1600 * 768 * 3072 / (time.perf_counter() - t0)
 
 
+def features(out) -> torch.Tensor:
+    """transformers 5 returns a model output whose ``pooler_output`` holds the projected features."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 def timed(fn, reps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -68,8 +73,8 @@ def main() -> None:
     ids = torch.randint(1, 49000, (args.batch, 77))
     ids[:, -1] = 49407
     with torch.no_grad():
-        diff = (hf.get_image_features(pixel_values=pixels) - ours.encode_image(pixels)).abs().max().item()
-        tdiff = (hf.get_text_features(input_ids=ids) - ours.encode_text(ids)).abs().max().item()
+        diff = (features(hf.get_image_features(pixel_values=pixels)) - ours.encode_image(pixels)).abs().max().item()
+        tdiff = (features(hf.get_text_features(input_ids=ids)) - ours.encode_text(ids)).abs().max().item()
     print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {bf16_is_fast(torch.device('cpu'))}")
     print(f"parity: image max |diff| {diff:.2e}, text max |diff| {tdiff:.2e}")

@@ -73,7 +73,7 @@ def test_overrides_parse_values_as_yaml_scalars():
             "model.vision.width=64",
             "loop.freeze=[vision, text]",
             "model.logit_bias_init=null",
-            "data.hard_negatives=false",
+            "data.group_size=1",
             "optim.lr=1e-3",
             "optim.warmup_steps=0",
         ],
@@ -81,11 +81,11 @@ def test_overrides_parse_values_as_yaml_scalars():
     assert data["loop"]["steps"] == 300, "the input dict is not modified"
     assert out["loop"] == {"steps": 20, "precision": "fp32", "freeze": ["vision", "text"]}
     assert out["model"] == {"vision": {"width": 64}, "logit_bias_init": None}
-    assert out["data"] == {"hard_negatives": False}
+    assert out["data"] == {"group_size": 1}
     recipe = load_recipe(out)
     assert recipe.optim.lr == 1e-3 and isinstance(recipe.optim.lr, float)
     assert recipe.loop.steps == 20 and recipe.loop.freeze == ["vision", "text"]
-    assert recipe.data.hard_negatives is False and recipe.optim.warmup_steps == 0
+    assert recipe.data.group_size == 1 and recipe.optim.warmup_steps == 0
 
 
 @pytest.mark.parametrize("bad", ["loop.steps", "loop.steps.max=3"])

@@ -34,9 +34,9 @@ def _estimate_step_seconds(recipe) -> float:
     cfg = load_recipe(to_dict(recipe)).model
     cfg.text.vocab_size, cfg.text.eot_token_id = tok.vocab_size, tok.token_id("[EOS]")
     model = CLIP(cfg)
-    half = recipe.loop.batch_size // 2
-    data = ShapesPairs(shapes_world(recipe.data), shapes_processor(recipe.data.image_size), half)
-    batch = Collate(tok)([data[i] for i in range(half)])
+    groups = recipe.loop.batch_size // recipe.data.group_size
+    data = ShapesPairs(shapes_world(recipe.data), shapes_processor(recipe.data.image_size), groups, recipe.data.group_size)
+    batch = Collate(tok)([data[i] for i in range(groups)])
     batch.pop("skipped")
     times = []
     for _ in range(3):
@@ -51,7 +51,7 @@ def _estimate_step_seconds(recipe) -> float:
 def clip_recipe(quick: bool, overrides: list[str]):
     data = read(RECIPES / "clip_shapes.yaml")
     if quick:
-        data = apply_overrides(data, ["loop.steps=60", "optim.warmup_steps=10"])
+        data = apply_overrides(data, ["loop.steps=150", "optim.warmup_steps=20"])
     return load_recipe(apply_overrides(data, overrides))
 
 

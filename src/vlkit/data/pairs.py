@@ -17,29 +17,28 @@ from vlkit.vision.preprocess import ImageProcessor
 
 @dataclass
 class ShapesPairs(Dataset):
-    """Scene ``i`` of the world with one of its captions; with ``hard_negatives`` each item is
-    the scene *and* a variant that differs in one shape, color or placement, so every batch
-    holds pairs that only shape, color or relation can tell apart."""
+    """Item ``i`` is a *family* of ``group_size`` scenes: scene ``i`` and hard negatives that
+    differ from it in one object's shape (mostly), color or placement. Each member gets a
+    caption that is false of its siblings where one exists, so every batch holds pairs that
+    only shape, color or relation can tell apart."""
 
     world: ShapesWorld
     processor: ImageProcessor
     length: int
-    hard_negatives: bool = True
+    group_size: int = 4
     shuffle = False
 
     def __len__(self) -> int:
         return self.length
 
-    def _sample(self, scene, rng) -> tuple[torch.Tensor, str]:
-        caption = scene.captions[int(rng.integers(len(scene.captions)))].text
-        return self.processor(scene.render()), caption
-
     def __getitem__(self, i: int) -> list[tuple[torch.Tensor, str]]:
         rng = np.random.default_rng([self.world.seed, i, 7])
-        scene = self.world.scene(i)
-        items = [self._sample(scene, rng)]
-        if self.hard_negatives:
-            items.append(self._sample(self.world.variant(scene, i), rng))
+        family = self.world.family(self.world.scene(i), i, self.group_size)
+        items = []
+        for k, scene in enumerate(family):
+            others = family[:k] + family[k + 1 :]
+            telling = [c for c in scene.captions if not any(c.describes(o) for o in others)] or scene.captions
+            items.append((self.processor(scene.render()), telling[int(rng.integers(len(telling)))].text))
         return items
 
 

@@ -229,29 +229,50 @@ class ShapesWorld:
         rng = self.rng(index)
         return annotate(self.place(rng, 1, None if label is None else [label]), self.image_size, rng)
 
-    def variant(self, scene: Scene, index: int) -> Scene:
+    def variant(self, scene: Scene, index: int, kind: str | None = None) -> Scene:
         """A hard negative of ``scene``: one object's shape or color changed, or two objects'
         looks swapped (which changes the relations). Shape changes never cause overlaps."""
         rng = np.random.default_rng([self.seed, index, 1])
         objs = list(scene.objects)
-        kinds = ["shape", "color"] + (["swap"] if len(objs) > 1 else [])
-        kind = kinds[int(rng.integers(len(kinds)))]
-        taken = {(o.color, o.shape) for o in objs}
-        if kind == "swap":
+        if kind is None:
+            kinds = ["shape", "color"] + (["swap"] if len(objs) > 1 else [])
+            kind = kinds[int(rng.integers(len(kinds)))]
+        if kind == "swap" and len(objs) > 1:
             i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
             a, b = objs[i], objs[j]
             objs[i], objs[j] = replace(a, color=b.color, shape=b.shape), replace(b, color=a.color, shape=a.shape)
-        else:
-            i = int(rng.integers(len(objs)))
-            o = objs[i]
-            pool = SHAPES if kind == "shape" else COLOR_NAMES
-            options = [v for v in pool if v != getattr(o, kind)]
-            for v in rng.permutation(options):
-                new = replace(o, **{kind: str(v)})
-                if (new.color, new.shape) not in taken:
-                    objs[i] = new
-                    break
-        return annotate(objs, self.image_size, rng)
+            return annotate(objs, self.image_size, rng)
+        attr = "color" if kind in ("color", "swap") else "shape"
+        i = int(rng.integers(len(objs)))
+        return annotate(_recolor_or_reshape(objs, i, attr, rng, 1)[0], self.image_size, rng)
+
+    def family(self, scene: Scene, index: int, size: int) -> list[Scene]:
+        """``scene`` and ``size - 1`` hard negatives: the same object drawn in other shapes, and
+        one variant in color or placement, so shape alone tells most of them apart."""
+        if size <= 1:
+            return [scene]
+        rng = np.random.default_rng([self.seed, index, 2])
+        objs = list(scene.objects)
+        i = int(rng.integers(len(objs)))
+        members = [scene] + [annotate(o, self.image_size, rng) for o in _recolor_or_reshape(objs, i, "shape", rng, size - 2)]
+        other = "swap" if len(objs) > 1 and rng.random() < 0.5 else "color"
+        members.append(self.variant(scene, index, other))
+        return members[:size]
+
+
+def _recolor_or_reshape(objs: list[Obj], i: int, attr: str, rng: np.random.Generator, n: int) -> list[list[Obj]]:
+    """Up to ``n`` copies of ``objs`` with object ``i``'s ``attr`` set to distinct new values,
+    keeping (color, shape) pairs unique within the scene."""
+    taken = {(o.color, o.shape) for k, o in enumerate(objs) if k != i}
+    pool = SHAPES if attr == "shape" else COLOR_NAMES
+    out = []
+    for v in rng.permutation([v for v in pool if v != getattr(objs[i], attr)]):
+        new = replace(objs[i], **{attr: str(v)})
+        if (new.color, new.shape) not in taken:
+            out.append(objs[:i] + [new] + objs[i + 1 :])
+        if len(out) == n:
+            break
+    return out or [list(objs)]
 
 
 def _overlap(a: Obj, b: Obj, gap: float) -> bool:

@@ -19,14 +19,15 @@ from vlkit.vision.preprocess import ImageProcessor
 
 @dataclass
 class DataConfig:
-    """``source``: "shapes" (the bundled world) or a folder holding ``captions.jsonl``."""
+    """``source``: "shapes" (the bundled world) or a folder holding ``captions.jsonl``.
+    ``group_size``: shapes scenes come in families of this many hard negatives (1 = none)."""
 
     source: str = "shapes"
     image_size: int = 64
     min_objects: int = 1
     max_objects: int = 3
     object_sizes: tuple[float, float] = (0.25, 0.4)
-    hard_negatives: bool = True
+    group_size: int = 4
     seed: int = 0
     on_bad_sample: str = "error"
 
@@ -80,10 +81,9 @@ def shapes_processor(image_size: int) -> ImageProcessor:
 def build_dataset(recipe: CLIPRecipe, processor: ImageProcessor):
     data = recipe.data
     if data.source == "shapes":
-        pairs_per_item = 2 if data.hard_negatives else 1
-        if recipe.loop.batch_size % pairs_per_item:
-            raise ValueError("with hard negatives, loop.batch_size must be even (items are scene + variant)")
-        return ShapesPairs(shapes_world(data), processor, recipe.loop.steps * recipe.loop.batch_size, data.hard_negatives)
+        if recipe.loop.batch_size % data.group_size:
+            raise ValueError(f"loop.batch_size {recipe.loop.batch_size} must be a multiple of data.group_size {data.group_size}")
+        return ShapesPairs(shapes_world(data), processor, recipe.loop.steps * recipe.loop.batch_size, data.group_size)
     dataset = CaptionFolder(Path(data.source), processor)
     return SkippingDataset(dataset) if data.on_bad_sample == "skip" else dataset
 
@@ -105,8 +105,8 @@ def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False, stop_a
         model.processor = shapes_processor(recipe.data.image_size)
         dataset = build_dataset(recipe, model.processor)
         loop = recipe.loop
-        if recipe.data.source == "shapes" and recipe.data.hard_negatives:
-            loop = LoopConfig(**{**to_dict(loop), "batch_size": loop.batch_size // 2})
+        if recipe.data.source == "shapes" and recipe.data.group_size > 1:
+            loop = LoopConfig(**{**to_dict(loop), "batch_size": loop.batch_size // recipe.data.group_size})
         if world.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "recipe.json", to_dict(recipe))

@@ -41,7 +41,8 @@ class OptimConfig:
 @dataclass
 class LoopConfig:
     """``batch_size`` is the global batch per optimizer step (split over ranks and
-    ``grad_accum`` micro-batches); ``freeze`` names submodules to keep fixed (LiT: ["vision"])."""
+    ``grad_accum`` micro-batches); ``freeze`` names submodules to keep fixed (LiT: ["vision"]),
+    for the whole run or, with ``unfreeze_at``, until that step."""
 
     steps: int = 1000
     batch_size: int = 256
@@ -49,6 +50,7 @@ class LoopConfig:
     precision: str = "auto"
     grad_checkpointing: bool = False
     freeze: list[str] = field(default_factory=list)
+    unfreeze_at: int | None = None
     seed: int = 0
     log_every: int = 10
     save_every: int = 0
@@ -103,18 +105,18 @@ class StepSampler(torch.utils.data.Sampler):
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def freeze(model: torch.nn.Module, names: list[str]) -> None:
+def freeze(model: torch.nn.Module, names: list[str], frozen: bool = True) -> None:
+    """Stop (or restart) gradients of the named submodules; the optimizer skips them meanwhile."""
     for name in names:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"cannot freeze {name!r}: the model has no such submodule") from None
-        module.requires_grad_(False)
+        module.requires_grad_(not frozen)
 
 
 def _rng_state() -> dict:
@@ -152,7 +154,6 @@ def fit(
     device = torch.device(device)
     run_dir = Path(run_dir)
     torch.manual_seed(loop.seed)
-    freeze(model, loop.freeze)
     if loop.grad_checkpointing:
         for m in model.modules():
             if hasattr(m, "gradient_checkpointing"):
@@ -171,9 +172,14 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, skipped, elapsed_before = state["step"], state["skipped"], state["elapsed"]
-    wrapped = model
-    if world.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    freeze(model, loop.freeze, frozen=loop.unfreeze_at is None or start < loop.unfreeze_at)
+
+    def wrap(m):
+        if not world.distributed:
+            return m
+        return torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
+
+    wrapped = wrap(model)
     end = loop.steps if stop_at is None else min(stop_at, loop.steps)
     sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True), end_step=end)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers)
@@ -220,6 +226,9 @@ def fit(
         if after_step is not None:
             after_step(model)
         step, micro = step + 1, 0
+        if step == loop.unfreeze_at and loop.freeze:
+            freeze(model, loop.freeze, frozen=False)
+            wrapped = wrap(model)
         if world.is_main and (step % loop.log_every == 0 or step == end):
             now = time.perf_counter()
             rate = window_n / max(now - window_t, 1e-9)
