@@ -98,8 +98,9 @@ def test_bundled_recipe_loads():
     recipe = load_recipe(read(RECIPE))
     assert recipe.data.source == "shapes"
     assert recipe.model.vision.image_size == recipe.data.image_size == 64
-    assert recipe.model.vision.patch_size == 8 and recipe.model.embed_dim == 128
-    assert recipe.loop.steps == 300 and recipe.optim.lr == 1e-3
+    assert recipe.model.vision.patch_size == 16 and recipe.model.vision.stem_channels == (32, 64, 128)
+    assert recipe.model.embed_dim == 128 and recipe.data.group_size == 4
+    assert recipe.loop.batch_size % recipe.data.group_size == 0 and recipe.optim.lr == 1e-3
 
 
 def test_yaml_and_json_recipes_give_the_same_config(tmp_path):

@@ -8,11 +8,14 @@ from torch import nn
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI CLIP's sigmoid approximation of GELU. Without autograd it works in place on one
-    buffer: three passes over a [tokens, 4·width] tensor are a visible share of a CPU forward."""
-    if torch.is_grad_enabled():
-        return x * torch.sigmoid(1.702 * x)
-    return (x * 1.702).sigmoid_().mul_(x)
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
+    """In-place quick GELU, ``silu(1.702·x) / 1.702``: no new [tokens, 4·width] buffers, whose
+    page faults cost more than the arithmetic in a CPU forward pass."""
+    return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +30,10 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
+
+
+INPLACE = {"quick_gelu": quick_gelu_, "relu": F.relu_, "silu": lambda x: F.silu(x, inplace=True)}
+"""In-place versions, used when no gradient is recorded (the input is a temporary)."""
 
 
 def activation(name: str):
@@ -44,6 +51,8 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim or dim)
         self.act = activation(act)
+        self.act_ = INPLACE.get(act, self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(self.act(h) if torch.is_grad_enabled() else self.act_(h))
