@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +15,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vlkit  # noqa: E402
+from vlkit.config import apply_overrides, read, to_dict  # noqa: E402
 from vlkit.interop.convert import add_parser  # noqa: E402
-from vlkit.models import CLIP, CLIPConfig  # noqa: E402
-from vlkit.text.encoder import TextConfig  # noqa: E402
-from vlkit.text.tokenizer import word_level  # noqa: E402
-from vlkit.train.checkpoint import save_model  # noqa: E402
-from vlkit.vision.preprocess import ImageProcessor  # noqa: E402
-from vlkit.vision.vit import ViTConfig  # noqa: E402
+from vlkit.loading import resolve  # noqa: E402
+from vlkit.train.clip import load_recipe, train_clip  # noqa: E402
 
 from _interop_util import clip_bpe, max_diff, perturb  # noqa: E402
 
 TOL = 1e-5
+RECIPE = Path(__file__).resolve().parents[1] / "src" / "vlkit" / "recipes" / "clip_shapes.yaml"
 
 
 def convert(*argv: str) -> int:
@@ -35,19 +35,17 @@ def convert(*argv: str) -> int:
 
 
 def shapes_clip(tmp_path):
-    """The shapes recipe's CLIP (word-level tokenizer, EOS pooling), saved as vlkit saves a training run."""
-    words = "a large small red green blue circle square star triangle on the left of".split()
-    tok = word_level(words, 32)
-    cfg = CLIPConfig(vision=ViTConfig(image_size=64, patch_size=8, width=128, depth=2, num_heads=4, act="gelu"),
-                     text=TextConfig(vocab_size=tok.vocab_size, context_length=32, width=128, depth=2, num_heads=4, act="gelu",
-                                     eot_token_id=tok.token_id("[EOS]")),
-                     embed_dim=64)
-    torch.manual_seed(0)
-    model = perturb(CLIP(cfg))
-    model.tokenizer = tok
-    model.processor = ImageProcessor(size=64, crop_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    save_model(tmp_path / "vlkit", model, "clip")
-    return model, ["a large red circle", "a small blue star on the left of a green square"]
+    """A CLIP trained by vlkit on the shapes world (a few steps of the recipe, patch
+    embedding instead of the conv stem, which transformers' CLIP has no place for)."""
+    recipe = load_recipe(read(RECIPE))
+    recipe = load_recipe(apply_overrides(to_dict(recipe), [
+        "model.vision.patch_size=8", "model.vision.stem_channels=[]", "model.vision.depth=2", "model.text.depth=2",
+        "model.embed_dim=64", "loop.steps=3", "loop.batch_size=16", "optim.warmup_steps=1",
+    ]))
+    train_clip(recipe, tmp_path / "run")
+    model = vlkit.load(tmp_path / "run")
+    shutil.copytree(resolve(tmp_path / "run"), tmp_path / "vlkit")
+    return model, ["a large red circle", "a small blue star to the left of a green square"]
 
 
 @torch.no_grad()
@@ -68,10 +66,23 @@ def test_shapes_clip_to_transformers(tmp_path):
     assert fast(texts, padding=True, truncation=True)["input_ids"] == model.tokenizer(texts)["input_ids"].tolist()
 
 
-def test_shapes_clip_to_open_clip_is_refused_clearly(tmp_path):
-    shapes_clip(tmp_path)
-    with pytest.raises(ValueError, match="eot_token_id.*highest token id"):
-        convert("--to", "open_clip", str(tmp_path / "vlkit"), str(tmp_path / "oc"))
+@torch.no_grad()
+def test_shapes_clip_to_open_clip_and_back(tmp_path):
+    model, texts = shapes_clip(tmp_path)
+    assert convert("--to", "open_clip", str(tmp_path / "vlkit"), str(tmp_path / "oc")) == 0
+    back = vlkit.load(tmp_path / "oc")
+    px = torch.randn(2, 3, 64, 64)
+    assert max_diff(back.encode_image(px), model.encode_image(px)) <= TOL
+    batch = model.tokenizer(texts)
+    assert max_diff(back.encode_text(batch["input_ids"]), model.encode_text(batch["input_ids"], batch["attention_mask"])) <= TOL
+
+
+def test_conv_stem_clip_to_transformers_is_refused_clearly(tmp_path):
+    recipe = load_recipe(apply_overrides(read(RECIPE), ["loop.steps=1", "loop.batch_size=8", "model.vision.depth=1",
+                                                        "model.text.depth=1", "optim.warmup_steps=1"]))
+    train_clip(recipe, tmp_path / "run")
+    with pytest.raises(ValueError, match="stem_channels"):
+        convert("--to", "hf", str(tmp_path / "run"), str(tmp_path / "hf"))
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ def _estimate_step_seconds(recipe) -> float:
 
     tok = build_tokenizer(recipe.data, recipe.model.text.context_length)
     cfg = load_recipe(to_dict(recipe)).model
-    cfg.text.vocab_size, cfg.text.eot_token_id = tok.vocab_size, tok.token_id("[EOS]")
+    cfg.text.vocab_size, cfg.text.eot_token_id = tok.vocab_size, None
     model = CLIP(cfg)
     groups = recipe.loop.batch_size // recipe.data.group_size
     data = ShapesPairs(shapes_world(recipe.data), shapes_processor(recipe.data.image_size), groups, recipe.data.group_size)

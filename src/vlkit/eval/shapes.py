@@ -25,7 +25,8 @@ def class_prompts() -> list[str]:
     return [f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in CLASS_NAMES]
 
 
-def _pixels(model, scenes, batch_size: int = 250):
+def pixels(model, scenes, batch_size: int = 250):
+    """Batches of preprocessed renders of ``scenes``."""
     for i in range(0, len(scenes), batch_size):
         yield model.processor.batch([s.render() for s in scenes[i : i + batch_size]])
 
@@ -53,11 +54,11 @@ def truth_matrix(scenes, captions) -> torch.Tensor:
 def evaluate(model, world: ShapesWorld, n: int = 1000, precision: str = "fp32") -> dict:
     """Zero-shot and retrieval metrics plus what the report draws (confusion, rankings)."""
     singles = zeroshot_split(world, n)
-    feats = embed_images(model, _pixels(model, singles), precision)
+    feats = embed_images(model, pixels(model, singles), precision)
     labels = torch.tensor([s.label for s in singles])
     zs = zeroshot(model, feats, labels, class_prompts(), TEMPLATES)
     scenes, captions = retrieval_split(world, n)
-    image_feats = embed_images(model, _pixels(model, scenes), precision)
+    image_feats = embed_images(model, pixels(model, scenes), precision)
     text_feats = embed_texts(model, [c.text for c in captions], precision=precision)
     truth = truth_matrix(scenes, captions)
     rt = retrieval(image_feats, text_feats, truth)

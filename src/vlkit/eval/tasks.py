@@ -15,7 +15,7 @@ from vlkit.config import write_json
 from vlkit.data.images import load_image
 from vlkit.eval.embed import embed_images, embed_texts
 from vlkit.eval.retrieval import retrieval
-from vlkit.eval.zeroshot import zeroshot
+from vlkit.eval.zeroshot import classification_metrics, classifier_weights
 
 
 def _shapes_world(model):
@@ -58,47 +58,98 @@ def image_folder(root: Path) -> tuple[list[Path], torch.Tensor, list[str], list[
     return paths, torch.tensor(labels), names, templates
 
 
+def _embedding_report(out: Path, task: str, results: dict, plots: list[tuple[str, str]]) -> None:
+    """``report.md`` for zero-shot and retrieval: the metrics table and the plots."""
+    from vlkit.eval.report import _table
+
+    scalars = {k: v for k, v in results.items() if isinstance(v, float)}
+    md = [f"# Evaluation: {task}", "", _table(scalars), ""]
+    for title, name in plots:
+        md += [f"## {title}", "", f"![{title}]({name})", ""]
+    (out / "report.md").write_text("\n".join(md))
+
+
 def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision: str) -> dict:
     if data == "shapes":
         from vlkit.eval import shapes
 
-        res = shapes.evaluate(model, _shapes_world(model), precision=precision)
-        return {k: v for k, v in res.items() if k.startswith("zeroshot")}
-    paths, labels, names, templates = image_folder(Path(data))
-    feats = embed_images(model, _image_batches(model, paths, batch_size), precision, progress=True)
-    res = zeroshot(model, feats, labels, names, templates)
+        singles = shapes.zeroshot_split(_shapes_world(model))
+        paths, labels = None, torch.tensor([s.label for s in singles])
+        names, templates = shapes.class_prompts(), shapes.TEMPLATES
+        feats = embed_images(model, shapes.pixels(model, singles, batch_size), precision)
+    else:
+        paths, labels, names, templates = image_folder(Path(data))
+        feats = embed_images(model, _image_batches(model, paths, batch_size), precision, progress=True)
+    weights = classifier_weights(model, names, templates, precision)
+    logits = 100.0 * feats @ weights.T
+    res = classification_metrics(logits, labels, len(names))
+    results = {f"zeroshot_{k}": v for k, v in res.items() if k != "confusion"}
     if out is not None:
-        pred = (feats @ _weights(model, names, templates).T).argmax(dim=-1)
+        pred = logits.argmax(dim=-1).tolist()
         with open(out / "predictions.jsonl", "w") as f:
-            for p, y, k in zip(paths, labels.tolist(), pred.tolist()):
-                f.write(json.dumps({"image": str(p), "label": names[y], "prediction": names[k]}) + "\n")
-    return {f"zeroshot_{k}": v for k, v in res.items() if k != "confusion"}
+            for i, (y, k) in enumerate(zip(labels.tolist(), pred)):
+                image = str(paths[i]) if paths is not None else f"shapes:{i}"
+                f.write(json.dumps({"image": image, "label": names[y], "prediction": names[k]}) + "\n")
+        from vlkit.eval.report import plot_confusion
 
-
-def _weights(model, names, templates):
-    from vlkit.eval.zeroshot import classifier_weights
-
-    return classifier_weights(model, names, templates)
+        fig = plot_confusion(res["confusion"].tolist(), names, out / "confusion.png", "zero-shot confusion (rows: truth)")
+        _embedding_report(out, "zeroshot", results, [("Confusion matrix", fig)])
+    return results
 
 
 def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precision: str) -> dict:
     if data == "shapes":
         from vlkit.eval import shapes
 
-        res = shapes.evaluate(model, _shapes_world(model), precision=precision)
-        return {k: v for k, v in res.items() if "_r" in k}
-    root = Path(data)
-    records = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines() if line.strip()]
-    paths = [root / r["image"] for r in records]
-    texts, owner = [], []
-    for i, r in enumerate(records):
-        texts += r["captions"]
-        owner += [i] * len(r["captions"])
-    positives = torch.zeros(len(paths), len(texts), dtype=torch.bool)
-    positives[torch.tensor(owner), torch.arange(len(texts))] = True
-    image_feats = embed_images(model, _image_batches(model, paths, batch_size), precision, progress=True)
-    text_feats = embed_texts(model, texts, batch_size, precision, progress=True)
-    return retrieval(image_feats, text_feats, positives)
+        scenes, captions = shapes.retrieval_split(_shapes_world(model))
+        names = [f"shapes:{i}" for i in range(len(scenes))]
+        texts = [c.text for c in captions]
+        positives = shapes.truth_matrix(scenes, captions)
+        image_feats = embed_images(model, shapes.pixels(model, scenes, batch_size), precision)
+    else:
+        root = Path(data)
+        records = _read_jsonl(root / "captions.jsonl")
+        paths = [root / r["image"] for r in records]
+        names = [str(p) for p in paths]
+        texts, owner = [], []
+        for i, r in enumerate(records):
+            texts += r["captions"]
+            owner += [i] * len(r["captions"])
+        positives = torch.zeros(len(paths), len(texts), dtype=torch.bool)
+        positives[torch.tensor(owner), torch.arange(len(texts))] = True
+        image_feats = embed_images(model, _image_batches(model, paths, batch_size), precision, progress=True)
+    text_feats = embed_texts(model, texts, batch_size, precision, progress=data != "shapes")
+    results = retrieval(image_feats, text_feats, positives)
+    if out is not None:
+        top = (text_feats @ image_feats.T).topk(min(5, len(names)), dim=1).indices.tolist()
+        with open(out / "predictions.jsonl", "w") as f:
+            for q, ranked in enumerate(top):
+                hit = bool(positives[ranked[0], q])
+                f.write(json.dumps({"text": texts[q], "top5_images": [names[i] for i in ranked], "top1_correct": hit}) + "\n")
+        from vlkit.eval.report import plot_recall_curves
+
+        curves = {d: {k: results[f"{d}_r{k}"] for k in (1, 5, 10)} for d in ("i2t", "t2i")}
+        fig = plot_recall_curves(curves, out / "recall.png", "retrieval recall@K")
+        _embedding_report(out, "retrieval", results, [("Recall@K", fig)])
+    return results
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """``captions.jsonl`` records, each checked; errors name the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected lines of {{\"image\": path, \"captions\": [...]}}")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: malformed JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("captions"), list):
+            raise ValueError(f"{path}:{n}: expected {{\"image\": str, \"captions\": [str, ...]}}")
+        records.append(rec)
+    return records
 
 
 TASKS = {"zeroshot": eval_zeroshot, "retrieval": eval_retrieval}

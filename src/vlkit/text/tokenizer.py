@@ -78,10 +78,13 @@ class Tokenizer:
 
 def word_level(words: set[str] | list[str], context_length: int) -> Tokenizer:
     """A lowercase word-level tokenizer: ``[BOS] words [EOS]``, unknown words → ``[UNK]``,
-    batches padded to their longest text (EOT pooling does not need a fixed length)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for w in sorted(set(words)):
-        vocab.setdefault(w, len(vocab))
+    batches padded to their longest text (EOT pooling does not need a fixed length).
+    ``[EOS]`` takes the highest id, so pooling at the highest id (OpenAI's and OpenCLIP's
+    rule) finds it, and the model exports to both layouts."""
+    vocab = {t: i for i, t in enumerate(SPECIALS[:-1])}
+    for w in sorted(set(words) - set(SPECIALS)):
+        vocab[w] = len(vocab)
+    vocab[SPECIALS[-1]] = len(vocab)
     tok = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -132,6 +132,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@torch.enable_grad()
 def fit(
     model: torch.nn.Module,
     dataset: Dataset,
