@@ -48,6 +48,12 @@ def test_eval_zeroshot_and_retrieval_write_results(workspace):
                  str(workspace / "data" / "captions"), "--out", str(out / "rt")]) == 0
     rt = json.loads((out / "rt" / "results.json").read_text())
     assert rt["i2t_r1"] <= rt["i2t_r5"] <= rt["i2t_r10"] and rt["t2i_r1"] <= rt["t2i_r10"]
+    rows = [json.loads(line) for line in (out / "rt" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(len(json.loads(r)["captions"]) for r in
+                            (workspace / "data" / "captions" / "captions.jsonl").read_text().splitlines())
+    assert sum(r["top1_correct"] for r in rows) / len(rows) == pytest.approx(rt["t2i_r1"])
+    for task, png in (("zs", "confusion.png"), ("rt", "recall.png")):
+        assert png in (out / task / "report.md").read_text() and (out / task / png).stat().st_size > 1000
 
 
 def test_embed_images_and_texts(workspace, tmp_path):
