@@ -7,7 +7,6 @@ presence of ``open_clip_config.json``), never by the folder name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,17 +37,13 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
     """Load a vlkit, transformers or OpenCLIP checkpoint folder (or a run folder) into an eval-mode
     model. Foreign checkpoints are cast to ``dtype`` (default float32)."""
     from vlkit import interop
+    from vlkit.interop.common import read_json
 
     folder = resolve(path)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         return interop.load_open_clip(folder, dtype).to(device)
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file}: malformed JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json(cfg_file)
     model_type = raw.get("model_type")
     if model_type in interop.LOADERS:
         return interop.load_transformers(folder, raw, dtype).to(device)
@@ -68,7 +63,7 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
     if (folder / "tokenizer.json").is_file():
         model.tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
     if (folder / "preprocessor_config.json").is_file():
-        model.processor = ImageProcessor.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
+        model.processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
     return model.to(device).eval()
 
 
