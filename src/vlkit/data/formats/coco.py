@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from vlkit.data.formats.common import FormatError, check_unique, read_json, require, write_json
+from vlkit.data.formats.common import FormatError, check_unique, iter_json_array, require, write_json
 from vlkit.eval.metrics.text import tokenize_caption
 
 
@@ -62,35 +62,47 @@ def write_karpathy(path: str | Path, records: Iterable[CaptionRecord], image_roo
     return write_json(path, {"dataset": "coco", "images": images})
 
 
-def read_karpathy(path: str | Path, split: str | Iterable[str] | None = None, image_root: str | Path | None = None) -> list[CaptionRecord]:
-    """Records of a Karpathy-layout JSON, optionally of one split ("test", or
-    ("train", "restval")). Raises :class:`FormatError` naming the file and record index."""
+KARPATHY = 'a Karpathy-split captions JSON ({"images": [...]})'
+
+
+def iter_karpathy(path: str | Path, split: str | Iterable[str] | None = None, image_root: str | Path | None = None) -> Iterator[CaptionRecord]:
+    """Records of a Karpathy-layout JSON, streamed (the COCO file is ~150 MB), optionally of
+    one split ("test", or ("train", "restval")). Raises :class:`FormatError` naming the file
+    and record index; duplicate ids are reported once the file is read."""
     path = Path(path)
-    data = read_json(path, 'a Karpathy-split captions JSON ({"images": [...]})')
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise FormatError(f"{path}: expected an object with an 'images' list (Karpathy layout)")
     root = Path(image_root) if image_root is not None else path.parent
     splits = None if split is None else ({split} if isinstance(split, str) else set(split))
-    out = []
-    for i, img in enumerate(data["images"]):
+    ids = []
+    for i, img in enumerate(iter_json_array(path, "images", KARPATHY)):
         where = f"{path}, images[{i}]"
         require(img, {"filename": str, "sentences": list}, where)
         if splits is not None and img.get("split") not in splits:
             continue
-        caps = []
-        for j, s in enumerate(img["sentences"]):
-            if isinstance(s, dict) and isinstance(s.get("raw"), str):
-                caps.append(s["raw"])
-            elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
-                caps.append(" ".join(s["tokens"]))
-            else:
-                raise FormatError(f"{where}.sentences[{j}]: expected {{'raw': str}} or {{'tokens': [str]}}")
-        if not caps:
-            raise FormatError(f"{where}: no sentences; expected at least one reference caption")
-        rid = img.get("cocoid", img.get("imgid", i))
-        out.append(CaptionRecord(rid, root / img.get("filepath", "") / img["filename"], caps, img.get("split", "test")))
-    check_unique([r.id for r in out], "image id (cocoid/imgid)", str(path))
-    return out
+        rec = CaptionRecord(img.get("cocoid", img.get("imgid", i)), root / img.get("filepath", "") / img["filename"],
+                            _captions(img["sentences"], where), img.get("split", "test"))  # fmt: skip
+        ids.append(rec.id)
+        yield rec
+    check_unique(ids, "image id (cocoid/imgid)", str(path))
+
+
+def read_karpathy(path: str | Path, split: str | Iterable[str] | None = None, image_root: str | Path | None = None) -> list[CaptionRecord]:
+    """All records of :func:`iter_karpathy` as a list."""
+    return list(iter_karpathy(path, split, image_root))
+
+
+def _captions(sentences: list, where: str) -> list[str]:
+    """The reference captions of one image: each sentence's ``raw`` text, else its tokens joined."""
+    caps = []
+    for j, s in enumerate(sentences):
+        if isinstance(s, dict) and isinstance(s.get("raw"), str):
+            caps.append(s["raw"])
+        elif isinstance(s, dict) and isinstance(s.get("tokens"), list):
+            caps.append(" ".join(s["tokens"]))
+        else:
+            raise FormatError(f"{where}.sentences[{j}]: expected {{'raw': str}} or {{'tokens': [str]}}")
+    if not caps:
+        raise FormatError(f"{where}: no sentences; expected at least one reference caption")
+    return caps
 
 
 def write_results(path: str | Path, predictions: dict) -> Path:

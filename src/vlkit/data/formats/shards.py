@@ -10,8 +10,8 @@ image bytes and ``{key}.json`` with its annotations (captions, VQA pairs, boxes,
 - :class:`ShardStream` streams samples with a shuffle buffer, optional resampling of
   shards (endless, for training), split by node (``torch.distributed`` rank) and by
   DataLoader worker, and skip-and-count of bad samples (corrupt images, malformed JSON,
-  unreadable tar members) in :attr:`ShardStream.skips` — per process; each DataLoader
-  worker counts its own.
+  unreadable tar members) in :attr:`ShardStream.skips`: counts from the DataLoader's
+  workers add up in shared memory, so the training process sees them (each rank its own).
 """
 
 from __future__ import annotations
@@ -19,15 +19,20 @@ from __future__ import annotations
 import glob
 import io
 import json
+import multiprocessing
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
 
-from vlkit.data.formats.common import FormatError, Skips
+from vlkit.data.formats.common import FormatError, Skips, iter_jsonl
 from vlkit.data.images import to_rgb
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+SKIP_REASONS = ("unreadable tar member", "malformed json", "no image", "corrupt image")
+SKIP_ROWS = 65  # one row of counts for the main process and each of 64 DataLoader workers: no locks needed
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, maxcount: int = 1000, prefix: str = "shapes", maxsize: float = 3e9) -> list[Path]:
@@ -53,21 +58,20 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, maxcount: int = 1
 
 
 def _source_records(src: Path, skips: Skips) -> Iterator[tuple[str, Path, dict]]:
-    """``(key, image path, annotations)`` from a dataset folder or file of a known format."""
-    from vlkit.data.formats.common import iter_jsonl
-
+    """``(key, image path, annotations)`` from a dataset folder or file of a known format,
+    streamed so a large JSON is never held whole."""
     if src.is_file() and src.suffix == ".json":
-        data = json.loads(src.read_text(encoding="utf-8")) if src.stat().st_size < 2**31 else None
-        if isinstance(data, dict) and "images" in data:
-            from vlkit.data.formats.coco import read_karpathy
+        top = _first_char(src)
+        if top == "{":
+            from vlkit.data.formats.coco import iter_karpathy
 
-            for r in read_karpathy(src):
+            for r in iter_karpathy(src):
                 yield f"coco-{r.id}", r.image, {"id": r.id, "captions": r.captions, "split": r.split}
             return
-        if isinstance(data, list):
-            from vlkit.data.formats.llava import read_llava
+        if top == "[":
+            from vlkit.data.formats.llava import iter_llava
 
-            for c in read_llava(src):
+            for c in iter_llava(src):
                 if c.image is None:
                     skips.add("no image", f"{src}, id {c.id}")
                     continue
@@ -94,6 +98,15 @@ def _source_records(src: Path, skips: Skips) -> Iterator[tuple[str, Path, dict]]
         f"{src}: unrecognised source; expected a Karpathy captions JSON, a LLaVA JSON, an ImageFolder "
         "(with classnames.json) or a folder with captions.jsonl or captions_karpathy.json"
     )
+
+
+def _first_char(path: Path) -> str:
+    """The first non-whitespace character of a text file, which tells an object from a list."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
 
 
 def pack(src: str | Path, out: str | Path, maxcount: int = 1000, prefix: str = "data") -> dict:
@@ -140,12 +153,13 @@ def expand_urls(spec: str | Path | list) -> list[str]:
     return found
 
 
-class ShardStream:
-    """An iterable of decoded samples ``{"key", "url", "image": PIL RGB, "json": dict}``.
+class ShardStream(IterableDataset):
+    """An iterable dataset of decoded samples ``{"key", "url", "image": PIL RGB, "json": dict}``.
 
     ``shuffle``: buffer size (0 = file order). ``resample``: draw shards with replacement
-    forever (training); otherwise one pass. Shards are split by node and by worker unless
-    turned off. Bad samples are skipped and counted in ``skips``.
+    forever (training); otherwise one pass. Shards are split by node (``RANK``/``WORLD_SIZE``
+    or ``torch.distributed``) and by DataLoader worker unless turned off. Bad samples are
+    skipped and counted in ``skips``.
     """
 
     def __init__(self, urls, shuffle: int = 1000, resample: bool = False, seed: int = 0, split_by_node: bool = True,
@@ -155,10 +169,26 @@ class ShardStream:
             raise FileNotFoundError(f"{urls}: no shards")
         self.shuffle, self.resample, self.seed = shuffle, resample, seed
         self.split_by_node, self.split_by_worker, self.decode_images = split_by_node, split_by_worker, decode_images
-        self.skips = Skips()
+        self._examples = Skips()
+        self._counts = multiprocessing.RawArray("q", SKIP_ROWS * len(SKIP_REASONS))
+
+    @property
+    def skips(self) -> Skips:
+        """Bad samples skipped so far by this process and its DataLoader workers; the examples
+        are this process's own (a worker's stay in the worker)."""
+        n = len(SKIP_REASONS)
+        counts = Counter({r: total for k, r in enumerate(SKIP_REASONS) if (total := sum(self._counts[k::n]))})
+        return Skips(counts, self._examples.examples)
+
+    def _skip(self, reason: str, where: str) -> None:
+        """Count a bad sample in this process's row of the shared counts (workers past 64 share rows)."""
+        info = get_worker_info()
+        row = 0 if info is None else 1 + info.id % (SKIP_ROWS - 1)
+        self._counts[row * len(SKIP_REASONS) + SKIP_REASONS.index(reason)] += 1
+        self._examples.add(reason, where)
 
     def _handler(self, exn) -> bool:
-        self.skips.add("unreadable tar member", f"{type(exn).__name__}: {exn}"[:200])
+        self._skip("unreadable tar member", f"{type(exn).__name__}: {exn}"[:200])
         return True
 
     def _decode(self, samples):
@@ -168,11 +198,11 @@ class ShardStream:
             try:
                 meta = json.loads(s["json"]) if "json" in s else {}
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                self.skips.add("malformed json", f"{where}: {err}")
+                self._skip("malformed json", f"{where}: {err}")
                 continue
             ext = next((k for k in IMAGE_KEYS if k in s), None)
             if ext is None:
-                self.skips.add("no image", where)
+                self._skip("no image", where)
                 continue
             image = s[ext]
             if self.decode_images:
@@ -181,7 +211,7 @@ class ShardStream:
                         img.load()
                         image = to_rgb(img)
                 except OSError as err:
-                    self.skips.add("corrupt image", f"{where}: {err}")
+                    self._skip("corrupt image", f"{where}: {err}")
                     continue
             yield {"key": key, "url": url, "image": image, "json": meta}
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from vlkit.data.formats.common import FormatError, check_unique, read_json, require, write_json
+from vlkit.data.formats.common import FormatError, check_unique, iter_json_array, require, write_json
 
 
 @dataclass
@@ -53,6 +53,54 @@ def write_vqav2(questions: str | Path, annotations: str | Path, records: Iterabl
     write_json(annotations, {"annotations": anns})
 
 
+QUESTIONS = 'a VQAv2 questions JSON ({"questions": [...]})'
+ANNOTATIONS = 'a VQAv2 annotations JSON ({"annotations": [...]})'
+
+
+def iter_vqav2(
+    questions: str | Path,
+    annotations: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    prefix: str | None = None,
+    ext: str | None = None,
+) -> Iterator[VQARecord]:
+    """Questions joined with their annotations (answers empty when ``annotations`` is None).
+
+    The questions are held; the annotations (the large file, ~300 MB) are streamed, so
+    records come in the annotations' order (the questions' order in the official files).
+    Image files are ``image_dir / f"{prefix}{image_id:012d}.{ext}"``; when ``prefix``/``ext``
+    are not given they are inferred from the file of the first question's image (COCO's
+    ``COCO_val2014_``/``jpg`` when the folder does not exist)."""
+    questions = Path(questions)
+    qs = _read_questions(questions)
+    root = Path(image_dir) if image_dir is not None else questions.parent / "images"
+    if (prefix is None or ext is None) and qs:
+        prefix, ext = _infer_naming(root, qs[0]["image_id"], prefix, ext)
+    if annotations is None:
+        yield from (_record(q, root / image_name(q["image_id"], prefix, ext)) for q in qs)
+        return
+    annotations = Path(annotations)
+    index = {q["question_id"]: i for i, q in enumerate(qs)}
+    seen, orphan = set(), []
+    for i, a in enumerate(iter_json_array(annotations, "annotations", ANNOTATIONS)):
+        where = f"{annotations}, annotations[{i}]"
+        require(a, {"question_id": (int, str), "answers": list}, where)
+        if a["question_id"] in seen:
+            raise FormatError(f"{where}: duplicate question_id {a['question_id']!r}; expected one annotation per question")
+        seen.add(a["question_id"])
+        answers = _answers(a["answers"], where)
+        if a["question_id"] not in index:
+            orphan.append(a["question_id"])
+            continue
+        q = qs[index[a["question_id"]]]
+        yield _record(q, root / image_name(q["image_id"], prefix, ext), answers, a)
+    if orphan:
+        raise FormatError(f"{annotations}: annotations for question_id {orphan[:5]!r} not in {questions}")
+    for i, q in enumerate(qs):
+        if q["question_id"] not in seen:
+            raise FormatError(f"{questions}, questions[{i}]: question_id {q['question_id']!r} has no annotation in {annotations}")
+
+
 def read_vqav2(
     questions: str | Path,
     annotations: str | Path | None = None,
@@ -60,58 +108,36 @@ def read_vqav2(
     prefix: str | None = None,
     ext: str | None = None,
 ) -> list[VQARecord]:
-    """Join questions with their annotations (answers empty when ``annotations`` is None).
+    """All records of :func:`iter_vqav2` as a list."""
+    return list(iter_vqav2(questions, annotations, image_dir, prefix, ext))
 
-    Image files are ``image_dir / f"{prefix}{image_id:012d}.{ext}"``; when ``prefix``/``ext``
-    are not given they are inferred from the file of the first question's image (COCO's
-    ``COCO_val2014_``/``jpg`` when the folder does not exist)."""
-    questions = Path(questions)
-    qdata = read_json(questions, 'a VQAv2 questions JSON ({"questions": [...]})')
-    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise FormatError(f"{questions}: expected an object with a 'questions' list")
-    qs = qdata["questions"]
-    for i, q in enumerate(qs):
-        require(q, {"question_id": (int, str), "image_id": (int, str), "question": str}, f"{questions}, questions[{i}]")
-    check_unique([q["question_id"] for q in qs], "question_id", str(questions))
-    anns: dict = {}
-    if annotations is not None:
-        annotations = Path(annotations)
-        adata = read_json(annotations, 'a VQAv2 annotations JSON ({"annotations": [...]})')
-        if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
-            raise FormatError(f"{annotations}: expected an object with an 'annotations' list")
-        for i, a in enumerate(adata["annotations"]):
-            where = f"{annotations}, annotations[{i}]"
-            require(a, {"question_id": (int, str), "answers": list}, where)
-            if a["question_id"] in anns:
-                raise FormatError(f"{where}: duplicate question_id {a['question_id']!r}; expected one annotation per question")
-            answers = []
-            for j, x in enumerate(a["answers"]):
-                if not (isinstance(x, dict) and isinstance(x.get("answer"), str)):
-                    raise FormatError(f"{where}.answers[{j}]: expected {{'answer': str, ...}}")
-                answers.append(x["answer"])
-            if not answers:
-                raise FormatError(f"{where}: no answers; expected the human answers (10 in VQAv2)")
-            anns[a["question_id"]] = a
-        qids = {q["question_id"] for q in qs}
-        orphan = [k for k in anns if k not in qids]
-        if orphan:
-            raise FormatError(f"{annotations}: annotations for question_id {orphan[:5]!r} not in {questions}")
-    root = Path(image_dir) if image_dir is not None else questions.parent / "images"
-    if (prefix is None or ext is None) and qs:
-        prefix, ext = _infer_naming(root, qs[0]["image_id"], prefix, ext)
-    out = []
-    for i, q in enumerate(qs):
-        a = anns.get(q["question_id"])
-        if annotations is not None and a is None:
-            raise FormatError(f"{questions}, questions[{i}]: question_id {q['question_id']!r} has no annotation in {annotations}")
-        out.append(
-            VQARecord(
-                q["question_id"], q["image_id"], root / image_name(q["image_id"], prefix, ext), q["question"],
-                [x["answer"] for x in a["answers"]] if a else [],
-                a.get("question_type", "") if a else "", a.get("answer_type", "") if a else "",
-            )
-        )  # fmt: skip
-    return out
+
+def _read_questions(path: Path) -> list[dict]:
+    """The questions, checked, with unique ids; held whole because the join looks them up."""
+    qs = []
+    for i, q in enumerate(iter_json_array(path, "questions", QUESTIONS)):
+        require(q, {"question_id": (int, str), "image_id": (int, str), "question": str}, f"{path}, questions[{i}]")
+        qs.append(q)
+    check_unique([q["question_id"] for q in qs], "question_id", str(path))
+    return qs
+
+
+def _answers(raw: list, where: str) -> list[str]:
+    """The human answers of one annotation, checked."""
+    answers = []
+    for j, x in enumerate(raw):
+        if not (isinstance(x, dict) and isinstance(x.get("answer"), str)):
+            raise FormatError(f"{where}.answers[{j}]: expected {{'answer': str, ...}}")
+        answers.append(x["answer"])
+    if not answers:
+        raise FormatError(f"{where}: no answers; expected the human answers (10 in VQAv2)")
+    return answers
+
+
+def _record(q: dict, image: Path, answers: list[str] | None = None, a: dict | None = None) -> VQARecord:
+    """A question with its answers and the annotation's question/answer types (empty without one)."""
+    a = a or {}
+    return VQARecord(q["question_id"], q["image_id"], image, q["question"], answers or [], a.get("question_type", ""), a.get("answer_type", ""))
 
 
 def _infer_naming(root: Path, image_id, prefix, ext) -> tuple[str, str]:
