@@ -91,6 +91,24 @@ def test_map_pooling_attends_over_tokens_in_any_order():
     assert not torch.allclose(out.pooled, out.tokens.mean(dim=1), atol=1e-3)
 
 
+def test_stem_norm_normalises_each_image_on_its_own():
+    """The stem's GroupNorm uses no batch statistics: an image embeds the same alone or in a
+    batch, and each normalised map has zero mean and unit variance."""
+    model = vit(patch_size=8, stem_channels=(8, 16), stem_norm=True)
+    norms = [m for m in model.stem if isinstance(m, torch.nn.GroupNorm)]
+    assert [n.num_channels for n in norms] == [8, 16]
+    x = torch.randn(3, 3, 32, 32) * torch.tensor([1.0, 5.0, 0.2])[:, None, None, None]
+    seen = []
+    norms[1].register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        batched = model(x).pooled
+        alone = model(x[1:2]).pooled
+    assert torch.allclose(batched[1:2], alone, atol=1e-5)
+    out = seen[0].flatten(1)
+    assert torch.allclose(out.mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(out.var(1, unbiased=False), torch.ones(3), atol=1e-3)
+
+
 def test_invalid_pooling_is_refused():
     with pytest.raises(ValueError, match="pool"):
         ViTConfig(pool="max")

@@ -23,6 +23,8 @@ class ViTConfig:
     ``stem_channels``: an early-convolution stem (3×3, stride 2, GELU per entry) before the
     patch embedding, which then covers the remaining ``patch_size / 2^len`` pixels; it
     gives small models the locality prior that lets them learn shapes from few samples.
+    ``stem_norm``: normalise each stem convolution's output over its channels and pixels
+    (GroupNorm with one group); without it the stem learns shape several times slower.
     """
 
     image_size: int = 224
@@ -42,6 +44,7 @@ class ViTConfig:
     layer_scale: float | None = None
     pos_antialias: bool = False
     stem_channels: tuple[int, ...] = ()
+    stem_norm: bool = False
 
     def __post_init__(self):
         if self.patch_size % 2 ** len(self.stem_channels):
@@ -73,12 +76,13 @@ class ViTOutput:
     """Every layer's output, the embeddings first (as transformers' ``hidden_states``)."""
 
 
-def conv_stem(channels: tuple[int, ...]) -> nn.Module:
-    """3×3 stride-2 convolutions with GELU; the identity when ``channels`` is empty."""
+def conv_stem(channels: tuple[int, ...], norm: bool = False) -> nn.Module:
+    """3×3 stride-2 convolutions, each optionally group-normalised, with GELU; the identity
+    when ``channels`` is empty."""
     layers: list[nn.Module] = []
     in_ch = 3
     for ch in channels:
-        layers += [nn.Conv2d(in_ch, ch, 3, 2, 1), nn.GELU()]
+        layers += [nn.Conv2d(in_ch, ch, 3, 2, 1), *([nn.GroupNorm(1, ch)] if norm else []), nn.GELU()]
         in_ch = ch
     return nn.Sequential(*layers)
 
@@ -88,7 +92,7 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.stem = conv_stem(cfg.stem_channels)
+        self.stem = conv_stem(cfg.stem_channels, cfg.stem_norm)
         patch = cfg.patch_size // 2 ** len(cfg.stem_channels)
         in_ch = cfg.stem_channels[-1] if cfg.stem_channels else 3
         self.patch_embed = nn.Conv2d(in_ch, d, patch, patch, bias=cfg.patch_bias)
