@@ -281,6 +281,15 @@ def test_shards_split_by_rank_and_worker_see_each_sample_once(shard_dir, monkeyp
     assert skipped == {"corrupt image": 1, "malformed json": 1}  # counted in the workers, seen here
 
 
+def test_more_ranks_than_shards_is_refused_clearly(shard_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValueError, match="9 shards for 16 ranks"):
+        list(ShardStream(shard_dir))
+    monkeypatch.setenv("WORLD_SIZE", "9")
+    assert len(list(ShardStream(shard_dir, shuffle=0))) == 3  # rank 3 of 9: one shard, three samples
+
+
 def test_shards_resampled_through_workers(shard_dir):
     stream = ShardStream(shard_dir, shuffle=4, resample=True)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, collate_fn=_tag)

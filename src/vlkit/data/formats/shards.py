@@ -219,6 +219,11 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         stages = [wds.ResampledShards(self.urls, seed=self.seed) if self.resample else wds.SimpleShardList(self.urls)]
+        if not self.resample and self.split_by_node:
+            ranks = wds.utils.pytorch_worker_info()[1]
+            if ranks > len(self.urls):
+                raise ValueError(f"{len(self.urls)} shards for {ranks} ranks: a rank would get none and stall distributed "
+                                 f"training; pack into at least {ranks} shards or stream with resample=True")  # fmt: skip
         if not self.resample:
             if self.split_by_node:
                 stages.append(wds.split_by_node)
