@@ -132,6 +132,82 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class Progress:
+    """How far a run has got; saved in every checkpoint so a resumed run carries it on."""
+
+    step: int = 0
+    skipped: int = 0
+    elapsed: float = 0.0
+
+
+def _optimizer(model: torch.nn.Module, optim: OptimConfig, steps: int):
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return optimizer, make_scheduler(optimizer, optim.warmup_steps, steps, optim.min_lr_ratio)
+
+
+def _restore(run_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> Progress:
+    """Load the latest checkpoint of ``run_dir`` into the model, optimizer, schedule and RNG."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return Progress()
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    state = load_state(ckpt / "training_state")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return Progress(state["step"], state["skipped"], state["elapsed"])
+
+
+def _training_state(optimizer, scheduler, progress: Progress) -> dict:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "step": progress.step,
+        "skipped": progress.skipped,
+        "elapsed": progress.elapsed,
+    }
+
+
+def _wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun; the model itself otherwise."""
+    if not world.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class MetricsLog:
+    """The progress bar and ``metrics.jsonl``: a record every ``log_every`` steps, with the
+    samples/s of the steps since the last one. Only the main rank writes."""
+
+    def __init__(self, run_dir: Path, loop: LoopConfig, world: World, start: int):
+        self.path, self.every, self.on = run_dir / "metrics.jsonl", loop.log_every, world.is_main
+        if self.on and start == 0 and self.path.exists():
+            self.path.unlink()
+        self.bar = tqdm(total=loop.steps, initial=start, disable=not self.on, desc="train", unit="step", dynamic_ncols=True)
+        self.window_t, self.window_n = time.perf_counter(), 0
+
+    def samples(self, n: int) -> None:
+        self.window_n += n
+
+    def step(self, model: torch.nn.Module, progress: Progress, loss: float, lr: float, last: bool) -> None:
+        if self.on and (progress.step % self.every == 0 or last):
+            now = time.perf_counter()
+            rate = self.window_n / max(now - self.window_t, 1e-9)
+            record = {"step": progress.step, "loss": loss, "lr": lr, "samples_per_s": rate,
+                      "elapsed_s": progress.elapsed, "skipped": progress.skipped}  # fmt: skip
+            if hasattr(model, "logit_scale"):
+                record["logit_scale"] = float(model.logit_scale.detach().exp())
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}")
+            self.window_t, self.window_n = now, 0
+        self.bar.update(1)
+
+
 @torch.enable_grad()
 def fit(
     model: torch.nn.Module,
@@ -152,107 +228,71 @@ def fit(
     ``stop_at`` ends the run early after that step, with a checkpoint, as if it were
     interrupted there: the schedule still spans ``loop.steps``, so ``resume`` continues it.
     """
-    device = torch.device(device)
-    run_dir = Path(run_dir)
+    device, run_dir = torch.device(device), Path(run_dir)
     torch.manual_seed(loop.seed)
-    if loop.grad_checkpointing:
-        for m in model.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = True
+    for m in model.modules():
+        if loop.grad_checkpointing and hasattr(m, "gradient_checkpointing"):
+            m.gradient_checkpointing = True
     model.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
-    scheduler = make_scheduler(optimizer, optim.warmup_steps, loop.steps, optim.min_lr_ratio)
-    start, skipped, elapsed_before = 0, 0, 0.0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        state = load_state(ckpt / "training_state")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start, skipped, elapsed_before = state["step"], state["skipped"], state["elapsed"]
+    optimizer, scheduler = _optimizer(model, optim, loop.steps)
+    progress = _restore(run_dir, model, optimizer, scheduler) if resume else Progress()
+    start, elapsed_before = progress.step, progress.elapsed
     freeze(model, loop.freeze, frozen=loop.unfreeze_at is None or start < loop.unfreeze_at)
-
-    def wrap(m):
-        if not world.distributed:
-            return m
-        return torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
-
-    wrapped = wrap(model)
+    wrapped = _wrap(model, world, device)
     end = loop.steps if stop_at is None else min(stop_at, loop.steps)
     sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True), end_step=end)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers)
-    metrics_file = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
-    if start == 0 and metrics_file.exists():
-        metrics_file.unlink()
+    log = MetricsLog(run_dir, loop, world, start)
+    t0, seen, micro, loss_sum = time.perf_counter(), 0, 0, 0.0
 
-    def training_state(step: int, elapsed: float) -> dict:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "step": step,
-            "skipped": skipped,
-            "elapsed": elapsed,
-        }
+    def save() -> None:
+        if world.is_main:
+            progress.elapsed = elapsed_before + time.perf_counter() - t0
+            save_checkpoint(run_dir, progress.step, model, model_type, _training_state(optimizer, scheduler, progress), loop.keep_checkpoints)
 
-    bar = tqdm(total=loop.steps, initial=start, disable=not world.is_main, desc="train", unit="step", dynamic_ncols=True)
-    t0, seen, window_t, window_n = time.perf_counter(), 0, time.perf_counter(), 0
-    step, micro, loss_sum = start, 0, 0.0
     for batch in loader:
-        skipped += len(batch.pop("skipped", []))
+        progress.skipped += len(batch.pop("skipped", []))
         if batch:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n = batch["pixel_values"].shape[0]
             sync = micro == loop.grad_accum - 1 or not world.distributed
-            ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-            with ctx, autocast(loop.precision, device):
-                loss = wrapped(**batch) / loop.grad_accum
-            with ctx:
-                loss.backward()
-            loss_sum += loss.item()
-            seen += n * world.world_size
-            window_n += n * world.world_size
+            loss_sum += _backward(wrapped, {k: v.to(device) for k, v in batch.items()}, loop, device, sync)
+            n = batch["pixel_values"].shape[0] * world.world_size
+            seen += n
+            log.samples(n)
         micro += 1
         if micro < loop.grad_accum:
             continue
-        if optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if after_step is not None:
-            after_step(model)
-        step, micro = step + 1, 0
-        if step == loop.unfreeze_at and loop.freeze:
+        _optimizer_step(model, optimizer, scheduler, optim.grad_clip, after_step)
+        progress.step, micro = progress.step + 1, 0
+        if progress.step == loop.unfreeze_at and loop.freeze:
             freeze(model, loop.freeze, frozen=False)
-            wrapped = wrap(model)
-        if world.is_main and (step % loop.log_every == 0 or step == end):
-            now = time.perf_counter()
-            rate = window_n / max(now - window_t, 1e-9)
-            record = {
-                "step": step,
-                "loss": loss_sum,
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": rate,
-                "elapsed_s": elapsed_before + now - t0,
-                "skipped": skipped,
-            }
-            if hasattr(model, "logit_scale"):
-                record["logit_scale"] = float(model.logit_scale.detach().exp())
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_sum:.3f}", samples_s=f"{rate:.0f}")
-            window_t, window_n = now, 0
-        bar.update(1)
+            wrapped = _wrap(model, world, device)
+        progress.elapsed = elapsed_before + time.perf_counter() - t0
+        log.step(model, progress, loss_sum, scheduler.get_last_lr()[0], progress.step == end)
         loss_sum = 0.0
-        if world.is_main and loop.save_every and step % loop.save_every == 0 and step < end:
-            save_checkpoint(run_dir, step, model, model_type, training_state(step, elapsed_before + time.perf_counter() - t0), loop.keep_checkpoints)
-    bar.close()
-    elapsed = elapsed_before + time.perf_counter() - t0
-    if world.is_main:
-        save_checkpoint(run_dir, step, model, model_type, training_state(step, elapsed), loop.keep_checkpoints)
-    return {"steps": step, "samples": seen, "train_seconds": elapsed, "skipped": skipped}
+        if loop.save_every and progress.step % loop.save_every == 0 and progress.step < end:
+            save()
+    log.bar.close()
+    save()
+    progress.elapsed = elapsed_before + time.perf_counter() - t0
+    return {"steps": progress.step, "samples": seen, "train_seconds": progress.elapsed, "skipped": progress.skipped}
+
+
+def _backward(wrapped: torch.nn.Module, batch: dict, loop: LoopConfig, device: torch.device, sync: bool) -> float:
+    """Forward and backward one micro-batch; DDP syncs gradients only on the last of a step."""
+    ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+    with ctx, autocast(loop.precision, device):
+        loss = wrapped(**batch) / loop.grad_accum
+    with ctx:
+        loss.backward()
+    return loss.item()
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, after_step) -> None:
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if after_step is not None:
+        after_step(model)
