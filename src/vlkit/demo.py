@@ -15,8 +15,10 @@ import torch
 
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict, write_json
+from vlkit.data.shapes import CLASS_NAMES
 from vlkit.eval import shapes as shapes_eval
-from vlkit.report import draw_confusion, draw_loss, draw_retrieval
+from vlkit.eval.report import plot_confusion
+from vlkit.report import draw_loss, draw_retrieval
 from vlkit.train.clip import load_recipe, shapes_world, train_clip
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -69,7 +71,9 @@ def run_clip(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     draw_loss(run / "metrics.jsonl", figures / "clip_loss.png")
-    draw_confusion(res["confusion"], shapes_eval.class_prompts(), figures / "clip_confusion.png")
+    recall = res["zeroshot_mean_per_class_recall"]
+    plot_confusion(res["confusion"].tolist(), list(CLASS_NAMES), figures / "clip_confusion.png",
+                   f"zero-shot confusion, row-normalised (mean per-class recall {recall:.2f})", normalise=True)  # fmt: skip
     draw_retrieval(res["scenes"], res["captions"], res["similarity"], res["truth"], figures / "clip_retrieval.png")
     metrics = {k: v for k, v in res.items() if isinstance(v, float)}
     metrics["train_seconds"] = summary["train_seconds"]

@@ -1,4 +1,5 @@
-"""Figures for run reports (matplotlib, written as PNG)."""
+"""Figures of the demo's training report (matplotlib, written as PNG); confusion matrices
+are drawn by :func:`vlkit.eval.report.plot_confusion`."""
 
 from __future__ import annotations
 
@@ -24,23 +25,6 @@ def draw_loss(metrics_jsonl: Path, out: Path) -> None:
     ax.grid(alpha=0.3)
     rate = np.median([r["samples_per_s"] for r in rows[1:]] or [rows[0]["samples_per_s"]])
     ax.set_title(f"training loss (median {rate:.0f} samples/s)")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-
-
-def draw_confusion(confusion: torch.Tensor, names: list[str], out: Path) -> None:
-    """Row-normalised confusion matrix (rows: true class)."""
-    cm = confusion.float()
-    cm = (cm / cm.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(9, 8.5), dpi=110)
-    ax.imshow(cm, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(n), [s.split(" ", 1)[-1] for s in names], rotation=90, fontsize=6)
-    ax.set_yticks(range(n), [s.split(" ", 1)[-1] for s in names], fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"zero-shot confusion, row-normalised (mean per-class recall {np.trace(cm) / n:.2f})")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

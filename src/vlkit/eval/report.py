@@ -57,19 +57,23 @@ def plot_recall_curves(curves: dict[str, dict[int, float]], path: Path, title: s
     return _save(fig, path)
 
 
-def plot_confusion(matrix, labels: list[str], path: Path, title: str = "confusion (rows: truth)") -> str:
+def plot_confusion(matrix, labels: list[str], path: Path, title: str = "confusion (rows: truth)", normalise: bool = False) -> str:
+    """Counts (written in the cells when there are few classes) or, with ``normalise``, the
+    fraction of each true class (rows) given each prediction."""
     import numpy as np
 
     m = np.asarray(matrix, dtype=float)
+    if normalise:
+        m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(max(4, 0.25 * m.shape[1] + 2), max(3.5, 0.25 * m.shape[0] + 1.5)))
-    ax.imshow(m, cmap="Blues")
+    ax.imshow(m, cmap="Blues", **({"vmin": 0, "vmax": 1} if normalise else {}))
     ax.set_xticks(range(m.shape[1]), labels[: m.shape[1]] if len(labels) >= m.shape[1] else list(range(m.shape[1])), rotation=90, fontsize=7)
     ax.set_yticks(range(m.shape[0]), labels[: m.shape[0]], fontsize=7)
     if m.shape[0] <= 12:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if m[i, j]:
-                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7)
+                    ax.text(j, i, f"{m[i, j]:.2f}" if normalise else f"{int(m[i, j])}", ha="center", va="center", fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
     ax.set_title(title)
