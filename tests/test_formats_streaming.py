@@ -281,6 +281,16 @@ def test_shards_split_by_rank_and_worker_see_each_sample_once(shard_dir, monkeyp
     assert skipped == {"corrupt image": 1, "malformed json": 1}  # counted in the workers, seen here
 
 
+def test_set_epoch_reshuffles_reproducibly(shard_dir):
+    def order(epoch):
+        stream = ShardStream(shard_dir, shuffle=20, seed=1)
+        stream.set_epoch(epoch)
+        return [s["json"]["id"] for s in stream]
+
+    assert order(0) == order(0) and order(1) == order(1)
+    assert order(0) != order(1) and sorted(order(0)) == sorted(order(1))
+
+
 def test_more_ranks_than_shards_is_refused_clearly(shard_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("RANK", "3")

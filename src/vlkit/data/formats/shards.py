@@ -159,7 +159,8 @@ class ShardStream(IterableDataset):
     ``shuffle``: buffer size (0 = file order). ``resample``: draw shards with replacement
     forever (training); otherwise one pass. Shards are split by node (``RANK``/``WORLD_SIZE``
     or ``torch.distributed``) and by DataLoader worker unless turned off. Bad samples are
-    skipped and counted in ``skips``.
+    skipped and counted in ``skips``. Call :meth:`set_epoch` before each pass for a new
+    shuffle order (the same seed and epoch give the same order).
     """
 
     def __init__(self, urls, shuffle: int = 1000, resample: bool = False, seed: int = 0, split_by_node: bool = True,
@@ -167,10 +168,13 @@ class ShardStream(IterableDataset):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise FileNotFoundError(f"{urls}: no shards")
-        self.shuffle, self.resample, self.seed = shuffle, resample, seed
+        self.shuffle, self.resample, self.seed, self.epoch = shuffle, resample, seed, 0
         self.split_by_node, self.split_by_worker, self.decode_images = split_by_node, split_by_worker, decode_images
         self._examples = Skips()
         self._counts = multiprocessing.RawArray("q", SKIP_ROWS * len(SKIP_REASONS))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     @property
     def skips(self) -> Skips:
@@ -218,7 +222,8 @@ class ShardStream(IterableDataset):
     def pipeline(self):
         import webdataset as wds
 
-        stages = [wds.ResampledShards(self.urls, seed=self.seed) if self.resample else wds.SimpleShardList(self.urls)]
+        seed = self.seed * 1_000_003 + self.epoch
+        stages = [wds.ResampledShards(self.urls, seed=seed) if self.resample else wds.SimpleShardList(self.urls)]
         if not self.resample and self.split_by_node:
             ranks = wds.utils.pytorch_worker_info()[1]
             if ranks > len(self.urls):
@@ -231,7 +236,7 @@ class ShardStream(IterableDataset):
                 stages.append(wds.split_by_worker)
         stages.append(wds.tarfile_to_samples(handler=self._handler))
         if self.shuffle:
-            stages.append(wds.shuffle(self.shuffle, seed=self.seed))
+            stages.append(wds.shuffle(self.shuffle, seed=seed))
         stages.append(self._decode)
         return wds.DataPipeline(*stages)
 
