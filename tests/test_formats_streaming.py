@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlkit.data.formats.coco import iter_karpathy, read_karpathy
-from vlkit.data.formats.common import FormatError, iter_json_array
+from vlkit.data.formats.common import FormatError
+from vlkit.data.formats.json_stream import iter_json_array
 from vlkit.data.formats.llava import iter_llava, read_llava
 from vlkit.data.formats.refcoco import iter_refcoco, read_refcoco
 from vlkit.data.formats.shapes_export import export

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from vlkit.data.formats.common import FormatError, check_unique, iter_json_array, require, write_json
+from vlkit.data.formats.common import FormatError, check_unique, require, write_json
+from vlkit.data.formats.json_stream import iter_json_array
 from vlkit.eval.metrics.text import tokenize_caption
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from vlkit.data.formats.common import FormatError, check_unique, iter_json_array, require, write_json
+from vlkit.data.formats.common import FormatError, check_unique, require, write_json
+from vlkit.data.formats.json_stream import iter_json_array
 from vlkit.eval.metrics.boxes import xywh_to_xyxy
 
 
