@@ -12,6 +12,7 @@ import torch
 
 import vlkit
 from vlkit.config import write_json
+from vlkit.data.formats.common import FormatError, iter_jsonl
 from vlkit.data.images import load_image
 from vlkit.eval.embed import embed_images, embed_texts
 from vlkit.eval.retrieval import retrieval
@@ -136,18 +137,10 @@ def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precisio
 
 def _read_jsonl(path: Path) -> list[dict]:
     """``captions.jsonl`` records, each checked; errors name the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected lines of {{\"image\": path, \"captions\": [...]}}")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: malformed JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("captions"), list):
-            raise ValueError(f"{path}:{n}: expected {{\"image\": str, \"captions\": [str, ...]}}")
+    for n, rec in iter_jsonl(path, 'lines of {"image": path, "captions": [...]}'):
+        if not isinstance(rec.get("image"), str) or not isinstance(rec.get("captions"), list):
+            raise FormatError(f"{path}, line {n}: expected {{\"image\": str, \"captions\": [str, ...]}}")
         records.append(rec)
     return records
 

@@ -60,6 +60,25 @@ def mlp_ratio(hidden: int, width: int) -> float:
     return ratio
 
 
+def hf_vit_sizes(v: dict, where: str) -> dict:
+    """The ViTConfig sizes from a transformers vision config (CLIP and SigLIP name them alike)."""
+    return dict(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"], depth=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"], mlp_ratio=mlp_ratio(v["intermediate_size"], v["hidden_size"]),
+        act=activation(v["hidden_act"], f"{where}: vision hidden_act"), eps=v["layer_norm_eps"],
+    )
+
+
+def hf_text_sizes(t: dict, where: str) -> dict:
+    """The TextConfig sizes from a transformers text config (CLIP and SigLIP name them alike)."""
+    return dict(
+        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
+        depth=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+        mlp_ratio=mlp_ratio(t["intermediate_size"], t["hidden_size"]),
+        act=activation(t["hidden_act"], f"{where}: text hidden_act"), eps=t["layer_norm_eps"],
+    )
+
+
 def require(cond: bool, where: str, message: str) -> None:
     """Refuse a config switch vlkit does not implement rather than load it approximately."""
     if not cond:

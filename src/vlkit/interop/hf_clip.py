@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlkit.interop import keymap as km
-from vlkit.interop.common import activation, attach_processor, attach_tokenizer, mlp_ratio, open_weights, require, section
+from vlkit.interop.common import attach_processor, attach_tokenizer, hf_text_sizes, hf_vit_sizes, open_weights, require, section
 from vlkit.models.clip import CLIP, CLIPConfig
 from vlkit.models.single_tower import TextEncoderConfig, TextTower, VisionEncoder, VisionEncoderConfig
 from vlkit.text.encoder import TextConfig
@@ -28,24 +28,13 @@ LEGACY_EOS = 2
 def vision_config(v: dict, where: str) -> ViTConfig:
     """CLIP's vision tower: class token, pre-norm, CLS pooling with the final norm on it, no patch bias."""
     require(v["num_channels"] == 3, where, f"num_channels={v['num_channels']} is not supported; expected 3")
-    return ViTConfig(
-        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"], depth=v["num_hidden_layers"],
-        num_heads=v["num_attention_heads"], mlp_ratio=mlp_ratio(v["intermediate_size"], v["hidden_size"]),
-        act=activation(v["hidden_act"], f"{where}: vision hidden_act"), eps=v["layer_norm_eps"], class_token=True,
-        patch_bias=False, pre_norm=True, final_norm="pooled", pool="cls",
-    )
+    return ViTConfig(**hf_vit_sizes(v, where), class_token=True, patch_bias=False, pre_norm=True, final_norm="pooled", pool="cls")
 
 
 def text_config(t: dict, where: str) -> TextConfig:
     """CLIP's text tower: causal, pooled at the first EOS (or at the highest id for legacy configs)."""
     eos = t.get("eos_token_id")
-    return TextConfig(
-        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
-        depth=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
-        mlp_ratio=mlp_ratio(t["intermediate_size"], t["hidden_size"]),
-        act=activation(t["hidden_act"], f"{where}: text hidden_act"), eps=t["layer_norm_eps"], causal=True, pool="eot",
-        eot_token_id=None if eos == LEGACY_EOS else eos,
-    )
+    return TextConfig(**hf_text_sizes(t, where), causal=True, pool="eot", eot_token_id=None if eos == LEGACY_EOS else eos)
 
 
 def layer_rules(dst: str, prefix: str, depth: int) -> list[km.Rule]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlkit.interop import keymap as km
-from vlkit.interop.common import activation, attach_processor, attach_tokenizer, mlp_ratio, open_weights, require, section
+from vlkit.interop.common import attach_processor, attach_tokenizer, hf_text_sizes, hf_vit_sizes, open_weights, require, section
 from vlkit.interop.hf_clip import ignorable, layer_rules
 from vlkit.models.clip import CLIP, CLIPConfig
 from vlkit.text.encoder import TextConfig
@@ -25,23 +25,12 @@ TEXT_DEFAULTS = dict(
 def vision_config(v: dict, where: str) -> ViTConfig:
     require(v["num_channels"] == 3, where, f"num_channels={v['num_channels']} is not supported; expected 3")
     require(v["vision_use_head"], where, "vision_use_head=false (no pooled embedding) is not supported")
-    return ViTConfig(
-        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"], depth=v["num_hidden_layers"],
-        num_heads=v["num_attention_heads"], mlp_ratio=mlp_ratio(v["intermediate_size"], v["hidden_size"]),
-        act=activation(v["hidden_act"], f"{where}: vision hidden_act"), eps=v["layer_norm_eps"], class_token=False,
-        patch_bias=True, pre_norm=False, final_norm="all", pool="map",
-    )
+    return ViTConfig(**hf_vit_sizes(v, where), class_token=False, patch_bias=True, pre_norm=False, final_norm="all", pool="map")
 
 
 def text_config(t: dict, where: str) -> TextConfig:
     """Bidirectional, last-token pooled, and (as the reference pipeline) blind to the padding mask."""
-    return TextConfig(
-        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
-        depth=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
-        mlp_ratio=mlp_ratio(t["intermediate_size"], t["hidden_size"]),
-        act=activation(t["hidden_act"], f"{where}: text hidden_act"), eps=t["layer_norm_eps"], causal=False,
-        pool="last", padding_mask=False,
-    )
+    return TextConfig(**hf_text_sizes(t, where), causal=False, pool="last", padding_mask=False)
 
 
 def model_config(raw: dict, where: str) -> CLIPConfig:

@@ -230,9 +230,10 @@ def fit(
     """
     device, run_dir = torch.device(device), Path(run_dir)
     torch.manual_seed(loop.seed)
-    for m in model.modules():
-        if loop.grad_checkpointing and hasattr(m, "gradient_checkpointing"):
-            m.gradient_checkpointing = True
+    if loop.grad_checkpointing:
+        for m in model.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
     model.to(device).train()
     optimizer, scheduler = _optimizer(model, optim, loop.steps)
     progress = _restore(run_dir, model, optimizer, scheduler) if resume else Progress()
@@ -247,8 +248,8 @@ def fit(
     t0, seen, micro, loss_sum = time.perf_counter(), 0, 0, 0.0
 
     def save() -> None:
+        progress.elapsed = elapsed_before + time.perf_counter() - t0
         if world.is_main:
-            progress.elapsed = elapsed_before + time.perf_counter() - t0
             save_checkpoint(run_dir, progress.step, model, model_type, _training_state(optimizer, scheduler, progress), loop.keep_checkpoints)
 
     for batch in loader:
@@ -274,7 +275,6 @@ def fit(
             save()
     log.bar.close()
     save()
-    progress.elapsed = elapsed_before + time.perf_counter() - t0
     return {"steps": progress.step, "samples": seen, "train_seconds": progress.elapsed, "skipped": progress.skipped}
 
 
