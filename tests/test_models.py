@@ -167,6 +167,45 @@ def test_padding_does_not_change_eot_features(causal):
         assert not torch.allclose(unmasked, alone, atol=1e-4)
 
 
+def assert_same_values_and_gradients(full, rows_only, params):
+    """``rows_only()`` must equal ``full()`` and give every parameter the same gradient."""
+    expected, got = full(), rows_only()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    g_full = torch.autograd.grad((full() * weights).sum(), params)
+    g_rows = torch.autograd.grad((rows_only() * weights).sum(), params)
+    for a, b in zip(g_rows, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"final_norm": "all"}, {"num_registers": 2}, {"pool": "mean"}, {"pool": "map"}])
+def test_vit_pooled_computes_only_the_pooled_row_with_the_same_result(overrides):
+    model = vit(depth=3, **overrides)
+    pixels = torch.randn(3, 3, 32, 32)
+    params = list(model.parameters())
+    assert_same_values_and_gradients(lambda: model(pixels).pooled, lambda: model.pooled(pixels), params)
+
+
+def test_vit_pooled_skips_the_last_blocks_other_rows(monkeypatch):
+    model = vit(depth=2)
+    seen = []
+    monkeypatch.setattr(model.transformer.blocks[-1].mlp, "forward", lambda x: seen.append(x.shape) or x)
+    model.pooled(torch.randn(3, 3, 32, 32))
+    assert seen == [(3, 1, WIDTH)]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"causal": False}, {"pool": "last"}, {"padding_mask": False}])
+@pytest.mark.parametrize("masked", [True, False])
+def test_text_pooled_computes_only_the_pooled_row_with_the_same_result(overrides, masked):
+    encoder, tokenizer = text_encoder(**overrides)
+    batch = tokenizer([SHORT, LONG, "a star"])
+    mask = batch["attention_mask"] if masked else None
+    params = list(encoder.parameters())
+    assert_same_values_and_gradients(
+        lambda: encoder(batch["input_ids"], mask).pooled, lambda: encoder.pooled(batch["input_ids"], mask), params
+    )
+
+
 # --- CLIP -----------------------------------------------------------------------------------
 
 

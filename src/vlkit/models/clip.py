@@ -66,10 +66,10 @@ class CLIP(nn.Module):
         self.processor = None
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_proj(self.vision(pixel_values).pooled)
+        return self.vision_proj(self.vision.pooled(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text_proj(self.text(input_ids, attention_mask).pooled)
+        return self.text_proj(self.text.pooled(input_ids, attention_mask))
 
     def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Logits ``[images, texts]`` as the model is trained to score them."""

@@ -40,7 +40,7 @@ class VisionEncoder(nn.Module):
         self.processor = None
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_proj(self.vision(pixel_values).pooled)
+        return self.vision_proj(self.vision.pooled(pixel_values))
 
     def encode_text(self, *args, **kwargs) -> torch.Tensor:
         raise MissingTowerError("this model is vision-only (loaded from a checkpoint without a text tower); it cannot encode text")
@@ -71,7 +71,7 @@ class TextTower(nn.Module):
         self.processor = None
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text_proj(self.text(input_ids, attention_mask).pooled)
+        return self.text_proj(self.text.pooled(input_ids, attention_mask))
 
     def encode_image(self, *args, **kwargs) -> torch.Tensor:
         raise MissingTowerError("this model is text-only (loaded from a checkpoint without a vision tower); it cannot encode images")

@@ -45,6 +45,30 @@ class Block(nn.Module):
         x = x + self.ls1(self.attn(self.norm1(x), mask=mask, causal=causal))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
+    def forward_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
+        """The block's output ``[B, D]`` at position ``rows[b]`` of each sequence only: the other
+        rows still give keys and values but skip their queries and MLP."""
+        b, n, _ = x.shape
+        batch = torch.arange(b, device=x.device)
+        h = self.norm1(x)
+        x = x[batch, rows].unsqueeze(1)
+        x = x + self.ls1(self.attn.attend(h[batch, rows].unsqueeze(1), h, mask=query_mask(rows, n, mask, causal)))
+        return (x + self.ls2(self.mlp(self.norm2(x))))[:, 0]
+
+
+def query_mask(rows: torch.Tensor, n: int, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """The rows of a ``[B, H, N, N]``-broadcastable mask (or of the causal mask) that the queries
+    at ``rows`` use, as ``[B, H, 1, N]``."""
+    if mask is not None:
+        b = rows.shape[0]
+        mask = mask[(None,) * (4 - mask.dim())].expand(b, -1, n, -1)
+        return mask[torch.arange(b, device=rows.device), :, rows].unsqueeze(2)
+    if causal:
+        return (torch.arange(n, device=rows.device) <= rows[:, None])[:, None, None, :]
+    return None
+
 
 class Transformer(nn.Module):
     """A stack of blocks that can return every layer's output and checkpoint activations."""
@@ -64,10 +88,21 @@ class Transformer(nn.Module):
         """Returns the last output and, with ``return_all``, the list ``[input, out_1, ..., out_L]``."""
         states = [x]
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, mask, causal, use_reentrant=False)
-            else:
-                x = block(x, mask=mask, causal=causal)
+            x = self._run(block, x, mask, causal)
             if return_all:
                 states.append(x)
         return x, (states if return_all else None)
+
+    def forward_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
+        """The last layer's output ``[B, D]`` at position ``rows[b]`` of each sequence: what a pooled
+        tower reads. Its last block then skips the other rows' queries and MLP."""
+        for block in self.blocks[:-1]:
+            x = self._run(block, x, mask, causal)
+        return self._run(self.blocks[-1].forward_rows, x, rows, mask, causal)
+
+    def _run(self, fn, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)

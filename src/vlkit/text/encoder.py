@@ -62,26 +62,41 @@ class TextEncoder(nn.Module):
             mask = mask & torch.ones(n, n, dtype=torch.bool, device=device).tril()
         return mask
 
-    def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def pool_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B]`` position of the token each sequence is pooled at."""
         if self.cfg.pool == "last":
-            return tokens[:, -1]
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         if self.cfg.eot_token_id is None:
-            index = input_ids.argmax(dim=-1)
-        else:
-            index = (input_ids == self.cfg.eot_token_id).int().argmax(dim=-1)
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), index]
+            return input_ids.argmax(dim=-1)
+        return (input_ids == self.cfg.eot_token_id).int().argmax(dim=-1)
+
+    def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), self.pool_index(input_ids)]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(f"text of {n} tokens is longer than the context length {self.cfg.context_length}")
+        return self.token_embed(input_ids) + self.pos_embed[:, :n]
+
+    def masking(self, attention_mask: torch.Tensor | None, n: int, device) -> dict:
+        """The transformer's ``mask``/``causal`` arguments for this padding."""
+        if attention_mask is None or not self.cfg.padding_mask:
+            return {"mask": None, "causal": self.cfg.causal}
+        return {"mask": self.attention_mask(attention_mask, n, device), "causal": False}
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(...).pooled`` alone, ``[B, D]``; the last block computes only the pooled
+        token's row, as nothing reads the others (~1/depth of the work)."""
+        x = self.embed(input_ids)
+        rows = self.pool_index(input_ids)
+        return self.norm(self.transformer.forward_rows(x, rows, **self.masking(attention_mask, x.shape[1], x.device)))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
     ) -> TextOutput:
-        n = input_ids.shape[1]
-        if n > self.cfg.context_length:
-            raise ValueError(f"text of {n} tokens is longer than the context length {self.cfg.context_length}")
-        x = self.token_embed(input_ids) + self.pos_embed[:, :n]
-        if attention_mask is None or not self.cfg.padding_mask:
-            x, states = self.transformer(x, causal=self.cfg.causal, return_all=output_hidden_states)
-        else:
-            mask = self.attention_mask(attention_mask, n, x.device)
-            x, states = self.transformer(x, mask=mask, return_all=output_hidden_states)
+        x = self.embed(input_ids)
+        masking = self.masking(attention_mask, x.shape[1], x.device)
+        x, states = self.transformer(x, **masking, return_all=output_hidden_states)
         x = self.norm(x)
         return TextOutput(tokens=x, pooled=self.pool(x, input_ids), hidden_states=states)

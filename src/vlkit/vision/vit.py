@@ -137,6 +137,15 @@ class ViT(nn.Module):
             return tokens[:, self.cfg.num_prefix :].mean(dim=1)
         return self.head(tokens)
 
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``forward(...).pooled`` alone, ``[B, D]``. With class-token pooling the last block
+        computes only that token's row, as nothing reads the others (~1/depth of the work)."""
+        if self.cfg.pool != "cls":
+            return self.forward(pixel_values).pooled
+        x = self.embed(pixel_values)
+        rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.norm(self.transformer.forward_rows(x, rows))
+
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViTOutput:
         """``pixel_values`` ``[B, 3, H, W]`` (H, W multiples of the patch size) → :class:`ViTOutput`."""
         x = self.embed(pixel_values)
