@@ -38,6 +38,17 @@ def test_vit_gives_one_token_per_patch_at_any_resolution(height, width):
     assert torch.isfinite(out.tokens).all()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"patch_bias": True}, {"stem_channels": (4, 8), "stem_norm": True}])
+@pytest.mark.parametrize("height, width", [(32, 32), (35, 41)])
+def test_patch_embedding_as_a_matmul_equals_the_convolution(overrides, height, width):
+    model = vit(**overrides).double()
+    x = model.stem(torch.randn(2, 3, height, width, dtype=torch.float64))
+    conv = model.patch_embed(x)
+    tokens, gh, gw = model.patch_tokens(x)
+    assert (gh, gw) == conv.shape[-2:]
+    torch.testing.assert_close(tokens, conv.flatten(2).transpose(1, 2), atol=1e-12, rtol=1e-12)
+
+
 def test_position_embeddings_interpolate_rows_as_rows_and_keep_the_class_position():
     model = vit()
     assert model.position_embedding(4, 4) is model.pos_embed
@@ -168,20 +179,22 @@ def test_padding_does_not_change_eot_features(causal):
 
 
 def assert_same_values_and_gradients(full, rows_only, params):
-    """``rows_only()`` must equal ``full()`` and give every parameter the same gradient."""
+    """``rows_only()`` must equal ``full()`` and give every parameter the same gradient (in float64,
+    so that only a real difference, not summation order, can fail it)."""
     expected, got = full(), rows_only()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert expected.dtype == torch.float64
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
     weights = torch.randn_like(expected)
     g_full = torch.autograd.grad((full() * weights).sum(), params)
     g_rows = torch.autograd.grad((rows_only() * weights).sum(), params)
     for a, b in zip(g_rows, g_full):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"final_norm": "all"}, {"num_registers": 2}, {"pool": "mean"}, {"pool": "map"}])
 def test_vit_pooled_computes_only_the_pooled_row_with_the_same_result(overrides):
-    model = vit(depth=3, **overrides)
-    pixels = torch.randn(3, 3, 32, 32)
+    model = vit(depth=3, **overrides).double()
+    pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     params = list(model.parameters())
     assert_same_values_and_gradients(lambda: model(pixels).pooled, lambda: model.pooled(pixels), params)
 
@@ -198,6 +211,7 @@ def test_vit_pooled_skips_the_last_blocks_other_rows(monkeypatch):
 @pytest.mark.parametrize("masked", [True, False])
 def test_text_pooled_computes_only_the_pooled_row_with_the_same_result(overrides, masked):
     encoder, tokenizer = text_encoder(**overrides)
+    encoder.double()
     batch = tokenizer([SHORT, LONG, "a star"])
     mask = batch["attention_mask"] if masked else None
     params = list(encoder.parameters())
