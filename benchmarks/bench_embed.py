@@ -2,11 +2,16 @@
 
 Builds a randomly initialised CLIP ViT-B/32 with transformers, saves it, loads the same
 folder with vlkit, checks the embeddings agree, then times both side by side (interleaved
-rounds, best of each) in fp32 and bf16 autocast, and prints the ratios and the fraction of
-this machine's matmul peak (measured between the rounds on the model's own matrix shapes).
-Each side's FLOPs are its own: vlkit's last block computes only the pooled row.
+rounds) in fp32 and bf16 autocast, and prints the ratios (best of each side, and the median
+of the paired rounds) and the fraction of this machine's matmul peak (measured between the
+rounds on the model's own matrix shape). Each side's FLOPs are its own: vlkit computes only
+what the pooled embedding reads (see ``tower_flops``).
 
-    python benchmarks/bench_embed.py [--batch 32] [--rounds 8]
+Cases: ``image`` (224 px), ``text`` (77 real tokens, the end-of-text token last: the issue's
+measurement) and ``prompts`` (short prompts padded to 77 tokens with an attention mask, as
+zero-shot classification tokenises them).
+
+    python benchmarks/bench_embed.py [--batch 32] [--rounds 8] [--dtypes fp32,bf16] [--cases image,text,prompts]
 """
 
 from __future__ import annotations
@@ -21,18 +26,26 @@ import torch
 import vlkit
 from vlkit.precision import bf16_is_fast
 
+PROMPT_TOKENS = 12
+"""Length of the ``prompts`` case's texts, start and end-of-text tokens included."""
+
 
 def layer_flops(queries: int, tokens: int, d: int) -> int:
     """Matmul FLOPs of one pre-LN block whose ``queries`` rows attend over ``tokens`` rows."""
     return 2 * (queries * 2 * d * d + tokens * 2 * d * d + queries * 8 * d * d) + 2 * 2 * queries * tokens * d
 
 
-def vit_b32_flops(batch: int, image: bool, pooled_row_only: bool) -> float:
-    """Matmul FLOPs of one forward pass of CLIP ViT-B/32's image (224 px, 50 tokens) or text
-    (77 tokens) tower; ``pooled_row_only``: the last block computes only the pooled row, as vlkit's does."""
-    n, d, extra = (50, 768, 2 * 49 * 3 * 32 * 32 * 768 + 2 * 768 * 512) if image else (77, 512, 2 * 512 * 512)
-    last = layer_flops(1 if pooled_row_only else n, n, d)
-    return batch * (11 * layer_flops(n, n, d) + last + extra)
+def tower_flops(case: str, vlkit_side: bool) -> int:
+    """Matmul FLOPs per sample of CLIP ViT-B/32's 12-layer image or text tower. vlkit's last block
+    computes only the pooled row, and its causal text tower stops at the end-of-text token."""
+    if case == "image":
+        n, d, extra = 50, 768, 2 * 49 * 3 * 32 * 32 * 768 + 2 * 768 * 512
+    else:
+        n, d, extra = 77, 512, 2 * 512 * 512
+        if case == "prompts" and vlkit_side:
+            n = PROMPT_TOKENS
+    last = layer_flops(1 if vlkit_side else n, n, d)
+    return 11 * layer_flops(n, n, d) + last + extra
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -59,12 +72,28 @@ def timed(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def inputs(batch: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Each case's keyword arguments (transformers' names; vlkit takes the same ones)."""
+    ids = torch.randint(1, 49000, (batch, 77))
+    ids[:, -1] = 49407
+    prompt_ids = torch.zeros(batch, 77, dtype=torch.long)
+    prompt_ids[:, :PROMPT_TOKENS] = torch.randint(1, 49000, (batch, PROMPT_TOKENS))
+    prompt_ids[:, PROMPT_TOKENS - 1] = 49407
+    mask = (torch.arange(77) < PROMPT_TOKENS).long().expand(batch, -1)
+    return {
+        "image": {"pixel_values": torch.randn(batch, 3, 224, 224)},
+        "text": {"input_ids": ids},
+        "prompts": {"input_ids": prompt_ids, "attention_mask": mask},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--cases", default="image,text,prompts")
     args = ap.parse_args()
     from transformers import CLIPConfig, CLIPModel
 
@@ -73,24 +102,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = vlkit.load(tmp).eval()
-    pixels = torch.randn(args.batch, 3, 224, 224)
-    ids = torch.randint(1, 49000, (args.batch, 77))
-    ids[:, -1] = 49407
-    with torch.no_grad():
-        diff = (features(hf.get_image_features(pixel_values=pixels)) - ours.encode_image(pixels)).abs().max().item()
-        tdiff = (features(hf.get_text_features(input_ids=ids)) - ours.encode_text(ids)).abs().max().item()
+    every = inputs(args.batch)
+    cases = {}
+    for name in args.cases.split(","):
+        kw = every[name]
+        if name == "image":
+            cases[name] = (lambda kw=kw: hf.get_image_features(**kw), lambda kw=kw: ours.encode_image(kw["pixel_values"]))
+        else:
+            cases[name] = (lambda kw=kw: hf.get_text_features(**kw), lambda kw=kw: ours.encode_text(**kw))
     print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {bf16_is_fast(torch.device('cpu'))}")
-    print(f"parity: image max |diff| {diff:.2e}, text max |diff| {tdiff:.2e}")
-    cases = {
-        "image": (lambda: hf.get_image_features(pixel_values=pixels), lambda: ours.encode_image(pixels), True),
-        "text": (lambda: hf.get_text_features(input_ids=ids), lambda: ours.encode_text(ids), False),
-    }
+    with torch.no_grad():
+        diffs = {name: (features(f_hf()) - f_ours()).abs().max().item() for name, (f_hf, f_ours) in cases.items()}
+    print("parity, max |diff|: " + ", ".join(f"{name} {d:.2e}" for name, d in diffs.items()))
     for dname in args.dtypes.split(","):
         dtype = torch.bfloat16 if dname == "bf16" else torch.float32
         peak = 0.0
         print(f"\n[{dname}]")
-        for name, (f_hf, f_ours, image) in cases.items():
+        for name, (f_hf, f_ours) in cases.items():
             times = {"transformers": [], "vlkit": []}
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dname == "bf16"):
                 f_hf(), f_ours()
@@ -98,14 +127,13 @@ def main() -> None:
                     peak = max(peak, matmul_peak(dtype))
                     times["transformers"].append(timed(f_hf, args.reps))
                     times["vlkit"].append(timed(f_ours, args.reps))
-            flops = {"transformers": vit_b32_flops(args.batch, image, False), "vlkit": vit_b32_flops(args.batch, image, True)}
-            unit = "img" if image else "txt"
+            unit = "img" if name == "image" else "txt"
             for who, secs in times.items():
-                sec = min(secs)
-                print(f"  {name:5s} {who:12s} {args.batch / sec:8.1f} {unit}/s   {flops[who] / 1e9 / args.batch:5.2f} "
-                      f"GFLOP/{unit} at {flops[who] / sec / 1e9:6.1f} GFLOP/s = {flops[who] / sec / peak:5.1%} of peak")
+                sec, flops = min(secs), tower_flops(name, who == "vlkit") * args.batch
+                print(f"  {name:7s} {who:12s} {args.batch / sec:8.1f} {unit}/s   {flops / 1e9 / args.batch:5.2f} "
+                      f"GFLOP/{unit} at {flops / sec / 1e9:6.1f} GFLOP/s = {flops / sec / peak:5.1%} of peak")
             paired = statistics.median(t / o for t, o in zip(times["transformers"], times["vlkit"]))
-            print(f"  {name:5s} ratio vlkit / transformers: {min(times['transformers']) / min(times['vlkit']):.3f}x "
+            print(f"  {name:7s} ratio vlkit / transformers: {min(times['transformers']) / min(times['vlkit']):.3f}x "
                   f"(best of each), {paired:.3f}x (median of the {args.rounds} paired rounds)")
         print(f"  matmul peak on 1600x768x3072 (best of {args.rounds * len(cases)} half-second runs "
               f"between the rounds): {peak / 1e9:.1f} GFLOP/s")

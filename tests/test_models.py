@@ -220,6 +220,21 @@ def test_text_pooled_computes_only_the_pooled_row_with_the_same_result(overrides
     )
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_causal_text_pooled_stops_at_the_last_end_of_text(masked, monkeypatch):
+    encoder, tokenizer = text_encoder()
+    encoder.double()
+    batch = tokenizer([SHORT, "a star"])
+    ids = torch.nn.functional.pad(batch["input_ids"], (0, 16 - batch["input_ids"].shape[1]))  # padded to 16, as CLIP's 77
+    mask = torch.nn.functional.pad(batch["attention_mask"], (0, 16 - batch["input_ids"].shape[1])) if masked else None
+    lengths = []
+    block = encoder.transformer.blocks[0]
+    monkeypatch.setattr(block, "forward", lambda x, *a, real=block.forward, **k: lengths.append(x.shape[1]) or real(x, *a, **k))
+    got = encoder.pooled(ids, mask)
+    assert lengths == [len(SHORT.split()) + 2]
+    torch.testing.assert_close(got, encoder(ids, mask).pooled, atol=1e-10, rtol=1e-10)
+
+
 # --- CLIP -----------------------------------------------------------------------------------
 
 

@@ -86,10 +86,15 @@ class TextEncoder(nn.Module):
         return {"mask": self.attention_mask(attention_mask, n, device), "causal": False}
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``forward(...).pooled`` alone, ``[B, D]``; the last block computes only the pooled
-        token's row, as nothing reads the others (~1/depth of the work)."""
-        x = self.embed(input_ids)
+        """``forward(...).pooled`` alone, ``[B, D]``, computing only what it reads: a causal tower
+        stops at the batch's last pooled position (texts padded to 77 tokens are mostly padding),
+        and the last block computes only the pooled row (~1/depth of the work)."""
         rows = self.pool_index(input_ids)
+        if self.cfg.causal:
+            n = int(rows.max()) + 1
+            input_ids = input_ids[:, :n]
+            attention_mask = None if attention_mask is None else attention_mask[:, :n]
+        x = self.embed(input_ids)
         return self.norm(self.transformer.forward_rows(x, rows, **self.masking(attention_mask, x.shape[1], x.device)))
 
     def forward(
