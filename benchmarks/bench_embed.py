@@ -11,7 +11,7 @@ Cases: ``image`` (224 px), ``text`` (77 real tokens, the end-of-text token last:
 measurement) and ``prompts`` (short prompts padded to 77 tokens with an attention mask, as
 zero-shot classification tokenises them).
 
-    python benchmarks/bench_embed.py [--batch 32] [--rounds 8] [--dtypes fp32,bf16] [--cases image,text,prompts]
+    python benchmarks/bench_embed.py [--batch 32] [--rounds 8] [--dtypes fp32,bf16] [--cases image,text,prompts] [--device cuda]
 """
 
 from __future__ import annotations
@@ -48,16 +48,22 @@ def tower_flops(case: str, vlkit_side: bool) -> int:
     return 11 * layer_flops(n, n, d) + last + extra
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 0.5) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
     """FLOP/s of the model's largest matmul (tokens × 768 × 3072, the weight stored [out, in] as
     in ``nn.Linear``: on a CPU without native bf16 only that layout has a fast bf16 kernel)."""
-    a, w = torch.randn(1600, 768, dtype=dtype), torch.randn(3072, 768, dtype=dtype)
+    a, w = torch.randn(1600, 768, dtype=dtype, device=device), torch.randn(3072, 768, dtype=dtype, device=device)
     out = a @ w.t()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         torch.matmul(a, w.t(), out=out)
         n += 1
+    sync(device)
     return n * 2 * 1600 * 768 * 3072 / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def features(out) -> torch.Tensor:
@@ -65,14 +71,16 @@ def features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn, reps: int, device: torch.device) -> float:
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
+    sync(device)
     return (time.perf_counter() - t0) / reps
 
 
-def inputs(batch: int) -> dict[str, dict[str, torch.Tensor]]:
+def inputs(batch: int, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """Each case's keyword arguments (transformers' names; vlkit takes the same ones)."""
     ids = torch.randint(1, 49000, (batch, 77))
     ids[:, -1] = 49407
@@ -80,11 +88,12 @@ def inputs(batch: int) -> dict[str, dict[str, torch.Tensor]]:
     prompt_ids[:, :PROMPT_TOKENS] = torch.randint(1, 49000, (batch, PROMPT_TOKENS))
     prompt_ids[:, PROMPT_TOKENS - 1] = 49407
     mask = (torch.arange(77) < PROMPT_TOKENS).long().expand(batch, -1)
-    return {
+    cases = {
         "image": {"pixel_values": torch.randn(batch, 3, 224, 224)},
         "text": {"input_ids": ids},
         "prompts": {"input_ids": prompt_ids, "attention_mask": mask},
     }
+    return {name: {k: v.to(device) for k, v in kw.items()} for name, kw in cases.items()}
 
 
 def main() -> None:
@@ -94,15 +103,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--cases", default="image,text,prompts")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     hf = CLIPModel(CLIPConfig()).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = vlkit.load(tmp).eval()
-    every = inputs(args.batch)
+        ours = vlkit.load(tmp).eval().to(device)
+    hf.to(device)
+    every = inputs(args.batch, device)
     cases = {}
     for name in args.cases.split(","):
         kw = every[name]
@@ -110,8 +122,9 @@ def main() -> None:
             cases[name] = (lambda kw=kw: hf.get_image_features(**kw), lambda kw=kw: ours.encode_image(kw["pixel_values"]))
         else:
             cases[name] = (lambda kw=kw: hf.get_text_features(**kw), lambda kw=kw: ours.encode_text(**kw))
-    print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16: {bf16_is_fast(torch.device('cpu'))}")
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}{gpu}, "
+          f"native bf16 on {device}: {bf16_is_fast(device)}")
     with torch.no_grad():
         diffs = {name: (features(f_hf()) - f_ours()).abs().max().item() for name, (f_hf, f_ours) in cases.items()}
     print("parity, max |diff|: " + ", ".join(f"{name} {d:.2e}" for name, d in diffs.items()))
@@ -121,12 +134,12 @@ def main() -> None:
         print(f"\n[{dname}]")
         for name, (f_hf, f_ours) in cases.items():
             times = {"transformers": [], "vlkit": []}
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dname == "bf16"):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dname == "bf16"):
                 f_hf(), f_ours()
                 for _ in range(args.rounds):
-                    peak = max(peak, matmul_peak(dtype))
-                    times["transformers"].append(timed(f_hf, args.reps))
-                    times["vlkit"].append(timed(f_ours, args.reps))
+                    peak = max(peak, matmul_peak(dtype, device))
+                    times["transformers"].append(timed(f_hf, args.reps, device))
+                    times["vlkit"].append(timed(f_ours, args.reps, device))
             unit = "img" if name == "image" else "txt"
             for who, secs in times.items():
                 sec, flops = min(secs), tower_flops(name, who == "vlkit") * args.batch
