@@ -248,7 +248,6 @@ def fit(
     t0, seen, micro, loss_sum = time.perf_counter(), 0, 0, 0.0
 
     def save() -> None:
-        progress.elapsed = elapsed_before + time.perf_counter() - t0
         if world.is_main:
             save_checkpoint(run_dir, progress.step, model, model_type, _training_state(optimizer, scheduler, progress), loop.keep_checkpoints)
 
