@@ -7,11 +7,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlkit.errors import VlkitError
+
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused as possible decompression bombs."""
 
 
-class BadSample(ValueError):
+class BadSample(VlkitError):
     """A sample that cannot be used; the message names the file or record and the problem."""
 
     def __init__(self, where: str, problem: str):

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vlkit.errors import VlkitError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(VlkitError):
     """A checkpoint that cannot be loaded exactly; the message names the file and the key."""
 
 

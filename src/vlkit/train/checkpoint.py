@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlkit.config import to_dict, write_json
+from vlkit.files import atomic_folder
 
 
 def _flatten(obj, prefix: str, tensors: dict[str, torch.Tensor]):
@@ -74,33 +75,6 @@ def save_model(folder: Path, model, model_type: str) -> None:
         model.tokenizer.save(folder / "tokenizer.json")
     if getattr(model, "processor", None) is not None:
         write_json(folder / "preprocessor_config.json", model.processor.to_hf())
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def atomic_folder(target: Path, write) -> None:
-    """Call ``write(tmp)`` on a fresh temporary folder, then move it to ``target`` in one rename
-    (replacing an old ``target`` only after the new one is complete)."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_state: dict, keep: int = 2) -> Path:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlkit.data.images import BadSample
+from vlkit.errors import VlkitError
 
 
-class FormatError(ValueError):
+class FormatError(VlkitError):
     """A record that does not follow its format; the message names the file and record and
     says what was expected."""
 
