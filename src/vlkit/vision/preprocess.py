@@ -13,10 +13,15 @@ import torch
 from PIL import Image
 
 from vlkit.data.images import to_rgb
+from vlkit.errors import VlkitError
 
 RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_RESIZE_PIXELS = 1 << 24
+"""Resizes up to this many pixels (48 MB, a 4096x4096 image) are done whole, as transformers
+does; past it (an extreme aspect ratio: 100000x1 would resize to 22400000x224) only the region
+the center crop keeps is resized, so the work follows what the model sees."""
 
 
 @dataclass
@@ -39,17 +44,40 @@ class ImageProcessor:
     def output_size(self) -> int:
         return self.crop_size or self.size
 
-    def resize(self, image: Image.Image) -> Image.Image:
+    def resized_size(self, image: Image.Image) -> tuple[int, int]:
+        """``(width, height)`` after the resize (before the crop)."""
         w, h = image.size
+        if not w or not h:
+            raise VlkitError(f"a {w}x{h} image: nothing to resize; expected an image of at least 1x1 pixels")
         if self.resize_mode == "exact":
-            target = (self.size, self.size)
-        else:
-            short, long = (w, h) if w <= h else (h, w)
-            new_long = int(self.size * long / short)
-            target = (self.size, new_long) if w <= h else (new_long, self.size)
-        if target == (w, h):
+            return self.size, self.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.size * long / short)
+        return (self.size, new_long) if w <= h else (new_long, self.size)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        target = self.resized_size(image)
+        if target == image.size:
             return image
         return image.resize(target, RESAMPLE[self.resample])
+
+    def resize_crop(self, image: Image.Image) -> np.ndarray:
+        """Resize then center crop, as ``[H, W, 3]`` uint8; past :data:`MAX_RESIZE_PIXELS` only
+        the kept region is resized (PIL's ``box``), within a few grey levels of the whole resize."""
+        (w, h), (tw, th) = image.size, self.resized_size(image)
+        if tw * th <= MAX_RESIZE_PIXELS:
+            return self.crop(np.asarray(self.resize(image)))
+        if self.crop_size is None:
+            raise VlkitError(f"a {w}x{h} image: resizing it gives {tw}x{th} pixels, beyond the {MAX_RESIZE_PIXELS} this processor "
+                             "takes without a center crop; expected a less extreme aspect ratio, or set crop_size")  # fmt: skip
+        c = self.crop_size
+        top, left = (th - c) // 2, (tw - c) // 2
+        x0, x1, y0, y1 = max(left, 0), min(left + c, tw), max(top, 0), min(top + c, th)
+        box = (x0 * w / tw, y0 * h / th, x1 * w / tw, y1 * h / th)
+        region = np.asarray(image.resize((x1 - x0, y1 - y0), RESAMPLE[self.resample], box=box))
+        out = np.zeros((c, c, region.shape[2]), dtype=region.dtype)
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = region
+        return out
 
     def crop(self, arr: np.ndarray) -> np.ndarray:
         """Center crop ``[H, W, C]``, padding with zeros where the image is smaller."""
@@ -78,11 +106,24 @@ class ImageProcessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One PIL image → ``[3, S, S]`` float tensor."""
-        arr = self.crop(np.asarray(self.resize(to_rgb(self.flatten_alpha(image))), dtype=np.float32))
+        if not isinstance(image, Image.Image):
+            raise VlkitError(f"the image processor takes a PIL image, got a {type(image).__name__} (open files with vlkit.data.images.load_image)")
+        arr = self.resize_crop(to_rgb(self.flatten_alpha(image))).astype(np.float32)
         arr = (arr * self.rescale_factor - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
     def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images → ``[B, 3, S, S]``; anything else is refused with what was expected."""
+        if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)):
+            raise VlkitError(f"processor.batch takes a list of PIL images, got a {type(images).__name__}")
+        if not images:
+            raise VlkitError("processor.batch got an empty list of images; expected at least one PIL image")
+        bad = next((i for i, im in enumerate(images) if not isinstance(im, Image.Image)), None)
+        if bad is not None:
+            raise VlkitError(
+                f"processor.batch takes PIL images; image {bad} is a {type(images[bad]).__name__} "
+                "(open files with vlkit.data.images.load_image)"
+            )
         return torch.stack([self(im) for im in images])
 
     def to_hf(self) -> dict:
