@@ -1,0 +1,200 @@
+"""The LM tokenizer read from a folder matches transformers' ``AutoTokenizer`` on the same folder:
+ids with and without special tokens, left-padded batches, decoding (special tokens kept or
+skipped) and chat templates, for ChatML, Llama-3-like and SentencePiece-like tokenizers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from vlkit.errors import MissingPart, VlkitError  # noqa: E402
+from vlkit.text.chat_template import ChatTemplateError  # noqa: E402
+from vlkit.text.lm_tokenizer import LMTokenizer  # noqa: E402
+
+from _lm_util import CHATML_TEMPLATE, FAMILIES, chatml_folder, sentencepiece_folder  # noqa: E402
+
+PIECES = ["Hello", "how", "are", "you", "?", "the", "capital", "of", "France", "café", "naïve", "日本語", "😀", "👍🏽",
+          "привет", "12345", "x", "\n", "\t", "  ", "def f(x):", "<|im_end|>", "<|im_start|>", "</s>", "<s>", "<unk>",
+          "<|begin_of_text|>", "<|eot_id|>", "ß", "\u200b", "e\u0301"]
+
+
+def texts(n: int = 120, seed: int = 0) -> list[str]:
+    """Short and long strings mixing scripts, emoji, whitespace runs and special tokens written as text."""
+    rng = random.Random(seed)
+    out = ["", " ", "a", " leading space", "trailing space ", "two\n\nlines", "Hello, how are you today?"]
+    while len(out) < n:
+        sep = rng.choice([" ", "", "  ", "\n", ", "])
+        out.append(sep.join(rng.choice(PIECES) for _ in range(rng.choice([1, 2, 5, 12, 40]))))
+    return out
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "  What is the capital of France?  "},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+    {"role": "user", "content": "And of Japan? 日本 😀"},
+]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(family, transformers' tokenizer, vlkit's tokenizer) for one saved folder."""
+    folder = FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+    return request.param, transformers.AutoTokenizer.from_pretrained(folder), LMTokenizer.from_folder(folder)
+
+
+def test_encode_matches_transformers(pair):
+    _, ref, ours = pair
+    assert ours.vocab_size == len(ref)
+    for text in texts():
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == ref.encode(text, add_special_tokens=special), text
+
+
+def test_special_token_ids_match(pair):
+    _, ref, ours = pair
+    for role in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(ours, role) == getattr(ref, role), role
+
+
+def test_batch_is_left_padded_like_transformers(pair):
+    _, ref, ours = pair
+    if ref.pad_token is None:  # Llama-3 ships no pad token; vlkit pads with EOS under the mask
+        ref.pad_token = ref.eos_token
+    ref.padding_side = "left"
+    batch = texts(12, seed=3)
+    expected = ref(batch, padding=True)
+    got = ours(batch)
+    assert got["input_ids"].tolist() == expected["input_ids"]
+    assert got["attention_mask"].tolist() == expected["attention_mask"]
+    lengths = got["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # rows of different lengths really were padded
+    assert (got["attention_mask"][lengths > 0, -1] == 1).all()  # every non-empty row ends with a real token
+
+
+def test_decode_matches_transformers(pair):
+    _, ref, ours = pair
+    rng = random.Random(1)
+    for text in texts(60, seed=2):
+        ids = ref.encode(text)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), text
+    for _ in range(50):  # arbitrary id runs: split characters, specials mid-text
+        ids = [rng.randrange(len(ref)) for _ in range(rng.randrange(1, 20))]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), ids
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_chat_template_matches_transformers(pair, generation_prompt):
+    _, ref, ours = pair
+    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[1:2]):
+        expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == expected
+        ids = ref.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=generation_prompt)
+        assert ours.encode_chat(messages, add_generation_prompt=generation_prompt) == list(ids)
+
+
+def test_template_refusal_names_the_template_file(tmp_path):
+    folder = sentencepiece_folder(tmp_path / "spm")
+    ours = LMTokenizer.from_folder(folder)
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ChatTemplateError, match="chat_template.jinja.*roles must alternate"):
+        ours.apply_chat_template(two_users)
+    with pytest.raises(Exception, match="roles must alternate"):  # transformers refuses it too
+        transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(two_users, tokenize=False)
+
+
+def test_template_runs_sandboxed(tmp_path):
+    folder = chatml_folder(tmp_path / "chatml")
+    (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ChatTemplateError, match="chat_template.jinja"):
+        LMTokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "x"}])
+    (folder / "chat_template.jinja").write_text("{% set ns = namespace(_x=1) %}{{ ns }}")
+    with pytest.raises(ChatTemplateError, match="_x"):
+        LMTokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_template_sources_in_order(tmp_path):
+    """``chat_template.jinja`` (transformers 5) wins over ``chat_template.json`` over
+    ``tokenizer_config.json``'s ``chat_template`` (a string or a list of named templates)."""
+    folder = chatml_folder(tmp_path / "chatml")
+    messages = [{"role": "user", "content": "hi"}]
+    expected = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False,
+                                                                                       add_generation_prompt=True)
+    (folder / "chat_template.jinja").unlink()
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for value in (CHATML_TEMPLATE, [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": CHATML_TEMPLATE}]):
+        config_file.write_text(json.dumps({**config, "chat_template": value}))
+        assert LMTokenizer.from_folder(folder).apply_chat_template(messages) == expected
+        assert transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True) == expected
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": "JSON {{ messages[0].content }}"}))
+    assert LMTokenizer.from_folder(folder).apply_chat_template(messages) == "JSON hi"
+    (folder / "chat_template.jinja").write_text("JINJA {{ messages[0].content }}")
+    assert LMTokenizer.from_folder(folder).apply_chat_template(messages) == "JINJA hi"
+
+
+def test_generation_tag_and_tojson_render_as_transformers(tmp_path):
+    folder = chatml_folder(tmp_path / "chatml")
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<A>{{ m.content }}</A>"
+                "{% endgeneration %}{% else %}{{ m | tojson }}{% endif %}{% endfor %}{{ tools | tojson(indent=1) }}")
+    (folder / "chat_template.jinja").write_text(template)
+    tools = [{"name": "lookup", "description": "finds <things> & 'stuff' café"}]
+    expected = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(CONVERSATION[:3], tools=tools,
+                                                                                       tokenize=False)
+    assert LMTokenizer.from_folder(folder).apply_chat_template(CONVERSATION[:3], add_generation_prompt=False,
+                                                               tools=tools) == expected
+
+
+def test_config_flags_and_added_specials_match_transformers(tmp_path):
+    """BOS/EOS come from tokenizer.json's post-processor whatever the config's ``add_bos_token`` /
+    ``add_eos_token`` say (as in transformers 5); a named special token missing from the vocabulary
+    gets the next id, as in transformers."""
+    folder = sentencepiece_folder(tmp_path / "spm")
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "add_bos_token": False, "add_eos_token": True, "pad_token": "<pad>"}))
+    ref = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = LMTokenizer.from_folder(folder)
+    assert ours.pad_token_id == ref.pad_token_id == ours.vocab_size - 1 == len(ref) - 1
+    for text in texts(40, seed=5):
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.encode(text)[0] == ref.bos_token_id
+
+
+def test_missing_tokenizer_json_names_folder_and_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingPart, match=r"empty.*tokenizer\.json"):
+        LMTokenizer.from_folder(tmp_path / "empty")
+
+
+def test_bad_files_are_named(tmp_path):
+    folder = chatml_folder(tmp_path / "chatml")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}never closed")
+    with pytest.raises(VlkitError, match=r"chat_template\.jinja.*not valid jinja"):
+        LMTokenizer.from_folder(folder)
+    (folder / "chat_template.jinja").unlink()
+    (folder / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(VlkitError, match=r"tokenizer_config\.json.*malformed JSON"):
+        LMTokenizer.from_folder(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": 7}))
+    with pytest.raises(VlkitError, match=r"tokenizer_config\.json.*eos_token"):
+        LMTokenizer.from_folder(folder)
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(VlkitError, match=r"tokenizer\.json.*not a readable"):
+        LMTokenizer.from_folder(folder)
+
+
+def test_chat_without_template_or_messages_is_refused(tmp_path):
+    folder = chatml_folder(tmp_path / "chatml")
+    with pytest.raises(VlkitError, match="non-empty list of messages"):
+        LMTokenizer.from_folder(folder).apply_chat_template([])
+    (folder / "chat_template.jinja").unlink()
+    with pytest.raises(MissingPart, match=r"chatml.*no chat template"):
+        LMTokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}])
