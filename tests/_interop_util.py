@@ -76,3 +76,24 @@ def siglip_unigram(folder: Path, vocab_size: int = 300, corpus=CORPUS) -> Tokeni
         "unk_token": "<unk>",
     }))
     return tok
+
+
+def tiny_clip_folder(folder: Path, seed: int = 0, tokenizer: bool = True, processor: bool = True) -> Path:
+    """A vlkit CLIP checkpoint folder, a few kB, that both the transformers and the OpenCLIP
+    layouts can express (no conv stem, pooling at the highest token id)."""
+    from vlkit.models.clip import CLIP, CLIPConfig
+    from vlkit.text.encoder import TextConfig
+    from vlkit.text.tokenizer import word_level
+    from vlkit.train.checkpoint import save_model
+    from vlkit.vision.preprocess import ImageProcessor
+    from vlkit.vision.vit import ViTConfig
+
+    tok = word_level({"a", "red", "blue", "green", "circle", "star", "square"}, 16)
+    cfg = CLIPConfig(vision=ViTConfig(image_size=32, patch_size=8, width=16, depth=1, num_heads=2),
+                     text=TextConfig(vocab_size=tok.vocab_size, context_length=16, width=16, depth=1, num_heads=2), embed_dim=8)
+    torch.manual_seed(seed)
+    model = CLIP(cfg)
+    model.tokenizer = tok if tokenizer else None
+    model.processor = ImageProcessor(size=32, crop_size=32) if processor else None
+    save_model(Path(folder), model, "clip")
+    return Path(folder)

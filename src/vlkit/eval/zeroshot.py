@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlkit.errors import VlkitError
 from vlkit.eval.embed import embed_texts
 
 
 def classifier_weights(model, classnames: list[str], templates: list[str], precision: str = "fp32") -> torch.Tensor:
     """``[C, D]``: per class, the mean of its normalised prompt embeddings, renormalised."""
+    if not classnames or not templates:
+        raise VlkitError(f"zero-shot needs at least one class name and one template, got {len(classnames)} and {len(templates)}")
     prompts = [t.format(c=c) for c in classnames for t in templates]
     feats = embed_texts(model, prompts, precision=precision).view(len(classnames), len(templates), -1)
     return F.normalize(feats.mean(dim=1), dim=-1)
@@ -17,6 +20,10 @@ def classifier_weights(model, classnames: list[str], templates: list[str], preci
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
     """Top-1, top-5, mean per-class recall and the confusion matrix (rows = true class)."""
+    if labels.numel() == 0:
+        raise VlkitError("classification metrics need at least one labelled image, got none")
+    if logits.shape != (labels.shape[0], num_classes):
+        raise VlkitError(f"logits of shape {tuple(logits.shape)}; expected {(labels.shape[0], num_classes)} (images × classes)")
     k = min(5, num_classes)
     topk = logits.topk(k, dim=-1).indices
     pred = topk[:, 0]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from vlkit.errors import Missing
 from vlkit.interop.weights import CheckpointError, WeightReader
 from vlkit.nn.mlp import ACTIVATIONS
 from vlkit.text.tokenizer import Tokenizer
@@ -93,10 +94,12 @@ def _token_text(value) -> str | None:
 
 def attach_tokenizer(model, folder: Path, context_length: int) -> None:
     """``tokenizer.json`` (with the pad token from ``tokenizer_config.json``), padded and
-    truncated to ``context_length`` as the reference pipelines do."""
+    truncated to ``context_length`` as the reference pipelines do; without it a
+    :class:`~vlkit.errors.Missing` tokenizer that names the file at first use."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         warnings.warn(f"{folder}: no tokenizer.json; the model loads without a tokenizer (encode_text needs ids)", stacklevel=3)
+        model.tokenizer = Missing(folder, "tokenizer.json", "tokenizer")
         return
     try:
         tok = HFTokenizer.from_file(str(path))
@@ -115,7 +118,8 @@ def attach_tokenizer(model, folder: Path, context_length: int) -> None:
 
 
 def attach_processor(model, folder: Path, fallback: ImageProcessor | None = None) -> None:
-    """``preprocessor_config.json`` (transparency onto white, as transformers does), else ``fallback``."""
+    """``preprocessor_config.json`` (transparency onto white, as transformers does), else ``fallback``,
+    else a :class:`~vlkit.errors.Missing` processor that names the file at first use."""
     path = folder / "preprocessor_config.json"
     if path.is_file():
         model.processor = ImageProcessor.from_hf(read_json(path))
@@ -124,6 +128,7 @@ def attach_processor(model, folder: Path, fallback: ImageProcessor | None = None
         model.processor = fallback
     else:
         warnings.warn(f"{folder}: no preprocessor_config.json; the model loads without image preprocessing", stacklevel=3)
+        model.processor = Missing(folder, "preprocessor_config.json", "image preprocessing")
 
 
 __all__ = ["CheckpointError", "read_json", "open_weights", "section", "activation", "mlp_ratio", "require"]

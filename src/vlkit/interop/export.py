@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vlkit.errors import VlkitError
+from vlkit.files import atomic_folder
 from vlkit.interop import hf_clip, hf_dinov2, hf_siglip, open_clip
 from vlkit.interop import keymap as km
 from vlkit.models.clip import CLIP
@@ -183,7 +185,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _write_tokenizer(model, dst: Path) -> None:
     """``tokenizer.json`` plus a ``tokenizer_config.json`` that transformers' fast tokenizer reads."""
     tok = getattr(model, "tokenizer", None)
-    if tok is None:
+    if not tok:  # None, or a Missing part of the source folder: the export has none either
         return
     tok.save(dst / "tokenizer.json")
     pad_id = tok.tok.padding["pad_id"] if tok.tok.padding else None
@@ -192,18 +194,37 @@ def _write_tokenizer(model, dst: Path) -> None:
                                                 "pad_token": pad, "padding_side": "right"})
 
 
-def to_hf(model, dst: str | Path) -> Path:
-    """Write a transformers folder: ``config.json``, ``model.safetensors``, tokenizer and preprocessing."""
-    config, rules, extra, processor_class = hf_layout(model)
+def _write_folder(dst: str | Path, overwrite: bool, write) -> Path:
+    """Write ``dst`` whole (see :func:`vlkit.files.atomic_folder`): a replaced export leaves no
+    stale file behind for a loader to pick up, and a failed one leaves the old folder as it was."""
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    state = {**km.export_state(model, rules, "transformers"), **extra}
-    _write_weights(dst / "model.safetensors", state)
-    _write_json(dst / "config.json", {**config, "dtype": "float32"})
-    _write_tokenizer(model, dst)
-    if getattr(model, "processor", None) is not None and processor_class:
-        _write_json(dst / "preprocessor_config.json", {"image_processor_type": processor_class, **model.processor.to_hf()})
+    if dst.exists() and not dst.is_dir():
+        raise VlkitError(f"{dst}: is a file; expected a folder to export into")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise VlkitError(f"{dst}: exists and is not empty; pass overwrite=True (vlkit convert --force) to replace it")
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir()
+        write(tmp)
+
+    atomic_folder(dst, fill)
     return dst
+
+
+def to_hf(model, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write a transformers folder: ``config.json``, ``model.safetensors``, tokenizer and
+    preprocessing. ``overwrite`` replaces a non-empty ``dst`` whole."""
+    config, rules, extra, processor_class = hf_layout(model)
+    state = {**km.export_state(model, rules, "transformers"), **extra}
+
+    def write(folder: Path) -> None:
+        _write_weights(folder / "model.safetensors", state)
+        _write_json(folder / "config.json", {**config, "dtype": "float32"})
+        _write_tokenizer(model, folder)
+        if getattr(model, "processor", None) and processor_class:
+            _write_json(folder / "preprocessor_config.json", {"image_processor_type": processor_class, **model.processor.to_hf()})
+
+    return _write_folder(dst, overwrite, write)
 
 
 def open_clip_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor]]:
@@ -252,7 +273,7 @@ def open_clip_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor
         model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
     config = {"model_cfg": model_cfg}
     p = getattr(model, "processor", None)
-    if p is not None:
+    if p:
         interpolation = {v_: k for k, v_ in open_clip.RESAMPLE.items()}.get(p.resample)
         shortest = p.resize_mode == "shortest_edge" and p.crop_size == p.size
         exact = p.resize_mode == "exact" and p.crop_size in (None, p.size)
@@ -263,15 +284,18 @@ def open_clip_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor
     return config, rules, extra
 
 
-def to_open_clip(model, dst: str | Path) -> Path:
-    """Write an OpenCLIP folder: ``open_clip_config.json``, ``open_clip_model.safetensors``, tokenizer."""
+def to_open_clip(model, dst: str | Path, overwrite: bool = False) -> Path:
+    """Write an OpenCLIP folder: ``open_clip_config.json``, ``open_clip_model.safetensors``,
+    tokenizer. ``overwrite`` replaces a non-empty ``dst`` whole."""
     config, rules, extra = open_clip_layout(model)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    _write_weights(dst / "open_clip_model.safetensors", {**km.export_state(model, rules, "OpenCLIP"), **extra})
-    _write_json(dst / open_clip.CONFIG, config)
-    _write_tokenizer(model, dst)
-    return dst
+    state = {**km.export_state(model, rules, "OpenCLIP"), **extra}
+
+    def write(folder: Path) -> None:
+        _write_weights(folder / "open_clip_model.safetensors", state)
+        _write_json(folder / open_clip.CONFIG, config)
+        _write_tokenizer(model, folder)
+
+    return _write_folder(dst, overwrite, write)
 
 
 EXPORTERS = {"hf": to_hf, "open_clip": to_open_clip}

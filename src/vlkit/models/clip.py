@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.errors import VlkitError
 from vlkit.losses import clip_loss, siglip_loss
+from vlkit.models.inputs import check_pixels, check_tokens
 from vlkit.text.encoder import TextConfig, TextEncoder
 from vlkit.vision.vit import ViT, ViTConfig
 
@@ -66,9 +68,11 @@ class CLIP(nn.Module):
         self.processor = None
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        check_pixels(pixel_values, self.cfg.vision.patch_size)
         return self.vision_proj(self.vision.pooled(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_tokens(input_ids, attention_mask, self.cfg.text.vocab_size)
         return self.text_proj(self.text.pooled(input_ids, attention_mask))
 
     def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,11 @@ class CLIP(nn.Module):
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Tokenise and embed strings with the attached tokenizer (normalised)."""
         if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer attached; load it with vlkit.load")
+            raise VlkitError("this model has no tokenizer attached; set model.tokenizer or load the model with vlkit.load")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise VlkitError("embed_texts got an empty list of texts; expected at least one")
         out = []
         for i in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[i : i + batch_size])

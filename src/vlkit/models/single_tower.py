@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.errors import VlkitError
 from vlkit.models.clip import _projection
+from vlkit.models.inputs import check_pixels, check_tokens
 from vlkit.text.encoder import TextConfig, TextEncoder
 from vlkit.vision.vit import ViT, ViTConfig
 
 
-class MissingTowerError(RuntimeError):
-    """Raised when a one-tower model is asked for the tower it does not have."""
+class MissingTowerError(VlkitError):
+    """Raised when a one-tower model is asked for the tower it does not have (a misuse the
+    command line reports as an error, not a traceback)."""
 
 
 @dataclass
@@ -40,6 +43,7 @@ class VisionEncoder(nn.Module):
         self.processor = None
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        check_pixels(pixel_values, self.cfg.vision.patch_size)
         return self.vision_proj(self.vision.pooled(pixel_values))
 
     def encode_text(self, *args, **kwargs) -> torch.Tensor:
@@ -71,6 +75,7 @@ class TextTower(nn.Module):
         self.processor = None
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        check_tokens(input_ids, attention_mask, self.cfg.text.vocab_size)
         return self.text_proj(self.text.pooled(input_ids, attention_mask))
 
     def encode_image(self, *args, **kwargs) -> torch.Tensor:

@@ -9,6 +9,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+from vlkit.errors import VlkitError
+
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
 
@@ -69,6 +71,13 @@ class Tokenizer:
     def __call__(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise VlkitError(f"the tokenizer takes a string or a list of strings, got a {type(texts).__name__}")
+        if not texts:
+            raise VlkitError("the tokenizer got an empty list of texts; expected at least one string")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise VlkitError(f"the tokenizer takes strings; text {bad} is a {type(texts[bad]).__name__} ({texts[bad]!r:.40})")
         enc = self.tok.encode_batch(list(texts))
         return {
             "input_ids": torch.tensor([e.ids for e in enc], dtype=torch.long),
