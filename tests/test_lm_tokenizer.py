@@ -198,3 +198,50 @@ def test_chat_without_template_or_messages_is_refused(tmp_path):
     (folder / "chat_template.jinja").unlink()
     with pytest.raises(MissingPart, match=r"chatml.*no chat template"):
         LMTokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# attach_lm_files: the tokenizer and generation defaults a loader attaches to a language model
+
+
+def _tiny_lm(vocab_size: int):
+    from vlkit.lm import LlamaConfig, LlamaLM
+
+    return LlamaLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=5))
+
+
+def test_attach_reads_tokenizer_and_generation_config(tmp_path):
+    from vlkit.interop.lm_files import attach_lm_files
+
+    folder = chatml_folder(tmp_path / "chatml")
+    lm = _tiny_lm(448)  # more rows than ids is fine (checkpoints pad the matrix)
+    attach_lm_files(lm, folder)
+    assert lm.tokenizer.encode("Hello") == transformers.AutoTokenizer.from_pretrained(folder).encode("Hello")
+    assert lm.generation_config.eos_token_id == 5 and lm.generation_config.max_length == 20  # from config, as transformers
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "do_sample": True, "top_p": 0.9,
+                                                              "transformers_version": "5.0"}))
+    attach_lm_files(lm, folder)
+    assert lm.generation_config.eos_ids == [2, 1] and lm.generation_config.do_sample and lm.generation_config.top_p == 0.9
+
+
+def test_missing_tokenizer_is_named_at_use(tmp_path):
+    from vlkit.interop.lm_files import attach_lm_files
+
+    (tmp_path / "no_tok").mkdir()
+    lm = _tiny_lm(400)
+    attach_lm_files(lm, tmp_path / "no_tok")
+    assert not lm.tokenizer
+    with pytest.raises(MissingPart, match=r"no_tok: no tokenizer\.json"):
+        lm.tokenizer.encode("hello")
+
+
+def test_vocabulary_larger_than_embedding_is_refused_whole(tmp_path):
+    from vlkit.errors import CheckpointError
+    from vlkit.interop.lm_files import attach_lm_files
+
+    folder = chatml_folder(tmp_path / "chatml")  # 400 ids
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    lm = _tiny_lm(399)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json.*vocabulary of 400.*399 rows.*config\.json"):
+        attach_lm_files(lm, folder)
+    assert not hasattr(lm, "tokenizer") and not hasattr(lm, "generation_config")  # nothing half-attached
