@@ -1,0 +1,186 @@
+"""vlkit's generation engine against transformers ``generate`` on the same tiny random Llama
+(saved by ``save_pretrained``, loaded by vlkit): greedy, beam search, EOS ids, stop strings,
+repetition penalty, n-gram ban and ``min_new_tokens`` pick the same tokens; sampling draws the
+same tokens from the same seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vlkit.interop.hf_llama import load as load_llama  # noqa: E402
+from vlkit.lm.generate import generate, generate_text  # noqa: E402
+
+from _lm_util import sentencepiece_folder  # noqa: E402
+
+PAD = 3  # not 0: transformers fills finished beams with `pad_token_id or eos`, which skips a pad id of 0
+PROMPTS = {"The quick brown fox jumps": 5, "Hello, how are you today? I am fine, thank you": 11, "café crème, naïve": 8}
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(transformers model, vlkit model, transformers tokenizer, folder) on one saved folder."""
+    folder = sentencepiece_folder(tmp_path_factory.mktemp("llama"))
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(folder)
+    ours = load_llama(folder, json.loads((folder / "config.json").read_text())).eval()
+    return ref, ours, tok, folder
+
+
+@pytest.fixture(scope="module")
+def batch(models):
+    """Three prompts of different lengths, left-padded."""
+    tok = models[2]
+    rows = [tok.encode(p)[:n] for p, n in PROMPTS.items()]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    assert len(set(map(len, rows))) == 3
+    return ids, mask
+
+
+def reference(ref, ids, mask, **kwargs) -> torch.Tensor:
+    """transformers' new tokens."""
+    kwargs.setdefault("pad_token_id", PAD)
+    out = ref.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    return out[:, ids.shape[1] :]
+
+
+def test_greedy_matches_transformers(models, batch):
+    ref, ours, _, _ = models
+    expected = reference(ref, *batch, max_new_tokens=NEW, do_sample=False)
+    got = generate(ours, *batch, max_new_tokens=NEW, pad_token_id=PAD)
+    assert got.shape == (3, NEW)
+    assert torch.equal(got, expected)
+
+
+def test_prefill_from_embeddings_gives_the_same_tokens(models, batch):
+    """A VLM prefills embeddings; with the ids alongside, the penalties see the same history."""
+    ours = models[1]
+    ids, mask = batch
+    embeds = ours.embed(ids)
+    with_ids = generate(ours, ids, mask, max_new_tokens=12, pad_token_id=PAD, repetition_penalty=1.3)
+    with_embeds = generate(ours, ids, mask, inputs_embeds=embeds, max_new_tokens=12, pad_token_id=PAD,
+                           repetition_penalty=1.3)
+    assert torch.equal(with_ids, with_embeds)
+    assert torch.equal(generate(ours, None, mask, inputs_embeds=embeds, max_new_tokens=12, pad_token_id=PAD),
+                       generate(ours, ids, mask, max_new_tokens=12, pad_token_id=PAD))
+
+
+def test_beam_search_matches_transformers(models, batch):
+    ref, ours, _, _ = models
+    for early_stopping in (False, True, "never"):
+        kwargs = dict(max_new_tokens=NEW, num_beams=4, num_return_sequences=2, length_penalty=0.6,
+                      early_stopping=early_stopping, eos_token_id=[5, 40])
+        expected = reference(ref, *batch, do_sample=False, **kwargs)
+        got = generate(ours, *batch, pad_token_id=PAD, **kwargs)
+        assert got.shape[0] == 6
+        assert torch.equal(got, expected), early_stopping
+
+
+def eos_ids_that_occur(ref, ids, mask) -> list[int]:
+    """Two token ids that greedy decoding emits early in different rows, so rows end at different steps."""
+    free = reference(ref, ids, mask, max_new_tokens=NEW, do_sample=False)
+    first, second = int(free[0, 4]), int(free[2, 9])
+    assert first != second
+    return [first, second]
+
+
+def test_eos_ends_each_row_where_transformers_does(models, batch):
+    ref, ours, _, _ = models
+    eos = eos_ids_that_occur(ref, *batch)
+    for ids in (eos, eos[:1]):
+        expected = reference(ref, *batch, max_new_tokens=NEW, do_sample=False, eos_token_id=ids)
+        got = generate(ours, *batch, max_new_tokens=NEW, eos_token_id=ids, pad_token_id=PAD)
+        assert torch.equal(got, expected)
+        assert (got == PAD).any(), "a row should have ended early"
+
+
+def test_beam_search_with_eos_that_occurs(models, batch):
+    ref, ours, _, _ = models
+    eos = eos_ids_that_occur(ref, *batch)
+    ended = False
+    for length_penalty in (1.5, -0.5):
+        kwargs = dict(max_new_tokens=NEW, num_beams=4, num_return_sequences=2, length_penalty=length_penalty,
+                      eos_token_id=eos)
+        expected = reference(ref, *batch, do_sample=False, **kwargs)
+        got = generate(ours, *batch, pad_token_id=PAD, **kwargs)
+        assert torch.equal(got, expected), length_penalty
+        ended |= bool(torch.isin(got, torch.tensor(eos)).any())
+    assert ended, "some hypotheses should end on EOS"
+
+
+def letters_inside(text: str, n: int, start: int) -> str:
+    """The first ``n`` ASCII letters in a row at or after ``start``."""
+    i = next(i for i in range(start, len(text) - n) if text[i : i + n].isascii() and text[i : i + n].isalpha())
+    return text[i : i + n]
+
+
+def test_stop_strings_end_each_row_where_transformers_does(models, batch):
+    ref, ours, tok, _ = models
+    free = reference(ref, *batch, max_new_tokens=NEW, do_sample=False)
+    # a stop string from the middle of row 0's text (spanning a token boundary), one from row 2
+    texts = [tok.decode(r, skip_special_tokens=True) for r in free.tolist()]
+    stops = [letters_inside(texts[0], 3, len(texts[0]) // 3), letters_inside(texts[2], 2, len(texts[2]) // 2)]
+    expected = reference(ref, *batch, max_new_tokens=NEW, do_sample=False, stop_strings=stops, tokenizer=tok,
+                         eos_token_id=PAD)
+    got = generate(ours, *batch, max_new_tokens=NEW, stop_strings=stops, tokenizer=tok, eos_token_id=PAD,
+                   pad_token_id=PAD)
+    assert torch.equal(got, expected)
+    texts = generate_text(ours, tok, *batch, max_new_tokens=NEW, stop_strings=stops, eos_token_id=PAD,
+                          pad_token_id=PAD)
+    for text, full in zip(texts, [tok.decode(r, skip_special_tokens=True) for r in free.tolist()]):
+        assert not any(s in text for s in stops)
+        assert full.startswith(text)
+    assert sum(len(t) for t in texts) < sum(len(tok.decode(r, skip_special_tokens=True)) for r in free.tolist())
+
+
+def test_penalties_match_transformers(models, batch):
+    ref, ours, _, _ = models
+    for kwargs in (dict(repetition_penalty=1.8), dict(repetition_penalty=0.7), dict(no_repeat_ngram_size=2),
+                   dict(min_new_tokens=10, eos_token_id=eos_ids_that_occur(ref, *batch))):
+        expected = reference(ref, *batch, max_new_tokens=NEW, do_sample=False, **kwargs)
+        got = generate(ours, *batch, max_new_tokens=NEW, pad_token_id=PAD, **kwargs)
+        assert torch.equal(got, expected), kwargs
+
+
+def test_beam_search_with_penalties_matches_transformers(models, batch):
+    ref, ours, _, _ = models
+    kwargs = dict(max_new_tokens=16, num_beams=3, num_return_sequences=3, repetition_penalty=1.4,
+                  no_repeat_ngram_size=3)
+    assert torch.equal(generate(ours, *batch, pad_token_id=PAD, **kwargs),
+                       reference(ref, *batch, do_sample=False, **kwargs))
+
+
+def test_sampling_draws_what_transformers_draws_from_the_same_seed(models, batch):
+    """Without a generator both draw from torch's global one: the same seed, the same tokens."""
+    ref, ours, _, _ = models
+    kwargs = dict(max_new_tokens=NEW, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05,
+                  repetition_penalty=1.1, num_return_sequences=2)
+    torch.manual_seed(123)
+    expected = reference(ref, *batch, **kwargs)
+    torch.manual_seed(123)
+    got = generate(ours, *batch, pad_token_id=PAD, **kwargs)
+    assert got.shape == (6, NEW)
+    assert torch.equal(got, expected)
+
+
+def test_the_same_generator_seed_gives_the_same_samples(models, batch):
+    ours = models[1]
+    draw = lambda seed: generate(ours, *batch, max_new_tokens=NEW, pad_token_id=PAD, do_sample=True,  # noqa: E731
+                                 temperature=1.5, generator=torch.Generator().manual_seed(seed))
+    first = draw(7)
+    assert torch.equal(first, draw(7))
+    assert not torch.equal(first, draw(8))
