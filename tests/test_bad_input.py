@@ -159,10 +159,12 @@ def record(image: str = "img/0.png", captions=GOOD_CAPTIONS) -> str:
 
 BAD_RECORDS = {
     "malformed-json": ('{"image": "img/0.png", "captions": ["a red', "malformed JSON"),
-    "not-a-record": ('["img/0.png", "a red square"]', 'expected {"image": str'),
-    "captions-not-a-list": (json.dumps({"image": "img/0.png", "captions": "a red square"}), 'expected {"image": str'),
-    "empty-caption-list": (record(captions=[]), "no non-empty caption"),
-    "empty-string-captions": (record(captions=["", "   "]), "no non-empty caption"),
+    "not-a-record": ('["img/0.png", "a red square"]', r'a JSON list; expected \{"image": path'),
+    "captions-not-a-list": (json.dumps({"image": "img/0.png", "captions": "a red square"}), "'captions' is 'a red square'; expected a non-empty list"),
+    "empty-caption-list": (record(captions=[]), "'captions' is \\[\\]; expected a non-empty list"),
+    "empty-string-captions": (record(captions=["", "   "]), "caption 0 is ''; expected a non-blank string"),
+    "caption-not-a-string": (record(captions=["a red square", 7]), "caption 1 is 7; expected a non-blank string"),
+    "image-not-a-string": (json.dumps({"image": 3, "captions": ["a"]}), "image path 3; expected a file path"),
     "over-long-caption": (record(captions=["a red square", "word " * 300]), "1500 characters exceeds 1000"),
     "missing-image": (record(image="img/missing.png"), "file not found"),
     "corrupt-image": (record(image="img/corrupt.png"), "corrupt"),
@@ -180,9 +182,12 @@ def test_bad_record_names_file_line_and_problem(tmp_path, name):
     for index in (1, 1 + len(folder)):  # every epoch, whichever caption it would pick
         with pytest.raises(BadSample, match=problem) as info:
             folder[index]
-        where = info.value.where
-        image_problem = name in ("missing-image", "corrupt-image")
-        assert where == (str(root / json.loads(line)["image"]) if image_problem else f"{root / 'captions.jsonl'}:2")
+        err = info.value
+        if name in ("missing-image", "corrupt-image"):
+            assert (err.where, err.record) == (str(root / json.loads(line)["image"]), "")
+        else:
+            assert (err.where, err.record) == (str(root / "captions.jsonl"), "line 2")
+            assert str(err).startswith(f"{root / 'captions.jsonl'}, line 2: ")
 
 
 def test_missing_captions_file_is_named(tmp_path):
@@ -196,13 +201,15 @@ def test_skipping_dataset_and_collate_skip_and_report_bad_samples(tmp_path):
     dataset = SkippingDataset(CaptionFolder(root, PROCESSOR))
     items = [dataset[i] for i in range(len(dataset))]
     assert [isinstance(it, Skipped) for it in items] == [False, True, False, True]
-    assert "captions.jsonl:2: malformed JSON" in items[1].reason
+    assert "captions.jsonl, line 2: malformed JSON" in items[1].reason
+    assert (items[1].skip.record, items[1].skip.reason) == ("line 2", "bad record")
     batch = Collate(word_level(["a", "red", "blue", "square", "circle"], 16))(items)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape[0] == 2
-    assert len(batch["skipped"]) == 2 and "missing.png: file not found" in batch["skipped"][1]
+    assert len(batch["skipped"]) == 2 and str(batch["skipped"][1]).endswith("missing.png: file not found")
+    assert batch["skipped"][1].source == str(root / "img" / "missing.png") and batch["skipped"][1].reason == "bad image"
     only_bad = Collate(word_level(["a"], 16))([items[1], items[3]])
-    assert only_bad == {"skipped": [items[1].reason, items[3].reason]}
+    assert only_bad == {"skipped": [items[1].skip, items[3].skip]}
 
 
 # --- end to end: train_clip on a folder with bad records --------------------------------------
@@ -247,7 +254,7 @@ def test_train_clip_skips_and_counts_bad_samples(tmp_path, folder_with_bad_recor
 def test_train_clip_stops_at_the_first_bad_sample_by_default(tmp_path, folder_with_bad_records):
     with pytest.raises(BadSample) as info:
         train_clip(tiny_recipe(folder_with_bad_records, "error"), tmp_path / "run")
-    index = folder_with_bad_records / "captions.jsonl"
-    bad_lines = {f"{index}:4", f"{index}:8", str(folder_with_bad_records / "img" / "missing.png")}
-    assert info.value.where in bad_lines
-    assert str(info.value).startswith(info.value.where + ": ")
+    index = str(folder_with_bad_records / "captions.jsonl")
+    bad = {(index, "line 4"), (index, "line 8"), (str(folder_with_bad_records / "img" / "missing.png"), "")}
+    assert (info.value.where, info.value.record) in bad
+    assert str(info.value).startswith(info.value.where)

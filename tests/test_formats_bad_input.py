@@ -51,7 +51,7 @@ def test_llava_errors(tmp_path):
     with pytest.raises(FormatError, match=r"record 0 \(id 'a'\): 0 '<image>' placeholders"):
         read_llava(p)
     p.write_text(json.dumps([{"id": "a", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "yo"}]}]))
-    with pytest.raises(FormatError, match=r"turn 0: expected \{'from': 'human'"):
+    with pytest.raises(FormatError, match=r"turn 0 is .*; expected \{'from': 'human'"):
         read_llava(p)
 
 
@@ -88,7 +88,9 @@ def test_shards_skip_and_count_bad_samples(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    stream = ShardStream(tmp_path / "shards", shuffle=0)
+    with pytest.raises(BadSample, match=r"shapes-999999\.tar, key x1: corrupt or truncated image"):
+        list(ShardStream(tmp_path / "shards", shuffle=0))
+    stream = ShardStream(tmp_path / "shards", shuffle=0, on_bad_sample="skip")
     got = list(stream)
     assert len(got) == 4
     assert stream.skips.counts == {"corrupt image": 1, "malformed json": 1}

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from vlkit.data.formats.coco import read_karpathy
+from vlkit.data.formats.common import FormatError
 from vlkit.data.formats.imagefolder import read_imagefolder
 from vlkit.data.formats.llava import read_llava
 from vlkit.data.formats.refcoco import read_refcoco
@@ -37,7 +38,8 @@ def test_coco_karpathy(exported):
     for i, r in enumerate(recs):
         assert r.captions == [c.text for c in WORLD.scene(i).captions]
         assert load_image(r.image).tobytes() == WORLD.scene(i).render().tobytes()
-    assert read_karpathy(folder / "captions_karpathy.json", split="train") == []
+    with pytest.raises(FormatError, match=r"captions_karpathy\.json: no records; expected records of split \['train'\] \(it has \['test'\]\)"):
+        read_karpathy(folder / "captions_karpathy.json", split="train")
     raw = json.loads((folder / "captions_karpathy.json").read_text())
     assert raw["images"][0]["sentences"][0]["tokens"] and raw["images"][0]["filepath"] == "images"
 
@@ -73,7 +75,8 @@ def test_refcoco(exported):
     for i in range(N):
         for r in WORLD.scene(i).referring:
             assert by_text[(i, r["text"])] == pytest.approx(tuple(r["box"]), abs=0.02)
-    assert read_refcoco(folder, split="val") == []
+    with pytest.raises(FormatError, match=r"refs\.json: no records; expected refs of split 'val' \(it has \['test'\]\)"):
+        read_refcoco(folder, split="val")
 
 
 def test_imagefolder(exported):
@@ -129,7 +132,7 @@ def test_pack_from_coco_counts_missing_images(exported, tmp_path):
 
     shutil.copytree(folder, src)
     (src / "images" / "shapes_000000000003.png").unlink()
-    summary = pack(src, tmp_path / "shards", maxcount=5)
+    summary = pack(src, tmp_path / "shards", maxcount=5, on_bad_sample="skip")
     assert summary["samples"] == N - 1 and summary["skipped"]["by_reason"] == {"missing image": 1}
     got = list(ShardStream(tmp_path / "shards", shuffle=0))
     assert sorted(s["json"]["id"] for s in got) == [i for i in range(N) if i != 3]

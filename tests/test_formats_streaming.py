@@ -176,14 +176,14 @@ def exported(tmp_path_factory):
 
 def test_streaming_readers_equal_list_readers(exported):
     coco, vqa = exported / "coco" / "captions_karpathy.json", exported / "vqav2"
-    for split in (None, "test", ("train", "restval")):
+    for split in (None, "test", ("test", "restval")):
         assert list(iter_karpathy(coco, split)) == read_karpathy(coco, split)
     assert len(read_karpathy(coco)) == N
     pairs = (vqa / "questions.json", vqa / "annotations.json")
     assert list(iter_vqav2(*pairs)) == read_vqav2(*pairs) and len(read_vqav2(*pairs)) == sum(len(WORLD.scene(i).vqa) for i in range(N))
     assert list(iter_vqav2(pairs[0])) == read_vqav2(pairs[0])
     assert list(iter_llava(exported / "llava" / "conversations.json")) == read_llava(exported / "llava" / "conversations.json")
-    for split in (None, "test", "val"):
+    for split in (None, "test"):
         assert list(iter_refcoco(exported / "refcoco", split)) == read_refcoco(exported / "refcoco", split)
     assert read_refcoco(exported / "refcoco")
 
@@ -212,7 +212,7 @@ def test_vqav2_streams_annotations_in_their_order(exported, tmp_path):
     assert recs == read_vqav2(vqa / "questions.json", vqa / "annotations.json")[::-1]
     anns["annotations"].append({"question_id": 10**9, "answers": [{"answer": "x"}]})
     _write(tmp_path / "annotations.json", json.dumps(anns))
-    with pytest.raises(FormatError, match=r"annotations\.json: annotations for question_id \[1000000000\] not in"):
+    with pytest.raises(FormatError, match=r"annotations\.json, annotations\[64\]: question_id 1000000000 is not in .*questions\.json"):
         read_vqav2(vqa / "questions.json", tmp_path / "annotations.json")
 
 
@@ -259,7 +259,7 @@ def shard_dir(tmp_path_factory):
 
 
 def _read(shard_dir, **kw):
-    stream = ShardStream(shard_dir, shuffle=4, seed=1, **kw)
+    stream = ShardStream(shard_dir, shuffle=4, seed=1, on_bad_sample="skip", **kw)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, collate_fn=_tag)
     return list(loader), stream.skips
 
@@ -284,7 +284,7 @@ def test_shards_split_by_rank_and_worker_see_each_sample_once(shard_dir, monkeyp
 
 def test_set_epoch_reshuffles_reproducibly(shard_dir):
     def order(epoch):
-        stream = ShardStream(shard_dir, shuffle=20, seed=1)
+        stream = ShardStream(shard_dir, shuffle=20, seed=1, on_bad_sample="skip")
         stream.set_epoch(epoch)
         return [s["json"]["id"] for s in stream]
 
@@ -302,7 +302,7 @@ def test_more_ranks_than_shards_is_refused_clearly(shard_dir, monkeypatch):
 
 
 def test_shards_resampled_through_workers(shard_dir):
-    stream = ShardStream(shard_dir, shuffle=4, resample=True)
+    stream = ShardStream(shard_dir, shuffle=4, resample=True, on_bad_sample="skip")
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, collate_fn=_tag)
     got = []
     for sample in loader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -14,12 +15,17 @@ MAX_PIXELS = 64_000_000
 
 
 class BadSample(VlkitError):
-    """A sample that cannot be used; the message names the file or record and the problem."""
+    """A sample that cannot be used; the message names the file (``where``), the record in it
+    when there is one (``record``: "line 3", "images[4]") and the problem."""
 
-    def __init__(self, where: str, problem: str):
-        super().__init__(f"{where}: {problem}")
+    def __init__(self, where: str, problem: str | None = None, record: str = ""):
+        if problem is None:  # rebuilt from its message alone, as a DataLoader worker's error is
+            super().__init__(where)
+        else:
+            super().__init__(f"{where}, {record}: {problem}" if record else f"{where}: {problem}")
         self.where = where
-        self.problem = problem
+        self.record = record
+        self.problem = problem if problem is not None else where
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -44,24 +50,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and convert an image to RGB, or raise :class:`BadSample`."""
+    """Open, fully decode and convert an image file to RGB, or raise :class:`BadSample`."""
     path = Path(path)
     if not path.is_file():
         raise BadSample(str(path), "file not found")
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(source: Path | bytes, where: str, max_pixels: int = MAX_PIXELS, record: str = "") -> Image.Image:
+    """Fully decode an image file or its bytes to RGB, or raise :class:`BadSample` naming
+    ``where`` (and ``record``): the one place images from files, TSV fields and shards are
+    decoded. Sizes are checked from the header, before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 w, h = img.size
                 if w == 0 or h == 0:
-                    raise BadSample(str(path), f"zero-size image ({w}x{h})")
+                    raise BadSample(where, f"zero-size image ({w}x{h})", record)
                 if w * h > max_pixels:
-                    raise BadSample(str(path), f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+                    raise BadSample(where, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}", record)
                 img.load()
                 return to_rgb(img)
     except BadSample:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadSample(str(path), f"refused as a decompression bomb ({err})") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadSample(str(path), f"corrupt or truncated image ({err})") from None
+        raise BadSample(where, f"refused as a decompression bomb ({err})", record) from None
+    except Exception as err:  # noqa: BLE001 - any failure to decode untrusted bytes means the image is unusable
+        raise BadSample(where, f"corrupt or truncated image ({type(err).__name__}: {err})", record) from None

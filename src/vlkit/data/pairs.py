@@ -10,8 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vlkit.data.formats.captions import CAPTIONS, INDEX, caption_record
+from vlkit.data.formats.coco import CaptionRecord
+from vlkit.data.formats.common import BadRecord, no_records, read_text
 from vlkit.data.images import BadSample, load_image
 from vlkit.data.shapes import ShapesWorld
+from vlkit.data.skips import Skip
+from vlkit.errors import VlkitError
 from vlkit.vision.preprocess import ImageProcessor
 
 
@@ -46,56 +51,72 @@ class ShapesPairs(Dataset):
 class CaptionFolder(Dataset):
     """A folder with ``captions.jsonl`` lines ``{"image": path, "captions": [...]}``.
 
-    Bad records raise :class:`BadSample` naming the file and line; the collate function can
-    skip and count them instead.
+    Records are checked when read (:func:`~vlkit.data.formats.captions.caption_record`): a bad
+    one raises :class:`BadSample` naming the file and line (or the image file), which
+    :class:`SkippingDataset` turns into a skip under ``on_bad_sample="skip"``. Blank lines are
+    not records; a file with none, or text that is not UTF-8, raises at once.
     """
 
     root: Path
     processor: ImageProcessor
     max_caption_chars: int = 1000
+    allow_outside_paths: bool = False
 
     def __post_init__(self):
         self.root = Path(self.root)
-        index = self.root / "captions.jsonl"
-        if not index.is_file():
-            raise FileNotFoundError(f"{index}: missing; expected lines of {{\"image\": path, \"captions\": [...]}}")
-        self.records = index.read_text().splitlines()
-        self.index = index
+        self.index = self.root / INDEX
+        lines = read_text(self.index, CAPTIONS).split("\n")
+        self.lines = [n for n, line in enumerate(lines, 1) if line.strip()]
+        self.records = [lines[n - 1] for n in self.lines]
+        if not self.records:
+            raise no_records(self.index, CAPTIONS)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> list[tuple[torch.Tensor, str]]:
-        """Record ``i mod len``; the epoch ``i // len`` picks which of its captions to use."""
-        epoch, i = divmod(i, len(self.records))
-        where = f"{self.index}:{i + 1}"
+    def record(self, i: int) -> CaptionRecord:
+        """Record ``i`` parsed and checked."""
+        source, line = self.index, self.lines[i]
         try:
             rec = json.loads(self.records[i])
         except json.JSONDecodeError as err:
-            raise BadSample(where, f"malformed JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("captions"), list):
-            raise BadSample(where, 'expected {"image": str, "captions": [str, ...]}')
-        captions = [c for c in rec["captions"] if isinstance(c, str) and c.strip()]
-        if not captions:
-            raise BadSample(where, "no non-empty caption")
-        longest = max(len(c) for c in captions)
+            raise BadRecord(str(source), f"malformed JSON ({err.msg}); expected {CAPTIONS}", f"line {line}") from None
+        except RecursionError:
+            raise BadRecord(str(source), f"JSON nested too deeply; expected {CAPTIONS}", f"line {line}") from None
+        r = caption_record(rec, source, line, self.root, self.allow_outside_paths)
+        longest = max(len(c) for c in r.captions)
         if longest > self.max_caption_chars:
-            raise BadSample(where, f"caption of {longest} characters exceeds {self.max_caption_chars}")
+            raise BadRecord(str(source), f"caption of {longest} characters exceeds {self.max_caption_chars}", f"line {line}")
+        return r
+
+    def __getitem__(self, i: int) -> list[tuple[torch.Tensor, str]]:
+        """Record ``i mod len``; the epoch ``i // len`` picks which of its captions to use."""
+        epoch, i = divmod(i, len(self.records))
+        r = self.record(i)
         rng = np.random.default_rng([i, epoch])
-        caption = captions[int(rng.integers(len(captions)))]
-        image = load_image(self.root / rec["image"])
-        return [(self.processor(image), caption)]
+        caption = r.captions[int(rng.integers(len(r.captions)))]
+        image = load_image(r.image)
+        try:
+            pixels = self.processor(image)
+        except VlkitError as err:
+            raise BadSample(str(r.image), str(err)) from None
+        return [(pixels, caption)]
 
 
 class Skipped:
-    """Stands in for a bad sample that was skipped; carries the reason for the report."""
+    """Stands in for a bad sample that was skipped; carries its :class:`~vlkit.data.skips.Skip`."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, skip: Skip):
+        self.skip = skip
+
+    @property
+    def reason(self) -> str:
+        return str(self.skip)
 
 
 class SkippingDataset(Dataset):
-    """Wraps a dataset so that a :class:`BadSample` becomes a :class:`Skipped` marker."""
+    """Wraps a dataset so that a :class:`BadSample` becomes a :class:`Skipped` marker (the
+    ``on_bad_sample="skip"`` rule applied where the sample is read, in a DataLoader worker)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -107,18 +128,19 @@ class SkippingDataset(Dataset):
         try:
             return self.dataset[i]
         except BadSample as err:
-            return Skipped(str(err))
+            return Skipped(Skip(err.where, err.record, "bad image" if not isinstance(err, BadRecord) else "bad record", err.problem))
 
 
 class Collate:
     """Flattens items into ``pixel_values`` and tokenised captions; skipped samples are left
-    out and listed in ``batch["skipped"]`` so the trainer can count and report them."""
+    out and listed in ``batch["skipped"]`` (their :class:`~vlkit.data.skips.Skip` records) so
+    the trainer can count and report them (``Skips.extend``)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, items: list) -> dict:
-        skipped = [it.reason for it in items if isinstance(it, Skipped)]
+        skipped = [it.skip for it in items if isinstance(it, Skipped)]
         flat = [pair for it in items if not isinstance(it, Skipped) for pair in it]
         batch: dict = {"skipped": skipped}
         if flat:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from vlkit.data.formats.common import FormatError, check_unique, require, write_json
+from vlkit.data.formats.common import BadRecord, Skips, check_unique, has_type, image_path, no_records, optional, require, write_json
 from vlkit.data.formats.json_stream import iter_json_array
 from vlkit.eval.metrics.boxes import xywh_to_xyxy
 
@@ -43,66 +43,97 @@ INSTANCES = 'COCO instances JSON ({"images": [...], "annotations": [...]})'
 REFS = "a list of refs"
 
 
-def iter_refcoco(folder: str | Path, split: str | None = None, image_dir: str | Path | None = None) -> Iterator[RefSample]:
+def iter_refcoco(folder: str | Path, split: str | None = None, image_dir: str | Path | None = None,
+                 skips: Skips | None = None, allow_outside_paths: bool = False) -> Iterator[RefSample]:  # fmt: skip
     """One sample per sentence; ``split`` keeps refs of that split ("val", "testA", ...).
 
     ``instances.json`` (COCO's, hundreds of MB with its masks) is streamed twice, keeping
     each image's name and size and each annotation's image and box; ``refs.json`` is
-    streamed. Duplicate sample ids are reported once the refs are read."""
+    streamed. A bad image, annotation or ref raises :class:`BadRecord`, or is skipped under
+    ``skips`` (with the refs that need it). Duplicate sample ids, and no sample at all, are
+    reported once the refs are read."""
     folder = Path(folder)
     inst_path, refs_path = folder / "instances.json", folder / "refs.json"
-    images = _images(inst_path)
-    anns = _boxes(inst_path)
+    skips = skips if skips is not None else Skips()
     root = Path(image_dir) if image_dir is not None else folder / "images"
-    ids = []
+    images = _images(inst_path, root, skips, allow_outside_paths)
+    anns = _boxes(inst_path, skips)
+    ids, present = [], set()
     for i, r in enumerate(iter_json_array(refs_path, None, REFS)):
-        where = f"{refs_path}, refs[{i}]"
-        require(r, {"ref_id": int, "ann_id": int, "sentences": list}, where)
-        if split is not None and r.get("split") != split:
+        try:
+            samples = _samples(r, refs_path, f"refs[{i}]", split, images, anns, inst_path, present)
+        except BadRecord as err:
+            skips.reject(err, "bad record")
             continue
-        if r["ann_id"] not in anns:
-            raise FormatError(f"{where}: ann_id {r['ann_id']} not in {inst_path}")
-        image_id, box = anns[r["ann_id"]]
-        if image_id not in images:
-            raise FormatError(f"{inst_path}: annotation {r['ann_id']} names image_id {image_id}, which is not in 'images'")
-        file_name, width, height = images[image_id]
-        for j, s in enumerate(r["sentences"]):
-            if not isinstance(s, dict) or not isinstance(s.get("sent"), str):
-                raise FormatError(f"{where}.sentences[{j}]: expected {{'sent': str, 'sent_id': int}}")
-            sample = RefSample(f"{r['ref_id']}:{s.get('sent_id', j)}", r["ref_id"], image_id, root / file_name, s["sent"], box,
-                               width, height, r.get("split", "test"))  # fmt: skip
+        for sample in samples:
             ids.append(sample.id)
             yield sample
     check_unique(ids, "ref_id:sent_id", str(refs_path))
+    if not ids:
+        raise no_records(refs_path, REFS if split is None else f"refs of split {split!r} (it has {sorted(present)})", skips)
 
 
-def read_refcoco(folder: str | Path, split: str | None = None, image_dir: str | Path | None = None) -> list[RefSample]:
+def read_refcoco(folder: str | Path, split: str | None = None, image_dir: str | Path | None = None,
+                 skips: Skips | None = None, allow_outside_paths: bool = False) -> list[RefSample]:  # fmt: skip
     """All samples of :func:`iter_refcoco` as a list."""
-    return list(iter_refcoco(folder, split, image_dir))
+    return list(iter_refcoco(folder, split, image_dir, skips, allow_outside_paths))
 
 
-def _images(path: Path) -> dict[int, tuple[str, int, int]]:
-    """``image id -> (file name, width, height)`` from the instances' images, checked."""
+def _samples(r, path: Path, record: str, split: str | None, images: dict, anns: dict, inst_path: Path, present: set) -> list[RefSample]:
+    """The samples of one ref (one per sentence), checked; none when it is of another split
+    (``present`` collects the splits seen)."""
+    require(r, {"ref_id": int, "ann_id": int, "sentences": list}, path, record)
+    ref_split = optional(r, "split", str, "test", path, record)
+    present.add(ref_split)
+    if split is not None and ref_split != split:
+        return []
+    if r["ann_id"] not in anns:
+        raise BadRecord(str(path), f"ann_id {r['ann_id']} is not an annotation of {inst_path}", record)
+    image_id, box = anns[r["ann_id"]]
+    if image_id not in images:
+        raise BadRecord(str(path), f"its annotation {r['ann_id']} names image_id {image_id}, which is not an image of {inst_path}", record)
+    image, width, height = images[image_id]
+    out = []
+    for j, s in enumerate(r["sentences"]):
+        where = f"{record}.sentences[{j}]"
+        require(s, {"sent": str}, path, where)
+        sent_id = optional(s, "sent_id", (int, str), j, path, where)
+        out.append(RefSample(f"{r['ref_id']}:{sent_id}", r["ref_id"], image_id, image, s["sent"], box, width, height, ref_split))
+    return out
+
+
+def _images(path: Path, root: Path, skips: Skips, allow_outside: bool) -> dict[int, tuple[Path, int, int]]:
+    """``image id -> (file, width, height)`` from the instances' images, checked."""
     images = {}
     ids = []
     for i, im in enumerate(iter_json_array(path, "images", INSTANCES)):
-        require(im, {"id": int, "file_name": str}, f"{path}, images[{i}]")
-        images[im["id"]] = (im["file_name"], im.get("width", 0), im.get("height", 0))
+        record = f"images[{i}]"
+        try:
+            require(im, {"id": int, "file_name": str}, path, record)
+            size = [optional(im, k, int, 0, path, record) for k in ("width", "height")]
+            images[im["id"]] = (image_path(root, im["file_name"], path, record, allow_outside), *size)
+        except BadRecord as err:
+            skips.reject(err, "bad record")
+            continue
         ids.append(im["id"])
     check_unique(ids, "image id", str(path))
     return images
 
 
-def _boxes(path: Path) -> dict[int, tuple[int, tuple[float, float, float, float]]]:
+def _boxes(path: Path, skips: Skips) -> dict[int, tuple[int, tuple[float, float, float, float]]]:
     """``annotation id -> (image id, (x0, y0, x1, y1))``, checked; masks and the rest are dropped."""
     boxes = {}
     ids = []
     for i, a in enumerate(iter_json_array(path, "annotations", INSTANCES)):
-        where = f"{path}, annotations[{i}]"
-        require(a, {"id": int, "image_id": int, "bbox": list}, where)
-        b = a["bbox"]
-        if len(b) != 4 or not all(isinstance(v, (int, float)) for v in b) or b[2] < 0 or b[3] < 0:
-            raise FormatError(f"{where}: bbox {b!r}; expected [x, y, w, h] with w, h >= 0")
+        record = f"annotations[{i}]"
+        try:
+            require(a, {"id": int, "image_id": int, "bbox": list}, path, record)
+            b = a["bbox"]
+            if len(b) != 4 or not all(has_type(v, (int, float)) for v in b) or b[2] < 0 or b[3] < 0:
+                raise BadRecord(str(path), f"bbox {b!r:.80}; expected [x, y, w, h] of finite numbers with w, h >= 0", record)
+        except BadRecord as err:
+            skips.reject(err, "bad record")
+            continue
         boxes[a["id"]] = (a["image_id"], xywh_to_xyxy(b))
         ids.append(a["id"])
     check_unique(ids, "annotation id", str(path))

@@ -6,12 +6,16 @@ image bytes and ``{key}.json`` with its annotations (captions, VQA pairs, boxes,
 - :func:`write_shards` / :func:`pack` write shards of ``maxcount`` samples
   (``vlkit data pack SRC --out shards/``); :func:`pack` reads any vlkit-readable source
   (a COCO Karpathy JSON, a LLaVA JSON, an ImageFolder, a ``captions.jsonl`` folder),
-  copies each image's bytes unchanged and counts the samples it had to skip.
+  decodes each image to check it and stores its bytes unchanged (PNG, JPEG, WebP; other
+  types re-encoded as PNG). The output folder is written whole (an earlier pack is
+  replaced, never mixed in); bad records follow :mod:`vlkit.data.skips`, and the skipped
+  ones are listed in the pack's ``skipped.jsonl``.
 - :class:`ShardStream` streams samples with a shuffle buffer, optional resampling of
   shards (endless, for training), split by node (``torch.distributed`` rank) and by
-  DataLoader worker, and skip-and-count of bad samples (corrupt images, malformed JSON,
-  unreadable tar members) in :attr:`ShardStream.skips`: counts from the DataLoader's
-  workers add up in shared memory, so the training process sees them (each rank its own).
+  DataLoader worker. Bad samples (corrupt images, malformed JSON, unreadable tar members)
+  follow the same rule; skipped ones are counted in :attr:`ShardStream.skips`: counts from
+  the DataLoader's workers add up in shared memory, so the training process sees them
+  (each rank its own).
 """
 
 from __future__ import annotations
@@ -27,10 +31,16 @@ from typing import Iterable, Iterator
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlkit.data.formats.common import FormatError, Skips, iter_jsonl
-from vlkit.data.images import to_rgb
+from vlkit.data.formats.common import FormatError, no_records
+from vlkit.data.images import BadSample, decode_image
+from vlkit.data.skips import SKIPPED_FILE, Skip, Skips
+from vlkit.errors import VlkitError
+from vlkit.files import atomic_folder
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+PACK_MANIFEST = "pack.json"
+SOURCES = ("a Karpathy captions JSON, a LLaVA JSON, an ImageFolder (with classnames.json) or a folder with "
+           "captions.jsonl or captions_karpathy.json")  # fmt: skip
 SKIP_REASONS = ("unreadable tar member", "malformed json", "no image", "corrupt image")
 SKIP_ROWS = 65  # one row of counts for the main process and each of 64 DataLoader workers: no locks needed
 
@@ -57,7 +67,7 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, maxcount: int = 1
     return sorted(out_dir.glob(f"{prefix}-*.tar"))
 
 
-def _source_records(src: Path, skips: Skips) -> Iterator[tuple[str, Path, dict]]:
+def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tuple[str, Path, dict]]:
     """``(key, image path, annotations)`` from a dataset folder or file of a known format,
     streamed so a large JSON is never held whole."""
     if src.is_file() and src.suffix == ".json":
@@ -65,21 +75,21 @@ def _source_records(src: Path, skips: Skips) -> Iterator[tuple[str, Path, dict]]
         if top == "{":
             from vlkit.data.formats.coco import iter_karpathy
 
-            for r in iter_karpathy(src):
+            for r in iter_karpathy(src, skips=skips, allow_outside_paths=allow_outside):
                 yield f"coco-{r.id}", r.image, {"id": r.id, "captions": r.captions, "split": r.split}
             return
         if top == "[":
             from vlkit.data.formats.llava import iter_llava
 
-            for c in iter_llava(src):
+            for c in iter_llava(src, skips=skips, allow_outside_paths=allow_outside):
                 if c.image is None:
-                    skips.add("no image", f"{src}, id {c.id}")
+                    skips.add("no image", src, f"id {c.id!r}", "a conversation without an image; shards hold image samples")
                     continue
                 yield f"llava-{c.id}", c.image, {"id": c.id, "conversations": [list(t) for t in c.turns]}
             return
         raise FormatError(f"{src}: not a Karpathy captions JSON or a LLaVA conversation list")
     if src.is_dir() and (src / "captions_karpathy.json").is_file():
-        yield from _source_records(src / "captions_karpathy.json", skips)
+        yield from _source_records(src / "captions_karpathy.json", skips, allow_outside)
         return
     if src.is_dir() and (src / "classnames.json").is_file():
         from vlkit.data.formats.imagefolder import read_imagefolder
@@ -89,15 +99,12 @@ def _source_records(src: Path, skips: Skips) -> Iterator[tuple[str, Path, dict]]
             yield f"img-{i:08d}", p, {"id": i, "label": y, "classname": names[y]}
         return
     if src.is_dir() and (src / "captions.jsonl").is_file():
-        for line, r in iter_jsonl(src / "captions.jsonl", '{"image": path, "captions": [...]}'):
-            if not isinstance(r.get("image"), str):
-                raise FormatError(f"{src / 'captions.jsonl'}, line {line}: expected an 'image' path")
-            yield f"cap-{line:08d}", src / r["image"], {k: v for k, v in r.items() if k != "image"}
+        from vlkit.data.formats.captions import iter_captions
+
+        for r in iter_captions(src, skips, allow_outside):
+            yield f"cap-{r.id:08d}", r.image, {"captions": r.captions, **r.meta}
         return
-    raise FormatError(
-        f"{src}: unrecognised source; expected a Karpathy captions JSON, a LLaVA JSON, an ImageFolder "
-        "(with classnames.json) or a folder with captions.jsonl or captions_karpathy.json"
-    )
+    raise FormatError(f"{src}: unrecognised source; expected {SOURCES}")
 
 
 def _first_char(path: Path) -> str:
@@ -109,30 +116,57 @@ def _first_char(path: Path) -> str:
     return ""
 
 
-def pack(src: str | Path, out: str | Path, maxcount: int = 1000, prefix: str = "data") -> dict:
-    """Pack a dataset into shards; missing or unreadable images are skipped and counted."""
-    src, out = Path(src), Path(out)
-    skips = Skips()
-    n = 0
+def _image_entry(path: Path) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of a checked image file: fully decoded once (a truncated or corrupt
+    one is a :class:`BadSample`), its bytes kept, or re-encoded as PNG for other types."""
+    if not path.is_file():
+        raise BadSample(str(path), "file not found")
+    data = path.read_bytes()
+    image = decode_image(data, str(path))
+    ext = path.suffix.lower().lstrip(".")
+    if ext in IMAGE_KEYS:
+        return ext, data
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "png", buf.getvalue()
 
-    def samples():
-        nonlocal n
-        for key, path, meta in _source_records(src, skips):
-            ext = path.suffix.lower().lstrip(".")
-            if ext not in IMAGE_KEYS:
-                skips.add("unsupported image type", str(path))
-                continue
+
+def pack(src: str | Path, out: str | Path, maxcount: int = 1000, prefix: str = "data", on_bad_sample: str = "error",
+         allow_outside_paths: bool = False) -> dict:  # fmt: skip
+    """Pack a dataset into shards in the folder ``out``, written whole: a new or empty folder,
+    or an earlier pack, which is replaced. Each image is decoded to check it. Bad records
+    stop the pack (``on_bad_sample="error"``) or are skipped and listed, with their file and
+    reason, in ``out/skipped.jsonl`` (``"skip"``). Returns the summary also in ``out/pack.json``."""
+    src, out = Path(src), Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / PACK_MANIFEST).is_file())):
+        raise VlkitError(f"{out}: exists and is not an earlier pack (no {PACK_MANIFEST}); expected a new or empty folder, "
+                         "or a pack to replace")  # fmt: skip
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: not found; expected {SOURCES}")
+    skips = Skips(on_bad_sample)
+    summary: dict = {}
+
+    def samples(counter: list[int]):
+        for key, path, meta in _source_records(src, skips, allow_outside_paths):
             try:
-                data = path.read_bytes()
-            except OSError:
-                skips.add("missing image", str(path))
+                ext, data = _image_entry(path)
+            except BadSample as err:
+                skips.reject(err, "missing image" if err.problem == "file not found" else "bad image")
                 continue
-            n += 1
+            counter[0] += 1
             yield {"__key__": key, ext: data, "json": meta}
 
-    files = write_shards(samples(), out, maxcount=maxcount, prefix=prefix)
-    summary = {"source": str(src), "shards": [str(f) for f in files], "samples": n, "skipped": skips.to_dict()}
-    (out / "pack.json").write_text(json.dumps(summary, indent=2))
+    def write(tmp: Path) -> None:
+        counter = [0]
+        files = write_shards(samples(counter), tmp, maxcount=maxcount, prefix=prefix)
+        if not counter[0]:
+            raise no_records(src, "records with readable images", skips)
+        skips.write(tmp)
+        summary.update(source=str(src), shards=[str(out / f.name) for f in files], samples=counter[0],
+                       skipped={**skips.to_dict(), "file": str(out / SKIPPED_FILE)})  # fmt: skip
+        (tmp / PACK_MANIFEST).write_text(json.dumps(summary, indent=2))
+
+    atomic_folder(out, write)
     return summary
 
 
@@ -164,13 +198,13 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, urls, shuffle: int = 1000, resample: bool = False, seed: int = 0, split_by_node: bool = True,
-                 split_by_worker: bool = True, decode_images: bool = True):  # fmt: skip
+                 split_by_worker: bool = True, decode_images: bool = True, on_bad_sample: str = "error"):  # fmt: skip
         self.urls = expand_urls(urls)
         if not self.urls:
             raise FileNotFoundError(f"{urls}: no shards")
         self.shuffle, self.resample, self.seed, self.epoch = shuffle, resample, seed, 0
         self.split_by_node, self.split_by_worker, self.decode_images = split_by_node, split_by_worker, decode_images
-        self._examples = Skips()
+        self._rule = Skips(on_bad_sample)  # applies the rule; the skips it keeps are this process's own
         self._counts = multiprocessing.RawArray("q", SKIP_ROWS * len(SKIP_REASONS))
 
     def set_epoch(self, epoch: int) -> None:
@@ -178,44 +212,50 @@ class ShardStream(IterableDataset):
 
     @property
     def skips(self) -> Skips:
-        """Bad samples skipped so far by this process and its DataLoader workers; the examples
-        are this process's own (a worker's stay in the worker)."""
+        """Bad samples skipped so far by this process and its DataLoader workers; the listed
+        ones are this process's own (a worker's stay in the worker), the counts cover all."""
         n = len(SKIP_REASONS)
         counts = Counter({r: total for k, r in enumerate(SKIP_REASONS) if (total := sum(self._counts[k::n]))})
-        return Skips(counts, self._examples.examples)
+        return Skips("skip", counts, list(self._rule.items))
 
-    def _skip(self, reason: str, where: str) -> None:
-        """Count a bad sample in this process's row of the shared counts (workers past 64 share rows)."""
+    def _bad(self, reason: str, url, key, problem: str) -> None:
+        """Apply the rule to a bad sample: raise, or count it in this process's row of the
+        shared counts (workers past 64 share rows) and keep it."""
+        err = BadSample(str(url), problem, f"key {key}" if key is not None else "")
+        if self._rule.on_bad_sample == "error":
+            raise err
         info = get_worker_info()
         row = 0 if info is None else 1 + info.id % (SKIP_ROWS - 1)
         self._counts[row * len(SKIP_REASONS) + SKIP_REASONS.index(reason)] += 1
-        self._examples.add(reason, where)
+        self._rule.items.append(Skip(err.where, err.record, reason, problem))
 
     def _handler(self, exn) -> bool:
-        self._skip("unreadable tar member", f"{type(exn).__name__}: {exn}"[:200])
+        """webdataset's handler for a tar it cannot read (it appends the shard's url to the args)."""
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "a shard")
+        self._bad("unreadable tar member", url, None, f"{type(exn).__name__}: {exn}"[:200])
         return True
 
     def _decode(self, samples):
         for s in samples:
             key, url = s.get("__key__"), s.get("__url__")
-            where = f"{url}, key {key}"
             try:
                 meta = json.loads(s["json"]) if "json" in s else {}
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                self._skip("malformed json", f"{where}: {err}")
+            except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                self._bad("malformed json", url, key, f"malformed JSON ({err})")
+                continue
+            if not isinstance(meta, dict):
+                self._bad("malformed json", url, key, f"annotations are a {type(meta).__name__}; expected a JSON object")
                 continue
             ext = next((k for k in IMAGE_KEYS if k in s), None)
             if ext is None:
-                self._skip("no image", where)
+                self._bad("no image", url, key, f"no image member; expected one of {', '.join(IMAGE_KEYS)}")
                 continue
             image = s[ext]
             if self.decode_images:
                 try:
-                    with Image.open(io.BytesIO(s[ext])) as img:
-                        img.load()
-                        image = to_rgb(img)
-                except OSError as err:
-                    self._skip("corrupt image", f"{where}: {err}")
+                    image = decode_image(s[ext], str(url), record=f"key {key}")
+                except BadSample as err:
+                    self._bad("corrupt image", url, key, err.problem)
                     continue
             yield {"key": key, "url": url, "image": image, "json": meta}
 

@@ -24,8 +24,8 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
-from vlkit.data.formats.common import FormatError
-from vlkit.data.images import BadSample, to_rgb
+from vlkit.data.formats.common import BadRecord, FormatError, Skips, no_records, not_utf8
+from vlkit.data.images import BadSample, decode_image
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -52,19 +52,16 @@ class TSVRow:
         return {k: self.fields[k] for k in OPTION_LETTERS if self.fields.get(k, "") not in ("", None, "nan")}
 
     def image(self) -> Image.Image:
+        """The row's image, decoded; a :class:`BadSample` naming the file and row when it cannot be."""
         data = self.fields.get("image", "")
-        where = f"{self.path}, line {self.line} (index {self.index})"
+        where, record = str(self.path), f"line {self.line} (index {self.index})"
         if not data:
-            raise BadSample(where, "empty 'image' field; expected base64 image bytes")
+            raise BadSample(where, "empty 'image' field; expected base64 image bytes", record)
         try:
             raw = base64.b64decode(data, validate=True)
-            with Image.open(io.BytesIO(raw)) as img:
-                img.load()
-                return to_rgb(img)
         except (binascii.Error, ValueError) as err:
-            raise BadSample(where, f"'image' is not valid base64 ({err})") from None
-        except OSError as err:
-            raise BadSample(where, f"'image' does not decode as an image ({err})") from None
+            raise BadSample(where, f"'image' is not valid base64 ({err})", record) from None
+        return decode_image(raw, where, record=record)
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG") -> str:
@@ -91,29 +88,34 @@ def write_tsv(path: str | Path, rows: Iterable[dict], columns: list[str]) -> Pat
     return path
 
 
-def iter_tsv(path: str | Path, required: Iterable[str] = ("index", "question", "answer")) -> Iterator[TSVRow]:
-    """Stream the rows of a benchmark TSV. Duplicate ``index`` values and rows with the
-    wrong number of fields raise :class:`FormatError` naming the file and line."""
+TSV = "a benchmark TSV (a header row, then one tab-separated row per question)"
+
+
+def iter_tsv(path: str | Path, required: Iterable[str] = ("index", "question", "answer"), skips: Skips | None = None) -> Iterator[TSVRow]:
+    """Stream the rows of a benchmark TSV. A row with the wrong number of fields is a bad
+    record (:class:`BadRecord`, or skipped under ``skips``); duplicate ``index`` values, text
+    that is not UTF-8 and a file without rows raise :class:`FormatError` naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected a benchmark TSV")
+        raise FileNotFoundError(f"{path}: missing; expected {TSV}")
+    skips = skips if skips is not None else Skips()
     seen = set()
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         try:
-            header = next(reader)
-        except StopIteration:
-            raise FormatError(f"{path}: empty file; expected a header row") from None
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise FormatError(f"{path}: header lacks column(s) {missing}; has {header}")
-        try:
+            header = next(reader, None)
+            if header is None:
+                raise FormatError(f"{path}: empty file; expected a header row")
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise FormatError(f"{path}: header lacks column(s) {missing}; has {header}")
             for row in reader:
                 line = reader.line_num
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
                 if len(row) != len(header):
-                    raise FormatError(f"{path}, line {line}: {len(row)} fields; expected {len(header)} ({', '.join(header)})")
+                    skips.reject(BadRecord(str(path), f"{len(row)} fields; expected {len(header)} ({', '.join(header)})", f"line {line}"), "bad record")
+                    continue
                 rec = dict(zip(header, row))
                 idx = rec.get("index", str(line))
                 if idx in seen:
@@ -122,7 +124,11 @@ def iter_tsv(path: str | Path, required: Iterable[str] = ("index", "question", "
                 yield TSVRow(idx, line, rec, path)
         except csv.Error as err:
             raise FormatError(f"{path}, line {reader.line_num}: malformed TSV ({err})") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path, TSV) from None
+    if not seen:
+        raise no_records(path, TSV, skips)
 
 
-def read_tsv(path: str | Path, required: Iterable[str] = ("index", "question", "answer")) -> list[TSVRow]:
-    return list(iter_tsv(path, required))
+def read_tsv(path: str | Path, required: Iterable[str] = ("index", "question", "answer"), skips: Skips | None = None) -> list[TSVRow]:
+    return list(iter_tsv(path, required, skips))
