@@ -19,7 +19,8 @@ class Rule:
     """vlkit ``target`` ← checkpoint ``sources``.
 
     ``kind``: "copy" (same shape), "view" (same numbers, checkpoint shape ``shape``), "T"
-    (transposed matrix), "cat" (sources stacked on dim 0, e.g. q|k|v), "rows" (rows
+    (transposed matrix), "cat" (sources stacked on dim 0, e.g. q|k|v; ``splits`` gives their row
+    counts when they differ, e.g. grouped-query k and v narrower than q), "rows" (rows
     ``rows[0]:rows[1]`` of one source of shape ``shape``, e.g. q out of a packed q|k|v), "zeros"
     (absent from the checkpoint layout, e.g. a bias it does not have; must be zero to export).
     """
@@ -29,6 +30,7 @@ class Rule:
     kind: str = "copy"
     shape: tuple[int, ...] | None = None
     rows: tuple[int, int] | None = None
+    splits: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -47,8 +49,11 @@ def transposed(target: str, source: str) -> Rule:
     return Rule(target, (source,), "T")
 
 
-def cat(target: str, *sources: str) -> Rule:
-    return Rule(target, tuple(sources), "cat")
+def cat(target: str, *sources: str, splits: tuple[int, ...] | None = None) -> Rule:
+    """``sources`` stacked on dim 0: equal parts, or ``splits`` rows each."""
+    if splits is not None and len(splits) != len(sources):
+        raise ValueError(f"cat {target!r}: {len(sources)} sources but {len(splits)} splits")
+    return Rule(target, tuple(sources), "cat", splits=None if splits is None else tuple(splits))
 
 
 def rows(target: str, source: str, start: int, stop: int, shape: tuple[int, ...]) -> Rule:
@@ -69,7 +74,8 @@ def source_shapes(rule: Rule, target_shape: tuple[int, ...]) -> list[tuple[int, 
         return [tuple(reversed(target_shape))]
     if rule.kind == "cat":
         n = len(rule.sources)
-        return [(target_shape[0] // n, *target_shape[1:])] * n
+        splits = rule.splits or (target_shape[0] // n,) * n
+        return [(s, *target_shape[1:]) for s in splits]
     return []
 
 
@@ -164,7 +170,7 @@ def export_state(model: torch.nn.Module, rules: list[Rule], layout: str) -> dict
         elif rule.kind == "T":
             parts = [t.T]
         elif rule.kind == "cat":
-            parts = list(t.chunk(len(rule.sources), dim=0))
+            parts = list(t.split(list(rule.splits), dim=0)) if rule.splits else list(t.chunk(len(rule.sources), dim=0))
         elif rule.kind == "rows":
             pieces.setdefault(rule.sources[0], []).append((rule.rows[0], t))
             continue

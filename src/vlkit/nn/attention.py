@@ -1,38 +1,100 @@
-"""Multi-head self-attention with a fused QKV projection and SDPA."""
+"""Multi-head attention, the one every model uses: fused projections and SDPA, with grouped-query
+heads, rotary positions, a KV cache slot and cross attention as options."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.nn.rope import apply_rotary
+
+
+class CacheSlot(Protocol):
+    """One layer's place in a KV cache (``vlkit.lm.cache.KVCache.layers[i]``)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``[B, kv_heads, n, head_dim]`` keys/values; return all keys/values so far."""
+
 
 class Attention(nn.Module):
-    """Self-attention: one matmul for Q, K and V, then ``scaled_dot_product_attention``."""
+    """Self-attention with Q, K and V from one matmul (``qkv``, rows q | k | v), or cross attention
+    (``context_dim`` given: ``q`` from ``x``, ``kv`` from a context of that width); then
+    ``scaled_dot_product_attention`` and the output projection ``proj``.
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True):
+    ``num_kv_heads`` < ``num_heads`` shares each key/value head among ``num_heads / num_kv_heads``
+    query heads (grouped-query attention); ``head_dim`` defaults to ``dim / num_heads``;
+    ``bias`` is the q/k/v projections' bias, ``out_bias`` the output projection's (default: ``bias``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        bias: bool = True,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        out_bias: bool | None = None,
+        context_dim: int | None = None,
+    ):
         super().__init__()
-        if dim % num_heads:
+        if head_dim is None and dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads evenly")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.q_size, self.kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.gqa = num_kv_heads != num_heads
+        if context_dim is None:
+            self.qkv = nn.Linear(dim, self.q_size + 2 * self.kv_size, bias=bias)
+        else:
+            self.q = nn.Linear(dim, self.q_size, bias=bias)
+            self.kv = nn.Linear(context_dim, 2 * self.kv_size, bias=bias)
+        self.proj = nn.Linear(self.q_size, dim, bias=bias if out_bias is None else out_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """``x`` is ``[B, N, D]``; ``mask`` is boolean (True = attend) or additive, broadcastable
-        to ``[B, H, N, N]``."""
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        *,
+        context: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: CacheSlot | None = None,
+    ) -> torch.Tensor:
+        """``x`` is ``[B, N, D]``; ``mask`` is boolean (True = attend) or additive, broadcastable to
+        ``[B, H, N, M]`` (M keys: N, the cache's length + N, or the context's length).
+        ``rope``: ``(cos, sin)`` from :meth:`vlkit.nn.rope.Rotary.tables`, applied to q and k;
+        ``cache``: this layer's :class:`CacheSlot`, which keeps the keys/values for later calls;
+        ``context`` ``[B, M, context_dim]``: the keys/values' source (cross attention only)."""
+        b, n, _ = x.shape
+        h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if context is not None:
+            q = self.q(x).view(b, n, h, hd).transpose(1, 2)
+            k, v = self.kv(context).view(b, context.shape[1], 2, kv, hd).permute(2, 0, 3, 1, 4)
+        else:
+            qkv = self.qkv(x).view(b, n, h + 2 * kv, hd)
+            qk, v = qkv[:, :, : h + kv], qkv[:, :, h + kv :].transpose(1, 2)
+            if rope is not None:
+                qk = apply_rotary(qk, *rope)
+            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.gqa)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.q_size))
 
     def attend(self, queries: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The outputs at ``queries`` ``[B, M, D]`` (rows of ``x``) alone: Q from those rows, K and V
-        from all of ``x``; ``mask`` broadcastable to ``[B, H, M, N]``."""
-        (b, m, d), n, h = queries.shape, x.shape[1], self.num_heads
+        """Self-attention's outputs at ``queries`` ``[B, M, D]`` (rows of ``x``) alone: Q from those
+        rows, K and V from all of ``x``; ``mask`` broadcastable to ``[B, H, M, N]``."""
+        (b, m, _), n = queries.shape, x.shape[1]
+        h, kv, hd, qs = self.num_heads, self.num_kv_heads, self.head_dim, self.q_size
         w, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(queries, w[:d], None if bias is None else bias[:d]).view(b, m, h, d // h).transpose(1, 2)
-        kv = F.linear(x, w[d:], None if bias is None else bias[d:])
-        k, v = kv.view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(b, m, d))
+        q = F.linear(queries, w[:qs], None if bias is None else bias[:qs]).view(b, m, h, hd).transpose(1, 2)
+        k, v = F.linear(x, w[qs:], None if bias is None else bias[qs:]).view(b, n, 2, kv, hd).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+        return self.proj(out.transpose(1, 2).reshape(b, m, qs))
