@@ -245,3 +245,35 @@ def test_vocabulary_larger_than_embedding_is_refused_whole(tmp_path):
     with pytest.raises(CheckpointError, match=r"tokenizer\.json.*vocabulary of 400.*399 rows.*config\.json"):
         attach_lm_files(lm, folder)
     assert not hasattr(lm, "tokenizer") and not hasattr(lm, "generation_config")  # nothing half-attached
+
+
+def test_saved_tokenizer_reads_back_the_same(pair, tmp_path):
+    """``save`` writes files from which vlkit and transformers read the same tokenizer again."""
+    family, ref, ours = pair
+    ours.save(tmp_path)
+    again, ref_again = LMTokenizer.from_folder(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in texts(40, seed=7):
+        assert again.encode(text) == ours.encode(text) == ref_again.encode(text), text
+        ids = ours.encode(text)
+        assert again.decode(ids, skip_special_tokens=True) == ref_again.decode(ids, skip_special_tokens=True)
+    assert again.special_tokens == ours.special_tokens and again.vocab_size == ours.vocab_size
+    assert again.apply_chat_template(CONVERSATION) == ref_again.apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=True) == ours.apply_chat_template(CONVERSATION)
+
+
+def test_written_generation_config_reads_back(tmp_path):
+    from vlkit.interop.lm_files import attach_lm_files, write_lm_files
+
+    folder = chatml_folder(tmp_path / "chatml")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "do_sample": True, "top_p": 0.9,
+                                                              "max_new_tokens": 40}))
+    lm = _tiny_lm(400)
+    attach_lm_files(lm, folder)
+    (tmp_path / "out").mkdir()
+    write_lm_files(lm, tmp_path / "out")
+    again = _tiny_lm(400)
+    attach_lm_files(again, tmp_path / "out")
+    assert again.generation_config == lm.generation_config
+    assert again.tokenizer.encode("Hello there") == lm.tokenizer.encode("Hello there")
+    ref = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (ref.eos_token_id, ref.do_sample, ref.top_p, ref.max_new_tokens) == ([2, 1], True, 0.9, 40)

@@ -1,8 +1,11 @@
 """The files that travel with a language model's weights: its tokenizer (``tokenizer.json`` and
-friends) and its generation defaults (``generation_config.json``)."""
+friends) and its generation defaults (``generation_config.json``), read onto a loaded model and
+written back with an exported one."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from vlkit.errors import CheckpointError, Missing
@@ -52,3 +55,17 @@ def read_generation_config(folder: Path, model_config) -> GenerationConfig:
         return GenerationConfig.from_file(path)
     ids = {k: getattr(model_config, k) for k in MODEL_TOKEN_IDS if getattr(model_config, k, None) is not None}
     return GenerationConfig().updated(ids, where=str(folder / "config.json"))
+
+
+def write_lm_files(model, folder: str | Path) -> None:
+    """Write ``model``'s tokenizer (when it has one) and generation defaults into ``folder``, as
+    transformers does: ``generation_config.json`` holds the values that differ from the defaults."""
+    folder = Path(folder)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer:
+        tokenizer.save(folder)
+    config = getattr(model, "generation_config", None)
+    if isinstance(config, GenerationConfig):
+        defaults = GenerationConfig()
+        values = {k: v for k, v in dataclasses.asdict(config).items() if v != getattr(defaults, k)}
+        (folder / "generation_config.json").write_text(json.dumps(values, indent=2) + "\n")

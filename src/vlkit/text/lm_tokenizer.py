@@ -63,6 +63,17 @@ class LMTokenizer:
         return cls(tok, special, ChatTemplate.from_folder(folder, config),
                    clean_up_spaces=bool(config.get("clean_up_tokenization_spaces")), origin=str(folder))
 
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` (the files
+        transformers 5 writes), from which this class and transformers read the same tokenizer back."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
+                  "clean_up_tokenization_spaces": self.clean_up_spaces}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if self.chat_template is not None:
+            (folder / "chat_template.jinja").write_text(self.chat_template.source, encoding="utf-8")
+
     def __len__(self) -> int:
         return self.vocab_size
 
