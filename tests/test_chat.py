@@ -121,3 +121,15 @@ def test_folder_without_tokenizer_is_named(folder, capsys, tmp_path):
 def test_bad_sampling_value_is_refused(folder, capsys):
     code, _, err = chat(["--model", str(folder), "--prompt", "x", "--top-p", "1.5"], capsys)
     assert code == 2 and "top_p" in err
+
+
+@pytest.mark.filterwarnings("ignore:.*the model loads without")  # a bare CLIP folder, on purpose
+def test_a_model_that_is_not_a_language_model_is_refused(capsys, tmp_path):
+    cfg = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                           patch_size=16),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100),
+        projection_dim=16)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    code, _, err = chat(["--model", str(tmp_path / "clip"), "--prompt", "x"], capsys)
+    assert code == 2 and "clip" in err and "not a language model" in err
