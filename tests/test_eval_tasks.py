@@ -6,6 +6,9 @@ import json
 import pytest
 
 from vlkit.data.formats.common import FormatError
+from vlkit.data.images import BadSample
+from vlkit.data.skips import Skips
+from vlkit.errors import VlkitError
 from vlkit.data.formats.shapes_export import export
 from vlkit.eval.generative import load_samples, read_predictions, run_generative, score_predictions_file
 
@@ -106,7 +109,7 @@ def test_bad_prediction_files(data, tmp_path):
     with pytest.raises(FormatError, match=r"p\.jsonl, line 2: malformed JSON"):
         read_predictions(p)
     p.write_text('{"id": "0", "text": ["a"]}\n')
-    with pytest.raises(FormatError, match="line 1: prediction is list; expected a string"):
+    with pytest.raises(FormatError, match=r"line 1: the prediction is a JSON array \(\['a'\]\); expected string"):
         read_predictions(p)
     p.write_text('{"id": "no-such-id", "prediction": "a"}\n')
     with pytest.raises(FormatError, match=r"p\.jsonl: 1 prediction id\(s\) not in the data, e.g. \['no-such-id'\]"):
@@ -148,12 +151,16 @@ def test_generate_skips_and_counts_missing_images(data, tmp_path):
     shutil.copytree(data["caption"], folder)
     (folder / "images" / "shapes_000000000002.png").unlink()
     samples = load_samples("caption", folder)
+    with pytest.raises(BadSample, match=r"shapes_000000000002.png: file not found"):  # the default rule: stop
+        run_generative("caption", FakeVLM(samples, lambda s: "a shape"), folder, batch_size=3)
     model = FakeVLM(samples, lambda s: "a shape")
-    res = run_generative("caption", model, folder, tmp_path / "out", batch_size=3)
+    res = run_generative("caption", model, folder, tmp_path / "out", batch_size=3, skips=Skips("skip"))
     assert res["skipped"]["by_reason"] == {"bad image": 1} and "shapes_000000000002.png" in res["skipped"]["examples"]["bad image"][0]
-    assert res["counts"]["missing_predictions"] == 1
+    assert res["counts"]["samples"] == len(samples) - 1 and res["counts"]["missing_predictions"] == 0  # left out, not scored
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["reason"], s["source"].endswith("shapes_000000000002.png")) for s in skipped] == [("bad image", True)]
 
 
 def test_model_without_generate_is_refused(data):
-    with pytest.raises(TypeError, match="no generate"):
+    with pytest.raises(VlkitError, match="object has no generate.*or score a file with --predictions"):
         run_generative("caption", object(), data["caption"])

@@ -17,10 +17,13 @@ Predictions files: JSONL with one ``{"id": ..., "prediction": "..."}`` per line,
 field's JSON result lists (``[{"image_id", "caption"}]`` for COCO, ``[{"question_id",
 "answer"}]`` for VQAv2), or a JSON object ``{id: text}``. Ids are matched as strings.
 
-Bad input: malformed records, duplicate ids and predictions for ids not in the data raise
-an error naming the file and record. Data records without a prediction are scored as an
-empty answer (wrong) and counted (``missing_predictions``); empty predictions, unparseable
-answers and boxes, and images that cannot be loaded are counted in ``results.json``.
+Bad input: a predictions file that is empty, not UTF-8 or not JSON, a record whose id or
+prediction has the wrong JSON type, duplicate ids and predictions for ids not in the data
+raise an error naming the file and record. Bad data records and images that cannot be
+loaded follow the bad-record rule of :mod:`vlkit.data.skips` (stop, or skip and list in
+``skipped.jsonl``). Data records without a prediction are scored as an empty answer (wrong)
+and counted (``missing_predictions``); empty predictions and unparseable answers and boxes
+are counted in ``results.json``.
 
 Each run writes ``results.json``, ``predictions.jsonl`` (per sample: prediction, targets,
 scores) and ``report.md`` with PNG plots.
@@ -34,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vlkit.data.formats.common import FormatError, Skips, read_json
+from vlkit.data.formats.common import FormatError, read_json
+from vlkit.data.skips import Skips
+from vlkit.errors import VlkitError
 
 TASKS = ("caption", "vqa", "grounding", "mcq")
 CAPTION_PROMPT = "Describe the image."
@@ -68,23 +73,30 @@ def _image_loader(path: Path):
     return lambda: load_image(path)
 
 
-def load_samples(task: str, data: str | Path, split: str | None = None) -> list[Sample]:
-    """The samples of ``task`` in ``data``; ``split`` filters COCO/RefCOCO splits."""
+def load_samples(task: str, data: str | Path, split: str | None = None, skips: Skips | None = None) -> list[Sample]:
+    """The samples of ``task`` in ``data``; ``split`` filters COCO/RefCOCO splits; bad records
+    stop, or are skipped into ``skips`` (:mod:`vlkit.data.skips`)."""
+    samples = _load_samples(task, Path(data), split, skips if skips is not None else Skips())
+    if not samples:
+        raise VlkitError(f"{data}: no {task} samples{f' in split {split!r}' if split else ''}")
+    return samples
+
+
+def _load_samples(task: str, data: Path, split: str | None, skips: Skips) -> list[Sample]:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    data = Path(data)
+        raise VlkitError(f"unknown task {task!r}; expected one of {TASKS}")
     if task == "caption":
         from vlkit.data.formats.coco import read_karpathy
 
         path = data if data.is_file() else _find(data, "captions_karpathy.json", "Karpathy captions JSON")
-        recs = read_karpathy(path, split=split)
+        recs = read_karpathy(path, split=split, skips=skips)
         return [Sample(str(r.id), CAPTION_PROMPT, {"references": r.captions}, _image_loader(r.image)) for r in recs]
     if task == "vqa":
         from vlkit.data.formats.vqav2 import read_vqav2
 
         q = _find(data, "*questions*.json", "VQAv2 questions JSON")
         a = _find(data, "*annotations*.json", "VQAv2 annotations JSON")
-        recs = read_vqav2(q, a)
+        recs = read_vqav2(q, a, skips=skips)
         return [
             Sample(str(r.question_id), VQA_PROMPT.format(question=r.question), {"answers": r.answers},
                    _image_loader(r.image), r.question_type or r.answer_type, {"question": r.question, "answer_type": r.answer_type})
@@ -93,7 +105,7 @@ def load_samples(task: str, data: str | Path, split: str | None = None) -> list[
     if task == "grounding":
         from vlkit.data.formats.refcoco import read_refcoco
 
-        recs = read_refcoco(data, split=split)
+        recs = read_refcoco(data, split=split, skips=skips)
         return [
             Sample(r.id, GROUNDING_PROMPT.format(text=r.text), {"box": list(r.box), "width": r.width, "height": r.height},
                    _image_loader(r.image), meta={"text": r.text})
@@ -103,21 +115,34 @@ def load_samples(task: str, data: str | Path, split: str | None = None) -> list[
 
     path = data if data.is_file() else _find(data, "*.tsv", "benchmark TSV")
     out = []
-    for row in iter_tsv(path):
+    for row in iter_tsv(path, skips=skips):
+        where = f"{path}, line {row.line} (index {row.index})"
         opts = row.options
         if opts:
             if row.answer.strip().upper() not in opts:
-                raise FormatError(f"{path}, line {row.line} (index {row.index}): answer {row.answer!r}; expected one of the option letters {sorted(opts)}")
+                raise FormatError(f"{where}: answer {row.answer!r}; expected one of the option letters {sorted(opts)}")
             text = "\n".join(f"{k}. {v}" for k, v in opts.items())
             q = (row.fields.get("hint", "") + "\n" + row.question).strip() if row.fields.get("hint") not in (None, "", "nan") else row.question
             target = {"answer": row.answer.strip().upper(), "options": opts}
             prompt = MCQ_PROMPT.format(question=q, options=text)
         else:
-            prec = row.fields.get("precision", "")
-            target = {"answer": row.answer, "numeric": True, "precision": int(float(prec)) if prec not in ("", "nan") else None}
+            target = {"answer": row.answer, "numeric": True, "precision": _precision(row.fields.get("precision", ""), where)}
             prompt = NUMERIC_PROMPT.format(question=row.question)
         out.append(Sample(str(row.index), prompt, target, row.image, row.fields.get("category", "") or row.fields.get("question_type", "")))
     return out
+
+
+def _precision(text: str, where: str) -> int | None:
+    """A MathVista ``precision`` field: decimal places to compare at (empty: compare as given)."""
+    if text.strip() in ("", "nan"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value.is_integer() or value < 0:
+        raise FormatError(f"{where}: precision {text!r}; expected a whole number of decimal places (or empty)")
+    return int(value)
 
 
 # ---------------------------------------------------------------- predictions
@@ -125,47 +150,57 @@ _ID_KEYS = ("id", "question_id", "image_id", "index", "sample_id")
 _TEXT_KEYS = ("prediction", "answer", "caption", "text", "response")
 
 
-def _pick(rec: dict, keys, where: str, what: str):
+def _pick(rec: dict, keys, path: Path, record: str, what: str):
     for k in keys:
         if k in rec:
             return rec[k]
-    raise FormatError(f"{where}: no {what} key; expected one of {list(keys)}")
+    raise FormatError(f"{path}, {record}: no {what} key; expected one of {list(keys)}")
 
 
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """``{id (as str): prediction}`` from a JSONL or JSON predictions file (see module doc)."""
-    from vlkit.data.formats.common import iter_jsonl
+class Predictions(dict):
+    """``{id (as str): prediction}``, with ``where[id]``: the file and record it came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: dict[str, str] = {}
+
+
+PREDICTIONS = 'JSON lines {"id": ..., "prediction": "..."}, a JSON list of such records, or a JSON object {id: prediction}'
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """The predictions of a JSONL or JSON file (see module doc). Any fault stops, naming the
+    file and record: a prediction left out would silently score as wrong."""
+    from vlkit.data.formats.common import check_type, iter_jsonl
 
     path = Path(path)
     items: list[tuple[str, object, object]] = []
     if path.suffix == ".jsonl":
         for line, rec in iter_jsonl(path, '{"id": ..., "prediction": "..."}'):
-            where = f"{path}, line {line}"
-            items.append((where, _pick(rec, _ID_KEYS, where, "id"), _pick(rec, _TEXT_KEYS, where, "prediction")))
+            record = f"line {line}"
+            items.append((record, _pick(rec, _ID_KEYS, path, record, "id"), _pick(rec, _TEXT_KEYS, path, record, "prediction")))
     else:
-        data = read_json(path, 'a JSON list of {"id", "prediction"} records or an object {id: prediction}')
+        data = read_json(path, PREDICTIONS)
+        check_type(data, (list, dict), path, "", "the file's content")
         if isinstance(data, dict):
-            items = [(f"{path}, key {k!r}", k, v) for k, v in data.items()]
-        elif isinstance(data, list):
-            for i, rec in enumerate(data):
-                where = f"{path}, record {i}"
-                if not isinstance(rec, dict):
-                    raise FormatError(f"{where}: a {type(rec).__name__}; expected an object")
-                items.append((where, _pick(rec, _ID_KEYS, where, "id"), _pick(rec, _TEXT_KEYS, where, "prediction")))
+            items = [(f"key {k!r}", k, v) for k, v in data.items()]
         else:
-            raise FormatError(f"{path}: a {type(data).__name__}; expected a list or an object")
-    out: dict[str, str] = {}
-    for where, k, v in items:
-        if v is None:
-            v = ""
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)
-        if not isinstance(v, str):
-            raise FormatError(f"{where}: prediction is {type(v).__name__}; expected a string")
+            for i, rec in enumerate(data):
+                record = f"record {i}"
+                check_type(rec, dict, path, record, "the record")
+                items.append((record, _pick(rec, _ID_KEYS, path, record, "id"), _pick(rec, _TEXT_KEYS, path, record, "prediction")))
+    if not items:
+        raise FormatError(f"{path}: no predictions; expected {PREDICTIONS}")
+    out = Predictions()
+    for record, k, v in items:
+        check_type(k, (str, int), path, record, "the id")
+        if v is not None:
+            check_type(v, (str, int, float), path, record, "the prediction")
         key = str(k)
         if key in out:
-            raise FormatError(f"{where}: duplicate id {key!r}; expected one prediction per id")
-        out[key] = v
+            raise FormatError(f"{path}, {record}: duplicate id {key!r} (first at {out.where[key]}); expected one prediction per id")
+        out[key] = "" if v is None else str(v)
+        out.where[key] = f"{path}, {record}"
     return out
 
 
@@ -177,9 +212,11 @@ def score(task: str, samples: list[Sample], predictions: dict[str, str], source:
         raise FormatError("data: duplicate sample ids")
     extra = [k for k in predictions if k not in ids]
     if extra:
+        where = getattr(predictions, "where", {})
+        first = f" (first at {where[extra[0]]})" if extra[0] in where else ""
         raise FormatError(
-            f"{source or 'predictions'}: {len(extra)} prediction id(s) not in the data, e.g. {extra[:5]!r}; "
-            "expected ids of the data's records (question_id / image id / ref_id:sent_id / index)"
+            f"{source or 'predictions'}: {len(extra)} prediction id(s) not in the data, e.g. {extra[:5]!r}{first}; "
+            f"expected ids of the data's records (question_id / image id / ref_id:sent_id / index), e.g. {sorted(ids)[:3]!r}"
         )
     missing = [s.id for s in samples if s.id not in predictions]
     preds = {s.id: predictions.get(s.id, "") for s in samples}
@@ -266,38 +303,43 @@ def _score_mcq(samples, preds, box_format):
 
 
 # ---------------------------------------------------------------- runs
-def _write(out: Path, results: dict, rows: list[dict], samples: list[Sample]) -> None:
+def _write(out: Path, results: dict, rows: list[dict], samples: list[Sample], skips: Skips) -> None:
     from vlkit.eval.report import write_task_report
+    from vlkit.eval.tasks import write_skips
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, default=str) + "\n")
+    write_skips(out, skips)
     write_task_report(out, results, rows, samples)
 
 
 def score_predictions_file(task: str, predictions: str | Path, data: str | Path, out: str | Path | None = None,
-                           split: str | None = None, box_format: str = "pixels") -> dict:  # fmt: skip
+                           split: str | None = None, box_format: str = "pixels", skips: Skips | None = None) -> dict:  # fmt: skip
     """``vlkit eval TASK --predictions FILE --data PATH [--split S] [--box-format F] --out DIR``."""
-    samples = load_samples(task, data, split)
+    skips = skips if skips is not None else Skips()
+    samples = load_samples(task, data, split, skips)
     preds = read_predictions(predictions)
     results, rows = score(task, samples, preds, str(predictions), box_format)
-    results = {**results, "data": str(data), "predictions_file": str(predictions)}
+    results = {**results, "data": str(data), "predictions_file": str(predictions), "skipped": skips.to_dict()}
     if out is not None:
-        _write(Path(out), results, rows, samples)
+        _write(Path(out), results, rows, samples, skips)
     return results
 
 
-def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32, skips: Skips | None = None) -> dict[str, str]:
-    """Run ``model.generate`` over the samples in batches with a progress bar; images that
-    cannot be loaded are skipped and counted in ``skips`` (and scored as missing)."""
+def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,
+                         skips: Skips | None = None) -> dict[str, str]:  # fmt: skip
+    """Run ``model.generate`` over the samples in batches with a progress bar. An image that
+    cannot be loaded stops, or (``Skips("skip")``) its sample is left out and recorded."""
     from tqdm import tqdm
 
     from vlkit.data.images import BadSample
 
     if not callable(getattr(model, "generate", None)):
-        raise TypeError(f"{type(model).__name__} has no generate(images, prompts, max_new_tokens) method; it cannot run generative tasks")
+        raise VlkitError(f"{type(model).__name__} has no generate(images, prompts, max_new_tokens) method, which "
+                         "generative tasks need; give a generative model, or score a file with --predictions")  # fmt: skip
     skips = skips if skips is not None else Skips()
     out: dict[str, str] = {}
     bar = tqdm(total=len(samples), desc="generate", unit="sample")
@@ -308,7 +350,7 @@ def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max
                 images.append(s.image())
                 batch.append(s)
             except BadSample as err:
-                skips.add("bad image", str(err))
+                skips.reject(err, "bad image")
         if batch:
             texts = model.generate(images, [s.prompt for s in batch], max_new_tokens=max_new_tokens)
             if len(texts) != len(batch):
@@ -320,13 +362,18 @@ def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max
 
 
 def run_generative(task: str, model, data: str | Path, out: str | Path | None = None, batch_size: int = 16,
-                   split: str | None = None, box_format: str = "pixels", max_new_tokens: int = 32) -> dict:  # fmt: skip
-    """``vlkit eval TASK --model DIR --data PATH``: generate, score, write the report."""
-    samples = load_samples(task, data, split)
-    skips = Skips()
+                   split: str | None = None, box_format: str = "pixels", max_new_tokens: int = 32,
+                   skips: Skips | None = None) -> dict:  # fmt: skip
+    """``vlkit eval TASK --model DIR --data PATH``: generate, score, write the report. Samples
+    whose image was skipped are left out of the scores (and listed under ``skipped``)."""
+    skips = skips if skips is not None else Skips()
+    samples = load_samples(task, data, split, skips)
     preds = generate_predictions(model, samples, batch_size, max_new_tokens, skips)
-    results, rows = score(task, samples, preds, "model", box_format)
+    scored = [s for s in samples if s.id in preds]  # the others' images were skipped
+    if not scored:
+        raise VlkitError(f"{data}: every sample's image was bad and skipped (first: {skips.items[0]}); nothing to score")
+    results, rows = score(task, scored, preds, "model", box_format)
     results = {**results, "data": str(data), "skipped": skips.to_dict()}
     if out is not None:
-        _write(Path(out), results, rows, samples)
+        _write(Path(out), results, rows, scored, skips)
     return results

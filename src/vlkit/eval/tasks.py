@@ -1,22 +1,62 @@
 """``vlkit eval TASK``: run a task on a model and data, write ``results.json`` and predictions.
 
-``TASKS`` maps a task name to its runner ``(model, data, out, batch_size, precision) -> dict``.
+``TASKS`` maps a task name to its runner ``(model, data, out, batch_size, precision, skips) -> dict``.
+
+Bad records and images follow the one rule of :mod:`vlkit.data.skips`, as in training:
+``on_bad_sample="error"`` (the default) stops at the first with an error naming the file
+and record; ``"skip"`` leaves it out, counts it in ``results.json`` (``skipped``) and lists
+it in ``skipped.jsonl``. ``captions.jsonl`` records are checked as training checks them
+(a record without captions, or with a blank one, is bad).
+
+Retrieval over a ``captions.jsonl`` folder scores each image once: an image listed in
+several records is merged into one gallery item holding the captions of all of them, and a
+caption repeated for the same image is kept once (both counted in ``counts``), so a listed-
+twice image no longer competes with itself. A caption text listed for several images is
+correct for each of them, as identical texts cannot be told apart (the shapes benchmark's
+truth check does the same for vague captions such as "two objects").
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 import vlkit
 from vlkit.config import write_json
-from vlkit.data.formats.common import FormatError, iter_jsonl
-from vlkit.data.images import load_image
+from vlkit.data.formats.captions import INDEX, iter_captions
+from vlkit.data.formats.common import no_records
+from vlkit.data.images import BadSample, load_image
+from vlkit.data.skips import SKIPPED_FILE, Skips
+from vlkit.errors import VlkitError
 from vlkit.eval.embed import embed_images, embed_texts
 from vlkit.eval.retrieval import retrieval
 from vlkit.eval.zeroshot import classification_metrics, classifier_weights
+
+DATA_NAMES = {"shapes": "the bundled shapes world, generated on the fly"}
+"""``--data`` values that name a built-in dataset (zeroshot and retrieval) instead of a path."""
+
+DATA_PATHS = {
+    "zeroshot": "an ImageFolder with classnames.json and templates.json (vlkit data shapes --out D writes D/classification)",
+    "retrieval": "a folder with captions.jsonl (vlkit data shapes --out D writes D/captions)",
+    "caption": "a Karpathy-layout COCO captions JSON or a folder holding captions_karpathy.json (vlkit data shapes --format coco)",
+    "vqa": "a folder with VQAv2 *questions*.json and *annotations*.json (vlkit data shapes --format vqav2)",
+    "grounding": "a RefCOCO folder with refs.json and instances.json (vlkit data shapes --format refcoco)",
+    "mcq": "an MMBench- or MathVista-style TSV, or a folder holding one (vlkit data shapes --format mmbench / mathvista)",
+}
+
+
+def check_data(task: str, data: str) -> None:
+    """``data`` must name a built-in dataset this task has, or an existing file or folder."""
+    names = DATA_NAMES if task in TASKS else {}
+    if data in names or Path(data).exists():
+        return
+    takes = "; ".join([f"the name {k!r} ({v})" for k, v in names.items()] + [f"a path: {DATA_PATHS[task]}"])
+    if data in DATA_NAMES:
+        raise VlkitError(f"--data {data!r} names a dataset only {' and '.join(TASKS)} have built in; eval {task} takes {takes}")
+    raise VlkitError(f"--data {data!r}: no such dataset name, file or folder; eval {task} takes {takes}")
 
 
 def _shapes_world(model):
@@ -25,38 +65,34 @@ def _shapes_world(model):
     return ShapesWorld(image_size=model.processor.output_size)
 
 
-def _image_batches(model, paths: list[Path], batch_size: int):
+def _image_batches(model, paths: list[Path], batch_size: int, skips: Skips, kept: list[int]):
+    """Pixel batches of the images that load; the indices of those are appended to ``kept``,
+    the others go through the bad-record rule."""
     for i in range(0, len(paths), batch_size):
-        yield model.processor.batch([load_image(p) for p in paths[i : i + batch_size]])
+        images = []
+        for j in range(i, min(i + batch_size, len(paths))):
+            try:
+                images.append(load_image(paths[j]))
+            except BadSample as err:
+                skips.reject(err, "bad image")
+                continue
+            kept.append(j)
+        if images:
+            yield model.processor.batch(images)
 
 
-def _read_json(path: Path, expected: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected {expected}")
+def _embed_image_files(model, paths: list[Path], batch_size: int, precision: str, skips: Skips, source) -> tuple[torch.Tensor, list[int]]:
+    """``(features of the images that load, their indices)``; an error when none does."""
+    kept: list[int] = []
+    bad_before = skips.total
+    batches = _image_batches(model, paths, batch_size, skips, kept)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
-
-
-def image_folder(root: Path) -> tuple[list[Path], torch.Tensor, list[str], list[str]]:
-    """An ImageFolder with ``classnames.json`` and ``templates.json`` (CLIP_benchmark style):
-    class subfolders in sorted order are the labels."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"{root}: no class subfolders")
-    names = _read_json(root / "classnames.json", "a JSON list of class names, one per subfolder")
-    if not isinstance(names, list) or len(names) != len(classes):
-        raise ValueError(f"{root / 'classnames.json'}: expected {len(classes)} names (one per subfolder), got {names!r:.80}")
-    templates = _read_json(root / "templates.json", 'a JSON list of prompts with "{c}"')
-    if not isinstance(templates, list) or not all(isinstance(t, str) and "{c}" in t for t in templates):
-        raise ValueError(f"{root / 'templates.json'}: expected a list of strings containing {{c}}")
-    paths, labels = [], []
-    for k, c in enumerate(classes):
-        files = sorted(q for q in (root / c).iterdir() if q.is_file())
-        paths += files
-        labels += [k] * len(files)
-    return paths, torch.tensor(labels), names, templates
+        feats = embed_images(model, batches, precision, progress=True, total=(len(paths) + batch_size - 1) // batch_size)
+    except VlkitError:
+        if skips.total - bad_before < len(paths):
+            raise
+        raise no_records(source, "images that load", skips) from None
+    return feats, kept
 
 
 def _embedding_report(out: Path, task: str, results: dict, plots: list[tuple[str, str]]) -> None:
@@ -70,7 +106,8 @@ def _embedding_report(out: Path, task: str, results: dict, plots: list[tuple[str
     (out / "report.md").write_text("\n".join(md))
 
 
-def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision: str) -> dict:
+def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision: str, skips: Skips | None = None) -> dict:
+    skips = skips if skips is not None else Skips()
     if data == "shapes":
         from vlkit.eval import shapes
 
@@ -79,15 +116,19 @@ def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision
         names, templates = shapes.class_prompts(), shapes.TEMPLATES
         feats = embed_images(model, shapes.pixels(model, singles, batch_size), precision)
     else:
-        paths, labels, names, templates = image_folder(Path(data))
-        feats = embed_images(model, _image_batches(model, paths, batch_size), precision, progress=True)
+        from vlkit.data.formats.imagefolder import read_imagefolder
+
+        paths, all_labels, names, templates = read_imagefolder(data)
+        feats, kept = _embed_image_files(model, paths, batch_size, precision, skips, data)
+        paths, labels = [paths[i] for i in kept], torch.tensor([all_labels[i] for i in kept])
     weights = classifier_weights(model, names, templates, precision)
     logits = 100.0 * feats @ weights.T
     res = classification_metrics(logits, labels, len(names))
     results = {f"zeroshot_{k}": v for k, v in res.items() if k != "confusion"}
+    results["counts"] = {"images": len(labels), "classes": len(names)}
     if out is not None:
         pred = logits.argmax(dim=-1).tolist()
-        with open(out / "predictions.jsonl", "w") as f:
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for i, (y, k) in enumerate(zip(labels.tolist(), pred)):
                 image = str(paths[i]) if paths is not None else f"shapes:{i}"
                 f.write(json.dumps({"image": image, "label": names[y], "prediction": names[k]}) + "\n")
@@ -98,7 +139,38 @@ def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision
     return results
 
 
-def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precision: str) -> dict:
+def caption_gallery(root: Path, skips: Skips | None = None) -> tuple[list[Path], list[list[str]], dict]:
+    """``(image paths, captions per image, counts)`` from ``root/captions.jsonl`` (records checked
+    as training checks them, :func:`~vlkit.data.formats.captions.iter_captions`): each image
+    once, with the distinct captions of every record that lists it (see the module doc)."""
+    root = Path(root)
+    if not (root / INDEX).is_file() and (root / "captions" / INDEX).is_file():
+        raise FileNotFoundError(f"{root / INDEX}: missing; {root / 'captions'} holds one (--data {root / 'captions'}?)")
+    index: dict[str, int] = {}
+    paths: list[Path] = []
+    captions: list[list[str]] = []
+    merged = repeated = 0
+    for rec in iter_captions(root, skips):
+        key = os.path.normpath(rec.image)
+        if key in index:
+            merged += 1
+            own = captions[index[key]]
+        else:
+            index[key] = len(paths)
+            paths.append(rec.image)
+            own = []
+            captions.append(own)
+        for c in rec.captions:
+            if c in own:
+                repeated += 1
+            else:
+                own.append(c)
+    return paths, captions, {"merged_duplicate_images": merged, "repeated_captions_dropped": repeated}
+
+
+def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precision: str, skips: Skips | None = None) -> dict:
+    skips = skips if skips is not None else Skips()
+    counts: dict = {}
     if data == "shapes":
         from vlkit.eval import shapes
 
@@ -108,22 +180,27 @@ def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precisio
         positives = shapes.truth_matrix(scenes, captions)
         image_feats = embed_images(model, shapes.pixels(model, scenes, batch_size), precision)
     else:
-        root = Path(data)
-        records = _read_jsonl(root / "captions.jsonl")
-        paths = [root / r["image"] for r in records]
-        names = [str(p) for p in paths]
-        texts, owner = [], []
-        for i, r in enumerate(records):
-            texts += r["captions"]
-            owner += [i] * len(r["captions"])
-        positives = torch.zeros(len(paths), len(texts), dtype=torch.bool)
-        positives[torch.tensor(owner), torch.arange(len(texts))] = True
-        image_feats = embed_images(model, _image_batches(model, paths, batch_size), precision, progress=True)
+        paths, per_image, counts = caption_gallery(Path(data), skips)
+        image_feats, kept = _embed_image_files(model, paths, batch_size, precision, skips, Path(data) / INDEX)
+        names = [str(paths[i]) for i in kept]
+        per_image = [per_image[i] for i in kept]
+        texts = [t for caps in per_image for t in caps]
+        owners: dict[str, set[int]] = {}
+        for i, caps in enumerate(per_image):
+            for t in caps:
+                owners.setdefault(t, set()).add(i)
+        positives = torch.zeros(len(names), len(texts), dtype=torch.bool)
+        for q, t in enumerate(texts):
+            positives[sorted(owners[t]), q] = True
+        counts = {"images": len(names), "captions": len(texts), **counts,
+                  "captions_shared_by_several_images": sum(len(v) > 1 for v in owners.values())}  # fmt: skip
     text_feats = embed_texts(model, texts, batch_size, precision, progress=data != "shapes")
     results = retrieval(image_feats, text_feats, positives)
+    if counts:
+        results["counts"] = counts
     if out is not None:
         top = (text_feats @ image_feats.T).topk(min(5, len(names)), dim=1).indices.tolist()
-        with open(out / "predictions.jsonl", "w") as f:
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for q, ranked in enumerate(top):
                 hit = bool(positives[ranked[0], q])
                 f.write(json.dumps({"text": texts[q], "top5_images": [names[i] for i in ranked], "top1_correct": hit}) + "\n")
@@ -133,16 +210,6 @@ def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precisio
         fig = plot_recall_curves(curves, out / "recall.png", "retrieval recall@K")
         _embedding_report(out, "retrieval", results, [("Recall@K", fig)])
     return results
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """``captions.jsonl`` records, each checked; errors name the file and line."""
-    records = []
-    for n, rec in iter_jsonl(path, 'lines of {"image": path, "captions": [...]}'):
-        if not isinstance(rec.get("image"), str) or not isinstance(rec.get("captions"), list):
-            raise FormatError(f"{path}, line {n}: expected {{\"image\": str, \"captions\": [str, ...]}}")
-        records.append(rec)
-    return records
 
 
 TASKS = {"zeroshot": eval_zeroshot, "retrieval": eval_retrieval}
@@ -158,29 +225,45 @@ def run_eval(
     batch_size: int = 256,
     precision: str = "auto",
     predictions: str | None = None,
+    on_bad_sample: str = "error",
     **generative_options,
 ) -> dict:
-    """Run ``task`` and write ``results.json`` (and predictions, a report) to ``out``.
+    """Run ``task`` and write ``results.json`` (and predictions, a report, ``skipped.jsonl``
+    when records were skipped) to ``out``.
 
     With ``predictions`` a generative task scores that file instead of running a model.
     """
     if task not in TASKS and task not in GENERATIVE_TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS) + list(GENERATIVE_TASKS)}")
+        raise VlkitError(f"unknown task {task!r}; expected one of {sorted(TASKS) + list(GENERATIVE_TASKS)}")
+    if batch_size < 1:
+        raise VlkitError(f"batch size {batch_size}; expected a whole number of at least 1")
+    check_data(task, data)
+    skips = Skips(on_bad_sample)
     if task in GENERATIVE_TASKS:
         from vlkit.eval.generative import run_generative, score_predictions_file
 
         if predictions is not None:
-            return score_predictions_file(task, predictions, data, out, **generative_options)
+            return score_predictions_file(task, predictions, data, out, skips=skips, **generative_options)
         if model_path is None:
-            raise ValueError(f"eval {task}: give --model or --predictions")
-        return run_generative(task, vlkit.load(model_path), data, out, batch_size=batch_size, **generative_options)
+            raise VlkitError(f"eval {task}: give --model or --predictions")
+        return run_generative(task, vlkit.load(model_path), data, out, batch_size=batch_size, skips=skips, **generative_options)
     if model_path is None:
-        raise ValueError(f"eval {task}: --model is required")
+        raise VlkitError(f"eval {task}: --model is required")
     model = vlkit.load(model_path)
     out_dir = Path(out) if out else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    results = TASKS[task](model, data, out_dir, batch_size, precision)
+    results = TASKS[task](model, data, out_dir, batch_size, precision, skips)
+    results["skipped"] = skips.to_dict()
     if out_dir is not None:
+        write_skips(out_dir, skips)
         write_json(out_dir / "results.json", {"task": task, "model": str(model_path), "data": data, **results})
     return results
+
+
+def write_skips(out: Path, skips: Skips) -> None:
+    """``skipped.jsonl`` when records were skipped; an old one from an earlier run is removed."""
+    if skips.total:
+        skips.write(out)
+    else:
+        (out / SKIPPED_FILE).unlink(missing_ok=True)
