@@ -133,7 +133,7 @@ def test_pack_from_coco_counts_missing_images(exported, tmp_path):
     shutil.copytree(folder, src)
     (src / "images" / "shapes_000000000003.png").unlink()
     summary = pack(src, tmp_path / "shards", maxcount=5, on_bad_sample="skip")
-    assert summary["samples"] == N - 1 and summary["skipped"]["by_reason"] == {"missing image": 1}
+    assert summary["samples"] == N - 1 and summary["skipped"]["by_reason"] == {"bad image": 1}
     got = list(ShardStream(tmp_path / "shards", shuffle=0))
     assert sorted(s["json"]["id"] for s in got) == [i for i in range(N) if i != 3]
     assert got[0]["json"]["captions"] == [c.text for c in WORLD.scene(got[0]["json"]["id"]).captions]

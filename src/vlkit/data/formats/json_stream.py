@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from vlkit.data.formats.common import FormatError
+from vlkit.data.formats.common import FormatError, not_utf8
 
 CHUNK_SIZE = 1 << 18  # characters per read: peak memory is a few times this plus one item
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -42,9 +42,8 @@ class _JSONStream:
         self.base, self.buf, self.pos = self.base + self.pos, self.buf[self.pos :], 0  # free what was read first
         try:
             chunk = self.f.read(size)
-        except UnicodeDecodeError as err:
-            where = f"after character {self.base + len(self.buf)}"
-            raise FormatError(f"{self.path}: not UTF-8 ({err.reason}) {where}; expected {self.expected}") from None
+        except UnicodeDecodeError:
+            raise not_utf8(self.path, self.expected) from None
         if not chunk:
             self.eof = True
             return False

@@ -151,7 +151,7 @@ def pack(src: str | Path, out: str | Path, maxcount: int = 1000, prefix: str = "
             try:
                 ext, data = _image_entry(path)
             except BadSample as err:
-                skips.reject(err, "missing image" if err.problem == "file not found" else "bad image")
+                skips.reject(err, "bad image")
                 continue
             counter[0] += 1
             yield {"__key__": key, ext: data, "json": meta}
