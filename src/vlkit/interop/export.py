@@ -1,5 +1,6 @@
 """Export vlkit models to transformers (``CLIPModel``, ``SiglipModel``, CLIP one-tower models,
-``Dinov2Model``) and OpenCLIP folders: the loaders' key maps run backwards, and every config
+``Dinov2Model``, ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``MistralForCausalLM``, ``OPTForCausalLM``)
+and OpenCLIP folders: the loaders' key maps run backwards, and every config
 switch the target cannot express is refused by name rather than exported approximately."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from safetensors.torch import save_file
 
 from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
-from vlkit.interop import hf_clip, hf_dinov2, hf_siglip, open_clip
+from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_opt, hf_siglip, open_clip
 from vlkit.interop import keymap as km
+from vlkit.lm import DecoderLM, LlamaLM
 from vlkit.models.clip import CLIP
 from vlkit.models.single_tower import TextTower, VisionEncoder
 from vlkit.text.encoder import TextConfig
@@ -79,6 +81,8 @@ def _projection(kind: str, name: str, src: str, width: int, embed_dim: int, bias
 
 def hf_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor], str]:
     """``(config.json, rules, extra tensors, image processor class)`` for a vlkit model."""
+    if isinstance(model, DecoderLM):
+        return _lm_layout(model)
     if isinstance(model, CLIP) and model.cfg.loss == "sigmoid":
         return _siglip_layout(model)
     if isinstance(model, CLIP):
@@ -121,7 +125,16 @@ def hf_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor], str]
         arch = "CLIPTextModelWithProjection" if with_proj else "CLIPTextModel"
         config = dict(architectures=[arch], model_type="clip_text_model", **tcfg, projection_dim=c.embed_dim or c.text.width)
         return config, rules, {}, ""
-    raise ValueError(f"cannot export a {type(model).__name__} to transformers; expected CLIP, VisionEncoder or TextTower")
+    raise ValueError(f"cannot export a {type(model).__name__} to transformers; expected CLIP, VisionEncoder, TextTower "
+                     "or a language model")
+
+
+def _lm_layout(model: DecoderLM):
+    """A Llama-family or OPT language model: the loader's rules backwards, the config its family writes."""
+    layout = hf_llama if isinstance(model, LlamaLM) else hf_opt
+    config, problems = layout.config_to_hf(model.cfg)
+    _refuse(problems, f"transformers {config['architectures'][0]}")
+    return config, layout.rules(model.cfg), {}, ""
 
 
 def _siglip_layout(model: CLIP):
@@ -185,7 +198,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _write_tokenizer(model, dst: Path) -> None:
     """``tokenizer.json`` plus a ``tokenizer_config.json`` that transformers' fast tokenizer reads."""
     tok = getattr(model, "tokenizer", None)
-    if not tok:  # None, or a Missing part of the source folder: the export has none either
+    if not tok or isinstance(model, DecoderLM):  # None or Missing; a language model's files are lm_files' to write
         return
     tok.save(dst / "tokenizer.json")
     pad_id = tok.tok.padding["pad_id"] if tok.tok.padding else None
