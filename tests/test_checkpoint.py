@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import vlkit
 import vlkit.train.checkpoint as checkpoint
+from vlkit.errors import CheckpointError
 from vlkit.models.clip import CLIP, CLIPConfig
 from vlkit.text.encoder import TextConfig
 from vlkit.text.tokenizer import word_level
@@ -164,7 +165,7 @@ def test_training_state_round_trips_without_pickle(tmp_path, monkeypatch):
 def test_missing_training_state_is_named(tmp_path):
     save_state(tmp_path, {"step": 1, "x": torch.zeros(2)})
     (tmp_path / "state.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="state.safetensors"):
+    with pytest.raises(CheckpointError, match="state.safetensors: missing"):
         load_state(tmp_path)
 
 

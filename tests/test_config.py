@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlkit.config import apply_overrides, from_dict, read, to_dict, write_json
+from vlkit.errors import ConfigError
 from vlkit.models.clip import CLIPConfig
 from vlkit.train.clip import CLIPRecipe, load_recipe
 
@@ -45,15 +46,15 @@ def test_to_dict_round_trips():
         ({"modle": {}}, "recipe: unknown key(s) ['modle']"),
         ({"model": {"vision": {"widht": 3}}}, "recipe.model.vision: unknown key(s) ['widht']"),
         ({"loop": {"step": 3}}, "recipe.loop: unknown key(s) ['step']"),
-        ({"model": {"vision": 5}}, "recipe.model.vision: expected a mapping for ViTConfig"),
-        ({"loop": {"steps": "many"}}, "recipe.loop.steps: expected int, got 'many'"),
-        ({"optim": {"lr": "fast"}}, "recipe.optim.lr: expected float, got 'fast'"),
+        ({"model": {"vision": 5}}, "recipe.model.vision: expected a mapping of ViTConfig keys, got 5"),
+        ({"loop": {"steps": "many"}}, "recipe.loop.steps: expected a positive integer, got 'many'"),
+        ({"optim": {"lr": "fast"}}, "recipe.optim.lr: expected a positive number, got 'fast'"),
         ({"model": {"vision": {"pool": "max"}}}, "recipe.model.vision: ViTConfig.pool must be"),
-        ({"loop": {"precision": "fp8"}}, "recipe.loop: LoopConfig.precision must be one of"),
+        ({"loop": {"precision": "fp8"}}, "recipe.loop.precision: expected one of ['auto', 'bf16', 'fp32'], got 'fp8'"),
     ],
 )
 def test_errors_name_the_key_by_dotted_path(data, where):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         from_dict(CLIPRecipe, data, "recipe")
     assert str(info.value).startswith(where)
 
@@ -133,3 +134,69 @@ def test_malformed_files_are_named(tmp_path, name, text, problem):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.yaml")):
         read(tmp_path / "nope.yaml")
+
+
+# --- strict types and declared ranges ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"loop": {"steps": True}}, "recipe.loop.steps: expected a positive integer, got True"),
+        ({"loop": {"steps": 1.5}}, "recipe.loop.steps: expected a positive integer, got 1.5"),
+        ({"loop": {"steps": 3.0}}, "recipe.loop.steps: expected a positive integer, got 3.0"),
+        ({"loop": {"steps": "3"}}, "recipe.loop.steps: expected a positive integer, got '3'"),
+        ({"loop": {"batch_size": 0}}, "recipe.loop.batch_size: expected a positive integer, got 0"),
+        ({"loop": {"unfreeze_at": 0}}, "recipe.loop.unfreeze_at: expected a positive integer or null, got 0"),
+        ({"loop": {"grad_checkpointing": 1}}, "recipe.loop.grad_checkpointing: expected true or false, got 1"),
+        ({"loop": {"freeze": "vision"}}, "recipe.loop.freeze: expected a list, each item a string, got 'vision'"),
+        ({"loop": {"freeze": [3]}}, "recipe.loop.freeze: expected a list, each item a string, got [3]"),
+        ({"optim": {"lr": True}}, "recipe.optim.lr: expected a positive number, got True"),
+        ({"optim": {"lr": float("inf")}}, "recipe.optim.lr: expected a positive number, got inf"),
+        ({"optim": {"lr": float("nan")}}, "recipe.optim.lr: expected a positive number, got nan"),
+        ({"optim": {"min_lr_ratio": 1.5}}, "recipe.optim.min_lr_ratio: expected a number in [0, 1], got 1.5"),
+        ({"optim": {"betas": [0.9]}}, "recipe.optim.betas: expected a list of 2 items, each a number in [0, 1), got [0.9]"),
+        ({"data": {"object_sizes": [0.2, 0]}}, "recipe.data.object_sizes: expected a list of 2 items, each a number in (0, 1)"),
+        ({"data": {"source": 3}}, "recipe.data.source: expected a string, got 3"),
+        ({"data": {"on_bad_sample": "ignore"}}, "recipe.data.on_bad_sample: expected one of ['error', 'skip'], got 'ignore'"),
+        ({"data": {"min_objects": 3, "max_objects": 2}}, "recipe.data: max_objects 2 is below min_objects 3"),
+        ({"model": {"vision": {"width": 64.5}}}, "recipe.model.vision.width: expected an integer, got 64.5"),
+        ({"loop": {"batch_size": 10}}, "recipe: loop.batch_size 10 must be a multiple of data.group_size 4"),
+        ({"loop": {"batch_size": 8, "grad_accum": 4}}, "recipe: loop.batch_size 8 in families of data.group_size 4 does not split"),
+    ],
+)
+def test_types_are_strict_and_ranges_declared(data, message):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(data)
+    assert str(info.value).startswith(message)
+
+
+def test_lenient_where_it_is_safe():
+    recipe = load_recipe({"optim": {"lr": 1, "eps": "1e-8"}, "loop": {"save_every": 0, "unfreeze_at": None}})
+    assert recipe.optim.lr == 1.0 and isinstance(recipe.optim.lr, float)  # a float field takes an int
+    assert recipe.optim.eps == 1e-8  # YAML 1.1 reads 1e-8 (no dot) as a string
+    assert recipe.loop.save_every == 0 and recipe.loop.unfreeze_at is None
+
+
+def test_configs_built_in_python_are_checked_too():
+    from vlkit.train.loop import LoopConfig, OptimConfig
+
+    with pytest.raises(ConfigError, match=r"^LoopConfig.steps: expected a positive integer, got 0$"):
+        LoopConfig(steps=0)
+    with pytest.raises(ConfigError, match=r"^batch_size 6 is not a multiple of grad_accum 4$"):
+        LoopConfig(batch_size=6, grad_accum=4)
+    assert isinstance(OptimConfig(lr=1).lr, float)
+
+
+def test_an_error_caused_by_an_override_names_it():
+    with pytest.raises(ConfigError) as info:
+        load_recipe(read(RECIPE), ["--loop.steps=3", "--data.group_size=3"])
+    assert str(info.value).endswith("(set by '--data.group_size=3')")
+    with pytest.raises(ConfigError, match=r"ViTConfig.pool='cls' needs class_token=True \(set by '--model.vision.class_token=false'\)"):
+        load_recipe(read(RECIPE), ["--model.vision.class_token=false"])
+
+
+def test_override_values_keep_their_meaning():
+    recipe = load_recipe(read(RECIPE), ["--data.source=2024", "--loop={steps: 5}", "--data.source=2024-13-45"])
+    assert recipe.data.source == "2024-13-45"  # a string field takes the text as written
+    assert recipe.loop.steps == 5 and recipe.loop.batch_size == 128, "a mapping merges into the section"

@@ -8,6 +8,19 @@ class VlkitError(ValueError):
     """Bad input named in the message. A ``ValueError`` so callers that caught those still do."""
 
 
+class ConfigError(VlkitError):
+    """A config, recipe or ``--key=value`` override with an unknown key or a value of the wrong
+    type or range. ``keys`` are the dotted paths at fault (without the root name), where known."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
+
+
+class CheckpointError(VlkitError):
+    """A checkpoint that cannot be loaded exactly; the message names the file and the key."""
+
+
 class MissingPart(VlkitError):
     """A model folder lacks a file that a use of the model needs (``tokenizer.json``, ...)."""
 

@@ -9,11 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vlkit.errors import VlkitError
-
-
-class CheckpointError(VlkitError):
-    """A checkpoint that cannot be loaded exactly; the message names the file and the key."""
+from vlkit.errors import CheckpointError
 
 
 class WeightReader:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vlkit.config import to_dict, write_json
+from vlkit.errors import CheckpointError
 from vlkit.files import atomic_folder
 
 
@@ -60,9 +63,12 @@ def save_state(folder: Path, state: dict) -> None:
 def load_state(folder: Path) -> dict:
     for name in ("state.safetensors", "state.json"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name}: missing; the training state is incomplete")
-    tensors = load_file(str(folder / "state.safetensors"))
-    return _unflatten(json.loads((folder / "state.json").read_text()), tensors)
+            raise CheckpointError(f"{folder / name}: missing; the training state is incomplete")
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+        return _unflatten(json.loads((folder / "state.json").read_text()), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder}: damaged training state ({err})") from None
 
 
 def save_model(folder: Path, model, model_type: str) -> None:
@@ -71,16 +77,34 @@ def save_model(folder: Path, model, model_type: str) -> None:
     write_json(folder / "config.json", {"model_type": f"vlkit_{model_type}", **to_dict(model.cfg)})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    if getattr(model, "tokenizer", None) is not None:
+    if getattr(model, "tokenizer", None):  # None, or Missing from the folder it was loaded from
         model.tokenizer.save(folder / "tokenizer.json")
-    if getattr(model, "processor", None) is not None:
+    if getattr(model, "processor", None):
         write_json(folder / "preprocessor_config.json", model.processor.to_hf())
 
 
+STEP = re.compile(r"step_(\d+)")
+STALE = (".step_*.tmp-*", ".step_*.old-*", ".latest.tmp-*")
+"""What a save killed midway leaves behind (see :func:`vlkit.files.atomic_folder`)."""
+
+
+def _step_folders(root: Path) -> dict[int, Path]:
+    return {int(m.group(1)): p for p in root.glob("step_*") if (m := STEP.fullmatch(p.name)) and p.is_dir()}
+
+
 def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, prune older ones."""
+    """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, prune older ones.
+
+    Checkpoints of a later step than ``step`` belong to an earlier run that this (fresh) run
+    replaces, and go too; so do the temporary folders of a save that was killed."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for pattern in STALE:
+        for stale in root.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
     target = root / f"step_{step:08d}"
 
     def write(tmp: Path) -> None:
@@ -91,17 +115,53 @@ def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_s
     pointer = root / f".latest.tmp-{uuid.uuid4().hex[:8]}"
     pointer.write_text(target.name + "\n")
     os.replace(pointer, root / "latest")
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    others = sorted((s, p) for s, p in _step_folders(root).items() if p != target)
+    older = [p for s, p in others if s < step]
+    for old in [p for s, p in others if s > step] + older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old)
     return target
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or ``None`` if it has none."""
+    """The newest complete checkpoint of a run (``checkpoints/latest`` names it), or ``None``
+    if the run has none; a pointer naming a missing or incomplete folder is an error."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
+    if not pointer.exists():
         return None
-    folder = pointer.parent / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{pointer}: cannot be read ({err})") from None
+    if not STEP.fullmatch(name):
+        raise CheckpointError(f"{pointer}: expected the name of a checkpoint folder (step_NNNNNNNN), got {name[:80]!r}")
+    folder = pointer.parent / name
     if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{pointer} names {folder.name}, which has no model.safetensors")
+        found = [p.name for _, p in sorted(_step_folders(pointer.parent).items())]
+        problem = "has no model.safetensors" if folder.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"{pointer} names {name}, but {folder} {problem}; the checkpoints there are {found or 'none'} "
+            "(write the name of a complete one into latest, or train into a new --out)"
+        )
     return folder
+
+
+def weight_mismatches(folder: Path, model) -> list[str]:
+    """How ``folder/model.safetensors`` differs from ``model``'s parameters (names and shapes,
+    read from the header only); empty when the weights fit."""
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k} is {shapes[k]} there but {expected[k]} here" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing := sorted(set(expected) - set(shapes)):
+        problems.append(f"it lacks {_some(missing)}")
+    if unexpected := sorted(set(shapes) - set(expected)):
+        problems.append(f"it has {_some(unexpected)}, which this model has not")
+    return problems
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")

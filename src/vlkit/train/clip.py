@@ -2,38 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
-from vlkit.config import from_dict, to_dict, write_json
+from vlkit.config import Bound, NonNegativeInt, OneOf, PositiveInt, build, defaults, to_dict, validate
 from vlkit.data.pairs import CaptionFolder, Collate, ShapesPairs, SkippingDataset
 from vlkit.data.shapes import ShapesWorld
+from vlkit.data.skips import ON_BAD_SAMPLE, SKIPPED_FILE
+from vlkit.errors import ConfigError
 from vlkit.models.clip import CLIP, CLIPConfig
 from vlkit.text.tokenizer import Tokenizer, word_level, words_of
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit
 from vlkit.vision.preprocess import ImageProcessor
 
+SHAPES = "shapes"
+"""The one named data source: the bundled shapes world. Any other ``data.source`` is a folder."""
+
+ObjectSize = Annotated[float, Bound(0, 1, low_open=True, high_open=True)]
+
 
 @dataclass
 class DataConfig:
     """``source``: "shapes" (the bundled world) or a folder holding ``captions.jsonl``.
-    ``group_size``: shapes scenes come in families of this many hard negatives (1 = none)."""
+    ``group_size``: shapes scenes come in families of this many hard negatives (1 = none).
+    ``object_sizes``: small and large object diameters as fractions of the image side.
+    ``allow_outside_paths``: let a folder's records name images outside it (absolute, or ``..``)."""
 
-    source: str = "shapes"
-    image_size: int = 64
-    min_objects: int = 1
-    max_objects: int = 3
-    object_sizes: tuple[float, float] = (0.25, 0.4)
-    group_size: int = 4
-    seed: int = 0
-    on_bad_sample: str = "error"
+    source: str = SHAPES
+    image_size: PositiveInt = 64
+    min_objects: PositiveInt = 1
+    max_objects: PositiveInt = 3
+    object_sizes: tuple[ObjectSize, ObjectSize] = (0.25, 0.4)
+    group_size: PositiveInt = 4
+    seed: NonNegativeInt = 0
+    on_bad_sample: Annotated[str, OneOf(ON_BAD_SAMPLE)] = "error"
+    allow_outside_paths: bool = False
 
     def __post_init__(self):
-        if self.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        validate(self)
+        if self.max_objects < self.min_objects:
+            raise ConfigError(f"max_objects {self.max_objects} is below min_objects {self.min_objects}", ("max_objects", "min_objects"))
 
 
 @dataclass
@@ -42,6 +55,30 @@ class CLIPRecipe:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        validate(self)
+        if self.data.source == SHAPES and self.loop.batch_size % self.data.group_size:
+            raise ConfigError(
+                f"loop.batch_size {self.loop.batch_size} must be a multiple of data.group_size {self.data.group_size} "
+                "(shapes scenes come in families of that many)",
+                ("loop.batch_size", "data.group_size"),
+            )
+        families = self.loop.batch_size // self.data.group_size if self.data.source == SHAPES else self.loop.batch_size
+        if families % self.loop.grad_accum:
+            raise ConfigError(
+                f"loop.batch_size {self.loop.batch_size} in families of data.group_size {self.data.group_size} "
+                f"does not split into loop.grad_accum {self.loop.grad_accum} micro-batches",
+                ("loop.batch_size", "data.group_size", "loop.grad_accum"),
+            )
+
+
+DERIVED = {
+    "model.vision.image_size": "data.image_size",
+    "model.text.vocab_size": "the tokenizer built from the training captions",
+    "model.text.eot_token_id": "the tokenizer ([EOS] has the highest id)",
+}
+"""Recipe keys that training sets itself, from what."""
 
 
 def shapes_world(data: DataConfig) -> ShapesWorld:
@@ -58,19 +95,31 @@ def shapes_vocabulary(world: ShapesWorld, n: int = 3000) -> set[str]:
     return words_of(texts)
 
 
+def caption_folder(data: DataConfig, processor: ImageProcessor) -> CaptionFolder:
+    """The folder ``data.source`` names; an error lists what a source may be when it is neither."""
+    folder = Path(data.source)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"data.source {data.source!r}: no such folder; expected {SHAPES!r} (the bundled world, the only named "
+            "data source) or a folder holding captions.jsonl",
+            ("data.source",),
+        )
+    return CaptionFolder(folder, processor, allow_outside_paths=data.allow_outside_paths)
+
+
 def build_tokenizer(data: DataConfig, context_length: int) -> Tokenizer:
     """A word-level tokenizer over the training captions' vocabulary."""
-    if data.source == "shapes":
+    if data.source == SHAPES:
         return word_level(shapes_vocabulary(shapes_world(data)), context_length)
-    folder = CaptionFolder(Path(data.source), ImageProcessor())
-    import json
-
+    folder = caption_folder(data, ImageProcessor())
     texts = []
-    for line in folder.records:
+    for line in folder.records:  # bad records are reported when training reads them
         try:
-            texts += [c for c in json.loads(line).get("captions", []) if isinstance(c, str)]
-        except (json.JSONDecodeError, AttributeError):
+            rec = json.loads(line)
+        except json.JSONDecodeError:
             continue
+        captions = rec.get("captions") if isinstance(rec, dict) else None
+        texts += [c for c in captions if isinstance(c, str)] if isinstance(captions, list) else []
     return word_level(words_of(texts), context_length)
 
 
@@ -80,11 +129,9 @@ def shapes_processor(image_size: int) -> ImageProcessor:
 
 def build_dataset(recipe: CLIPRecipe, processor: ImageProcessor):
     data = recipe.data
-    if data.source == "shapes":
-        if recipe.loop.batch_size % data.group_size:
-            raise ValueError(f"loop.batch_size {recipe.loop.batch_size} must be a multiple of data.group_size {data.group_size}")
+    if data.source == SHAPES:
         return ShapesPairs(shapes_world(data), processor, recipe.loop.steps * recipe.loop.batch_size, data.group_size)
-    dataset = CaptionFolder(Path(data.source), processor)
+    dataset = caption_folder(data, processor)
     return SkippingDataset(dataset) if data.on_bad_sample == "skip" else dataset
 
 
@@ -107,9 +154,6 @@ def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False, stop_a
         loop = recipe.loop
         if recipe.data.source == "shapes" and recipe.data.group_size > 1:
             loop = LoopConfig(**{**to_dict(loop), "batch_size": loop.batch_size // recipe.data.group_size})
-        if world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "recipe.json", to_dict(recipe))
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(
             model,
@@ -124,13 +168,37 @@ def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False, stop_a
             device=device,
             after_step=CLIP.clamp_logit_scale,
             stop_at=stop_at,
+            recipe=to_dict(recipe),
         )
         if summary["skipped"] and world.is_main:
-            print(f"skipped {summary['skipped']} bad samples (see metrics.jsonl)")
+            print(f"skipped {summary['skipped']} bad samples, each listed with its file and reason in {out / SKIPPED_FILE}")
         return summary
     finally:
         teardown(world)
 
 
-def load_recipe(data: dict) -> CLIPRecipe:
-    return from_dict(CLIPRecipe, data, "recipe")
+def recipe_help() -> str:
+    """How ``--key=value`` overrides work and every recipe key with its default and its type,
+    generated from the recipe's dataclasses (the ``train --help`` epilog)."""
+    rows = []
+    for key, value, what in defaults(CLIPRecipe):
+        shown = value if isinstance(value, str) else json.dumps(value)
+        rows.append((f"{key}={shown}", f"set by training from {DERIVED[key]}" if key in DERIVED else what))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(
+        [
+            "recipe overrides:",
+            "  Any recipe key can be set on the command line as --key=value; it overrides the --recipe",
+            "  file, which overrides the defaults below. Values are read as YAML: --loop.steps=200,",
+            "  --optim.lr=1e-3, --loop.freeze=[vision], --model.logit_bias_init=null. A key names one",
+            "  value (--loop.batch_size=64), not a whole section (--loop=...).",
+            "",
+            "recipe keys and their defaults:",
+            *[f"  --{a:<{width}}  {b}" for a, b in rows],
+        ]
+    )
+
+
+def load_recipe(data: dict, overrides: list[str] = ()) -> CLIPRecipe:
+    """A recipe from a dict (a recipe file's contents) and ``--key=value`` overrides."""
+    return build(CLIPRecipe, data, list(overrides), "recipe")

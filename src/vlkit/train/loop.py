@@ -7,59 +7,86 @@ optimizer, schedule, step and RNG states, so a resumed run continues exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vlkit.config import (
+    Bound,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OneOf,
+    PositiveFloat,
+    PositiveInt,
+    flatten,
+    read,
+    validate,
+    write_json,
+)
+from vlkit.data.skips import SKIPPED_FILE, Skip
+from vlkit.errors import CheckpointError, ConfigError, VlkitError
 from vlkit.precision import PRECISIONS, autocast
-from vlkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from vlkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, weight_mismatches
 from vlkit.train.distributed import World
 from vlkit.train.schedule import make_scheduler
+
+
+Beta = Annotated[float, Bound(0, 1, high_open=True)]
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup and cosine decay; decay is not applied to gains, biases,
-    embeddings' positions or temperatures (parameters with fewer than 2 dimensions)."""
+    embeddings' positions or temperatures (parameters with fewer than 2 dimensions).
+    ``grad_clip`` 0 turns clipping off."""
 
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    lr: PositiveFloat = 5e-4
+    weight_decay: NonNegativeFloat = 0.1
+    betas: tuple[Beta, Beta] = (0.9, 0.98)
+    eps: PositiveFloat = 1e-6
+    warmup_steps: NonNegativeInt = 100
+    min_lr_ratio: Fraction = 0.0
+    grad_clip: NonNegativeFloat = 1.0
+
+    def __post_init__(self):
+        validate(self)
 
 
 @dataclass
 class LoopConfig:
     """``batch_size`` is the global batch per optimizer step (split over ranks and
     ``grad_accum`` micro-batches); ``freeze`` names submodules to keep fixed (LiT: ["vision"]),
-    for the whole run or, with ``unfreeze_at``, until that step."""
+    for the whole run or, with ``unfreeze_at``, until that step. ``save_every`` 0 saves only
+    at the end."""
 
-    steps: int = 1000
-    batch_size: int = 256
-    grad_accum: int = 1
-    precision: str = "auto"
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 256
+    grad_accum: PositiveInt = 1
+    precision: Annotated[str, OneOf(PRECISIONS)] = "auto"
     grad_checkpointing: bool = False
     freeze: list[str] = field(default_factory=list)
-    unfreeze_at: int | None = None
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    num_workers: int = 0
+    unfreeze_at: PositiveInt | None = None
+    seed: NonNegativeInt = 0
+    log_every: PositiveInt = 10
+    save_every: NonNegativeInt = 0
+    keep_checkpoints: PositiveInt = 2
+    num_workers: NonNegativeInt = 0
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"LoopConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        validate(self)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}", ("batch_size", "grad_accum")
+            )
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -75,8 +102,9 @@ class StepSampler(torch.utils.data.Sampler):
         self.end = cfg.steps if end_step is None else end_step
         self.micro = cfg.batch_size // (cfg.grad_accum * world.world_size)
         if self.micro * cfg.grad_accum * world.world_size != cfg.batch_size:
-            raise ValueError(
-                f"batch_size {cfg.batch_size} is not divisible by grad_accum {cfg.grad_accum} × world size {world.world_size}"
+            raise ConfigError(
+                f"loop.batch_size {cfg.batch_size} is not divisible by loop.grad_accum {cfg.grad_accum} × world size {world.world_size}",
+                ("loop.batch_size", "loop.grad_accum"),
             )
         self._perms: dict[int, np.ndarray] = {}
 
@@ -115,7 +143,7 @@ def freeze(model: torch.nn.Module, names: list[str], frozen: bool = True) -> Non
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"cannot freeze {name!r}: the model has no such submodule") from None
+            raise ConfigError(f"loop.freeze: cannot freeze {name!r}: the model has no such submodule", ("loop.freeze",)) from None
         module.requires_grad_(not frozen)
 
 
@@ -146,19 +174,59 @@ def _optimizer(model: torch.nn.Module, optim: OptimConfig, steps: int):
     return optimizer, make_scheduler(optimizer, optim.warmup_steps, steps, optim.min_lr_ratio)
 
 
-def _restore(run_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> Progress:
-    """Load the latest checkpoint of ``run_dir`` into the model, optimizer, schedule and RNG."""
+def _start(run_dir: Path, resume: bool, model: torch.nn.Module, optimizer, scheduler, recipe: dict | None, world: World) -> Progress:
+    """Where the run starts: the latest checkpoint when resuming (said so when there is none),
+    else step 0 (said so when the folder holds an earlier run, which this one replaces)."""
+    if not resume:
+        if world.is_main and (run_dir / "checkpoints" / "latest").exists():
+            print(f"{run_dir}: holds an earlier run; starting a fresh one, whose first checkpoint replaces it (--resume continues it instead)")
+        return Progress()
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
+        if world.is_main:
+            print(f"{run_dir}: no checkpoint to resume from; starting a fresh run")
         return Progress()
+    return _restore(ckpt, model, optimizer, scheduler, run_dir / "recipe.json", recipe)
+
+
+def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_file: Path, recipe: dict | None) -> Progress:
+    """Load a checkpoint into the model, optimizer, schedule and RNG, once its weights are seen
+    to fit the model (nothing is changed when they do not)."""
+    if problems := weight_mismatches(ckpt, model):
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'}: does not fit the model this recipe builds: {'; '.join(problems)}. "
+            f"{_recipe_change(recipe_file, recipe)}Resume with the run's recipe, or train into a new --out."
+        )
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-    state = load_state(ckpt / "training_state")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return Progress(state["step"], state["skipped"], state["elapsed"])
+    try:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        state = load_state(ckpt / "training_state")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        return Progress(int(state["step"]), int(state["skipped"]), float(state["elapsed"]))
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{ckpt}: cannot resume from it ({type(err).__name__}: {err})") from None
+
+
+def _recipe_change(recipe_file: Path, recipe: dict | None) -> str:
+    """The keys in which ``recipe`` differs from the run's saved recipe, as a sentence."""
+    if recipe is None:
+        return ""
+    try:
+        before = flatten(read(recipe_file))
+    except (VlkitError, OSError):
+        return "The recipe differs from the one the run was trained with. "
+    now = flatten(recipe)
+    keys = sorted(set(before) | set(now), key=lambda k: (not k.startswith("model."), k))  # the model's keys first
+    changed = [f"{k} {before.get(k, '(unset)')!r} → {now.get(k, '(unset)')!r}" for k in keys if before.get(k) != now.get(k)]
+    if not changed:
+        return f"{recipe_file} holds the same recipe, so the checkpoint was written by another one. "
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    return f"The recipe differs from {recipe_file} in {', '.join(changed[:6])}{more}. "
 
 
 def _training_state(optimizer, scheduler, progress: Progress) -> dict:
@@ -185,13 +253,22 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, loop: LoopConfig, world: World, start: int):
         self.path, self.every, self.on = run_dir / "metrics.jsonl", loop.log_every, world.is_main
-        if self.on and start == 0 and self.path.exists():
-            self.path.unlink()
+        self.skips = run_dir / SKIPPED_FILE
+        if self.on and start == 0:
+            self.path.unlink(missing_ok=True)
+            self.skips.unlink(missing_ok=True)
         self.bar = tqdm(total=loop.steps, initial=start, disable=not self.on, desc="train", unit="step", dynamic_ncols=True)
         self.window_t, self.window_n = time.perf_counter(), 0
 
     def samples(self, n: int) -> None:
         self.window_n += n
+
+    def skipped(self, step: int, skips: list[Skip]) -> None:
+        """One line per skipped sample in ``skipped.jsonl`` as it happens: the step, the file
+        and record, and the reason."""
+        if self.on and skips:
+            with open(self.skips, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"step": step, **dataclasses.asdict(skip)}) + "\n" for skip in skips)
 
     def step(self, model: torch.nn.Module, progress: Progress, loss: float, lr: float, last: bool) -> None:
         if self.on and (progress.step % self.every == 0 or last):
@@ -222,13 +299,18 @@ def fit(
     device: torch.device | str = "cpu",
     after_step: Callable[[torch.nn.Module], None] | None = None,
     stop_at: int | None = None,
+    recipe: dict | None = None,
 ) -> dict:
     """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict.
 
     ``stop_at`` ends the run early after that step, with a checkpoint, as if it were
     interrupted there: the schedule still spans ``loop.steps``, so ``resume`` continues it.
+    ``recipe`` is written to the run's ``recipe.json`` once the run has started (after a
+    resumed checkpoint has loaded), so a failed resume leaves the run folder as it was.
     """
     device, run_dir = torch.device(device), Path(run_dir)
+    if len(dataset) == 0:
+        raise VlkitError("the training data holds no samples")
     torch.manual_seed(loop.seed)
     if loop.grad_checkpointing:
         for m in model.modules():
@@ -236,45 +318,73 @@ def fit(
                 m.gradient_checkpointing = True
     model.to(device).train()
     optimizer, scheduler = _optimizer(model, optim, loop.steps)
-    progress = _restore(run_dir, model, optimizer, scheduler) if resume else Progress()
+    progress = _start(run_dir, resume, model, optimizer, scheduler, recipe, world)
     start, elapsed_before = progress.step, progress.elapsed
+    if start > loop.steps:
+        raise ConfigError(
+            f"{run_dir}: the run is at step {start}, beyond loop.steps={loop.steps}; set --loop.steps above it to continue",
+            ("loop.steps",),
+        )
     freeze(model, loop.freeze, frozen=loop.unfreeze_at is None or start < loop.unfreeze_at)
-    wrapped = _wrap(model, world, device)
     end = loop.steps if stop_at is None else min(stop_at, loop.steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if recipe is not None and world.is_main:
+        write_json(run_dir / "recipe.json", recipe)
+    if start >= end:  # a resumed run that has already got there
+        return {"steps": start, "samples": 0, "train_seconds": progress.elapsed, "skipped": progress.skipped,
+                "checkpoint": str(latest_checkpoint(run_dir))}  # fmt: skip
+    wrapped = _wrap(model, world, device)
     sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True), end_step=end)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers)
-    run_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir, loop, world, start)
-    t0, seen, micro, loss_sum = time.perf_counter(), 0, 0, 0.0
+    t0, seen, skipped_before, micro, loss_sum = time.perf_counter(), 0, progress.skipped, 0, 0.0
 
-    def save() -> None:
+    def check_trained() -> None:
+        """Refuse to go on, or to save, once every sample read so far was skipped."""
+        if seen == 0 and (progress.skipped - skipped_before >= len(dataset) or progress.step == end):
+            steps = f"step {start + 1}" if progress.step == start + 1 else f"steps {start + 1}-{progress.step}"
+            raise VlkitError(
+                f"every sample read in {steps} was skipped as bad ({progress.skipped - skipped_before} skipped, "
+                f"listed in {log.skips}); nothing was trained, so no checkpoint was saved"
+            )
+
+    def save() -> Path | None:
+        check_trained()
         if world.is_main:
-            save_checkpoint(run_dir, progress.step, model, model_type, _training_state(optimizer, scheduler, progress), loop.keep_checkpoints)
+            state = _training_state(optimizer, scheduler, progress)
+            return save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints)
+        return None
 
-    for batch in loader:
-        progress.skipped += len(batch.pop("skipped", []))
-        if batch:
-            sync = micro == loop.grad_accum - 1 or not world.distributed
-            loss_sum += _backward(wrapped, {k: v.to(device) for k, v in batch.items()}, loop, device, sync)
-            n = batch["pixel_values"].shape[0] * world.world_size
-            seen += n
-            log.samples(n)
-        micro += 1
-        if micro < loop.grad_accum:
-            continue
-        _optimizer_step(model, optimizer, scheduler, optim.grad_clip, after_step)
-        progress.step, micro = progress.step + 1, 0
-        if progress.step == loop.unfreeze_at and loop.freeze:
-            freeze(model, loop.freeze, frozen=False)
-            wrapped = _wrap(model, world, device)
-        progress.elapsed = elapsed_before + time.perf_counter() - t0
-        log.step(model, progress, loss_sum, scheduler.get_last_lr()[0], progress.step == end)
-        loss_sum = 0.0
-        if loop.save_every and progress.step % loop.save_every == 0 and progress.step < end:
-            save()
-    log.bar.close()
-    save()
-    return {"steps": progress.step, "samples": seen, "train_seconds": progress.elapsed, "skipped": progress.skipped}
+    try:
+        for batch in loader:
+            skips = batch.pop("skipped", [])
+            progress.skipped += len(skips)
+            log.skipped(progress.step + 1, skips)
+            if batch:
+                sync = micro == loop.grad_accum - 1 or not world.distributed
+                loss_sum += _backward(wrapped, {k: v.to(device) for k, v in batch.items()}, loop, device, sync)
+                n = batch["pixel_values"].shape[0] * world.world_size
+                seen += n
+                log.samples(n)
+            micro += 1
+            if micro < loop.grad_accum:
+                continue
+            _optimizer_step(model, optimizer, scheduler, optim.grad_clip, after_step)
+            progress.step, micro = progress.step + 1, 0
+            check_trained()
+            if progress.step == loop.unfreeze_at and loop.freeze:
+                freeze(model, loop.freeze, frozen=False)
+                wrapped = _wrap(model, world, device)
+            progress.elapsed = elapsed_before + time.perf_counter() - t0
+            log.step(model, progress, loss_sum, scheduler.get_last_lr()[0], progress.step == end)
+            loss_sum = 0.0
+            if loop.save_every and progress.step % loop.save_every == 0 and progress.step < end:
+                save()
+    finally:
+        log.bar.close()
+    final = save()
+    return {"steps": progress.step, "samples": seen, "train_seconds": progress.elapsed, "skipped": progress.skipped,
+            "checkpoint": str(final) if final else None}  # fmt: skip
 
 
 def _backward(wrapped: torch.nn.Module, batch: dict, loop: LoopConfig, device: torch.device, sync: bool) -> float:
