@@ -91,15 +91,16 @@ def test_padded_rows_equal_rows_alone(tmp_path, batch, family):
         assert (out[row, keep] - alone).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("lengths", [(11, 7, 3), (11, 11, 11)], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "opt", "opt-post-ln-proj"])
 @torch.no_grad()
-def test_cached_decoding_equals_full_forward(tmp_path, batch, name):
+def test_cached_decoding_equals_full_forward(tmp_path, name, lengths):
     """Prefill the first 5 positions into a static cache, then feed one token at a time with the
     growing attention mask: the logits are the full forward's (and transformers')."""
     family, overrides = VARIANTS[name]
     hf = hf_model(family, **overrides)
     model = vlkit.load(save(hf, tmp_path))
-    ids, mask = batch
+    ids, mask = padded_batch(lengths)
     full = model(input_ids=ids, attention_mask=mask).logits
     cache = model.new_cache(ids.shape[0], ids.shape[1] + 2)
     steps = [model(input_ids=ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits]
@@ -141,3 +142,16 @@ def test_cache_reorder_keeps_rows(tmp_path, batch):
     assert (last[:, 0] - full[order, -1]).abs().max().item() <= TOL
     cache.reorder(torch.tensor([1]))  # keep one row (the old row 0)
     assert cache.batch == 1 and cache.keys.shape[1] == 1
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_chunked_prefill_equals_full_forward(tmp_path, padded):
+    """Several new tokens on top of a filled cache (queries later than position 0 of the keys)."""
+    model = vlkit.load(save(hf_model("llama"), tmp_path))
+    ids, mask = padded_batch((11, 7, 3) if padded else (11, 11, 11))
+    full = model(input_ids=ids, attention_mask=mask if padded else None).logits
+    cache = model.new_cache(3, 11)
+    first = model(input_ids=ids[:, :4], attention_mask=mask[:, :4] if padded else None, cache=cache).logits
+    rest = model(input_ids=ids[:, 4:], attention_mask=mask if padded else None, cache=cache).logits
+    assert (real(torch.cat([first, rest], 1), mask) - real(full, mask)).abs().max().item() <= TOL

@@ -41,7 +41,11 @@ def causal_mask(attention_mask: torch.Tensor | None, start: int, n: int, dtype: 
     """``(mask, causal)`` for SDPA: queries at positions ``[start, start + n)`` of the cache see the
     keys before them that the attention mask keeps. An additive ``[B, 1, n, start + n]`` mask (built
     once, shared by every layer), or ``None`` where SDPA's own causal flag (or no mask) is exact.
-    A padding query always sees itself, so no row is fully masked (which would give NaNs)."""
+    A padding query always sees itself, so no row is fully masked (which would give NaNs).
+    On the CPU a mask without padding is dropped (checking costs less than masking in every layer;
+    on a GPU the check would stall the queue)."""
+    if attention_mask is not None and device.type == "cpu" and bool(attention_mask.all()):
+        attention_mask = None
     if attention_mask is None and start == 0:
         return None, True
     if attention_mask is None and n == 1:
@@ -62,8 +66,8 @@ class DecoderLM(nn.Module):
     cache=None, logits_to_keep=0) -> LMOutput``, ``embed(input_ids)``, ``new_cache(...)``, ``config``.
 
     Subclasses set ``embed_tokens`` and ``layers`` and implement ``max_length`` (positions the
-    model accepts), ``_kv_shape`` ``(kv_heads, head_dim)``, ``_check_length``, ``_rope``/``_embed_positions``
-    via :meth:`_prepare` and :meth:`_head`."""
+    model accepts), ``_kv_shape`` ``(kv_heads, head_dim)``, :meth:`_prepare` (position embeddings
+    or rotary tables) and :meth:`_head` (final norm and output projection)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -83,8 +87,9 @@ class DecoderLM(nn.Module):
     def _kv_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _prepare(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """The first layer's input and the ``rope`` argument every layer takes."""
+    def _prepare(self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None) -> tuple[torch.Tensor, object]:
+        """The first layer's input and the ``rope`` argument every layer takes; ``max_position``
+        bounds ``positions`` (``None`` for caller-given position ids)."""
         raise NotImplementedError
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,7 @@ class DecoderLM(nn.Module):
                 raise VlkitError(f"the KV cache holds {cache.batch} rows; this batch has {b}")
             cache.reserve(n)
         mask, causal = causal_mask(attention_mask, start, n, x.dtype, x.device)
-        x, rope = self._prepare(x, positions)
+        x, rope = self._prepare(x, positions, total - 1 if position_ids is None else None)
         slots = cache.layers if cache is not None else [None] * len(self.layers)
         run = self._checkpointed if self.gradient_checkpointing and self.training else self._call
         for layer, slot in zip(self.layers, slots):

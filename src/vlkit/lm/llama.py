@@ -103,8 +103,8 @@ class LlamaLM(DecoderLM):
     def _kv_shape(self) -> tuple[int, int]:
         return self.cfg.num_key_value_heads, self.cfg.head_dim
 
-    def _prepare(self, x: torch.Tensor, positions: torch.Tensor):
-        return x, self.rotary.tables(positions, x.dtype)
+    def _prepare(self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None):
+        return x, self.rotary.tables(positions, x.dtype, max_position)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)

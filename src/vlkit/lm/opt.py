@@ -97,7 +97,7 @@ class OPTLM(DecoderLM):
                 raise VlkitError(f"position_ids range over [{low}, {high}]; OPT's table holds positions 0..{self.max_length - 1}")
         return positions
 
-    def _prepare(self, x: torch.Tensor, positions: torch.Tensor):
+    def _prepare(self, x: torch.Tensor, positions: torch.Tensor, max_position: int | None):
         if self.project_in is not None:
             x = self.project_in(x)
         return x + self.embed_positions(positions + POSITION_OFFSET), None

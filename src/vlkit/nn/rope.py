@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -67,32 +68,47 @@ def _llama3(cfg: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary:
-    """Builds the cos/sin tables once per forward, for every layer to share. Not a module: it has
-    no weights, and its cached inverse frequencies follow the device they are asked for."""
+    """cos/sin tables for every layer to share, looked up by position: built once per device and
+    dtype for the positions seen so far (grown by doubling), so a decode step only gathers rows.
+    Dynamic scaling depends on the sequence length, so past ``max_position_embeddings`` its tables
+    are computed per call. Not a module: it has no weights."""
 
     def __init__(self, cfg: RopeConfig, head_dim: int, max_position_embeddings: int):
         if head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {head_dim}")
         self.cfg, self.head_dim, self.max_position_embeddings = cfg, head_dim, max_position_embeddings
-        self._cached: tuple[torch.device, torch.Tensor] | None = None
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def inv_freq(self, device: torch.device, seq_len: int) -> torch.Tensor:
-        if self.cfg.type == "dynamic" and seq_len > self.max_position_embeddings:
-            return inverse_frequencies(self.cfg, self.head_dim, self.max_position_embeddings, seq_len).to(device)
-        if self._cached is None or self._cached[0] != device:
-            freqs = inverse_frequencies(self.cfg, self.head_dim, self.max_position_embeddings, 0).to(device)
-            self._cached = (device, freqs)
-        return self._cached[1]
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, n, 1, head_dim]`` for integer ``positions`` ``[B, n]``, with the sign of
+        rotate-half folded into ``sin`` (see :func:`apply_rotary`). ``max_position``, an upper bound
+        of the positions, saves reading it from them (dynamic scaling reads the exact maximum)."""
+        if max_position is None or self.cfg.type == "dynamic":
+            max_position = int(positions.max())
+        if self.cfg.type == "dynamic" and max_position >= self.max_position_embeddings:
+            inv_freq = inverse_frequencies(self.cfg, self.head_dim, self.max_position_embeddings, max_position + 1)
+            cos, sin = _cos_sin(positions, inv_freq, dtype)
+        else:
+            cos_table, sin_table = self._lookup(positions.device, dtype, max_position + 1)
+            cos, sin = F.embedding(positions, cos_table), F.embedding(positions, sin_table)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[B, n, 1, head_dim]`` for integer ``positions`` ``[B, n]``, with the
-        sign of rotate-half folded into ``sin`` (see :func:`apply_rotary`)."""
-        seq_len = int(positions.max()) + 1 if self.cfg.type == "dynamic" else 0
-        freqs = positions[..., None].float() * self.inv_freq(positions.device, seq_len)
-        cos, sin = freqs.cos(), freqs.sin()
-        cos = torch.cat((cos, cos), dim=-1)
-        sin = torch.cat((-sin, sin), dim=-1)
-        return cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2)
+    def _lookup(self, device, dtype, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._table
+        if table is None or table[0].device != device or table[0].dtype != dtype or table[0].shape[0] < need:
+            size = 64 if table is None else table[0].shape[0]
+            while size < need:
+                size *= 2
+            inv_freq = inverse_frequencies(self.cfg, self.head_dim, self.max_position_embeddings, 0)
+            table = self._table = _cos_sin(torch.arange(size, device=device), inv_freq, dtype)
+        return table
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin ``[..., head_dim]`` at ``positions``, in float32 like transformers, then ``dtype``."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
