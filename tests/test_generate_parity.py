@@ -18,7 +18,6 @@ from vlkit.lm.generate import generate, generate_text  # noqa: E402
 from _lm_util import sentencepiece_folder  # noqa: E402
 
 PAD = 3  # not 0: transformers fills finished beams with `pad_token_id or eos`, which skips a pad id of 0
-PROMPTS = {"The quick brown fox jumps": 5, "Hello, how are you today? I am fine, thank you": 11, "café crème, naïve": 8}
 NEW = 32
 
 
@@ -41,13 +40,11 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(models):
-    """Three prompts of different lengths, left-padded."""
-    tok = models[2]
-    rows = [tok.encode(p)[:n] for p, n in PROMPTS.items()]
-    width = max(map(len, rows))
-    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    assert len(set(map(len, rows))) == 3
+    """Three prompts of 5, 11 and 8 tokens, left-padded."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(4, 500, (n,), generator=g).tolist() for n in (5, 11, 8)]
+    ids = torch.tensor([[PAD] * (11 - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (11 - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
 
 

@@ -343,15 +343,21 @@ def stream(
     generation_config: GenerationConfig | None = None, generator: torch.Generator | None = None, **overrides,
 ) -> Iterator[str]:  # fmt: skip
     """Text pieces of one prompt's answer as they are generated (greedy or sampled; no beams).
-    No piece splits a character; joined they equal ``generate_text``'s string."""
+    No piece splits a character; joined they equal ``generate_text``'s string. Bad options raise
+    here, before the first piece is asked for."""
     cfg, prompt, new, pad, stopper = _setup(lm, input_ids, attention_mask, inputs_embeds, generation_config, tokenizer, overrides)
     if prompt.batch != 1 or cfg.num_beams != 1:
         raise VlkitError(
             f"stream(): streams one answer; got {prompt.batch} rows (batch x num_return_sequences) and "
             f"num_beams={cfg.num_beams}; use generate_text for batches and beam search"
         )
-    text, eos = TextStream(tokenizer, cfg.stops), set(cfg.eos_ids)
     steps = _search_steps(lm, prompt, cfg, new, pad, generator, stopper)
+    return _pieces(steps, TextStream(tokenizer, cfg.stops), set(cfg.eos_ids))
+
+
+def _pieces(steps, text: TextStream, eos: set[int]) -> Iterator[str]:
+    """Drive the decoding steps (the model runs in inference mode, the caller's code between
+    pieces does not) and turn each new token into the text it completes."""
     while True:
         with torch.inference_mode():
             item = next(steps, None)

@@ -17,12 +17,13 @@ EarlyStopping = typing.Union[bool, str]
 
 @dataclass
 class GenerationConfig:
-    """Defaults are transformers' (``max_length=20``, ``top_k=50``, ...), so a folder's
-    ``generation_config.json`` means here what it means there. ``max_new_tokens``, when set,
-    wins over ``max_length`` (prompt + new tokens). Sampling fields act only with ``do_sample``."""
+    """Defaults are transformers' (``top_k=50``, ...), so a folder's ``generation_config.json``
+    means here what it means there. The length: ``max_new_tokens`` when set, else ``max_length``
+    (prompt + new tokens) when set, else 20 new tokens (transformers' default ``max_length=20``
+    means the same). Sampling fields act only with ``do_sample``."""
 
     max_new_tokens: int | None = None
-    max_length: int = 20
+    max_length: int | None = None
     min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
@@ -92,7 +93,7 @@ class GenerationConfig:
 
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise bad("max_new_tokens", "a positive number of tokens to generate")
-        if self.max_length <= 0:
+        if self.max_length is not None and self.max_length <= 0:
             raise bad("max_length", "a positive total length (prompt + new tokens)")
         if self.min_new_tokens < 0:
             raise bad("min_new_tokens", "0 or more")

@@ -1,8 +1,10 @@
 """Token ids in, readable text pieces out, as they are generated.
 
 A piece is released only once its characters are whole: a multi-byte character split over
-byte-level tokens, or a run of byte-fallback tokens (``<0xE2><0x82><0xAC>``), decodes to U+FFFD
-until its last byte arrives, so the text is held back while it ends with one. Each step decodes
+byte-level tokens decodes to U+FFFD until its last byte arrives, so the text is held back while it
+ends with one. A run of byte-fallback tokens (``<0xE2><0x82><0xAC>``) is decoded as one byte
+string (all of it becomes U+FFFDs if any part is not UTF-8), so it is held back whole until a
+token that is not a byte follows (a skipped special token between bytes does not end the run). Each step decodes
 only the tokens since the last release and the ones before them (whose text is subtracted), so
 a decoder that strips the first token's leading space strips it from both alike. Text that may
 be the start of a stop string is held back too; the pieces joined equal the full decode with
@@ -10,9 +12,12 @@ the stop string trimmed."""
 
 from __future__ import annotations
 
+import re
+
 from vlkit.lm.stopping import held_back, trim_stop_strings
 
 INCOMPLETE = "\ufffd"
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TextStream:
@@ -27,12 +32,27 @@ class TextStream:
         self.read = 0  # ... and its text up to here is already in self.text
         self.text = ""  # the whole text released by the decoder so far
         self.sent = 0  # characters of self.text already returned
+        self._holds: dict[int, bool] = {}
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _may_continue_bytes(self, token: int) -> bool:
+        """Whether a run of byte-fallback tokens may go on after ``token``: it is one (``<0x41>``,
+        by its name in the vocabulary), or it decodes to nothing (a skipped special token)."""
+        if token not in self._holds:
+            name = getattr(self.tokenizer, "id_to_token", None)
+            if name is None:
+                convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+                name = None if convert is None else (lambda i: convert([i])[0])
+            is_byte = bool(name and BYTE_TOKEN.fullmatch(name(token) or ""))
+            self._holds[token] = is_byte or self._decode([token]) == ""
+        return self._holds[token]
+
     def _advance(self, final: bool) -> None:
         """Move whole characters from the token window into ``self.text``."""
+        if not final and self._may_continue_bytes(self.ids[-1]):
+            return
         known = self._decode(self.ids[self.prefix : self.read])
         window = self._decode(self.ids[self.prefix :])
         ready = final or (window.startswith(known) and not window.endswith(INCOMPLETE))
