@@ -306,3 +306,17 @@ def test_errors_are_vlkit_errors_in_the_api_too(tmp_path):
         load_recipe({"loop": {"batch_size": 0}})
     with pytest.raises(VlkitError, match="data.source 'nowhere': no such folder"):
         train_clip(load_recipe({}, [*TINY, "--data.source=nowhere"]), tmp_path / "run")
+
+
+def test_a_bad_recipe_file_is_named(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("loop: {steps: true}\n")
+    assert main(["train", "clip", "--recipe", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert error_of(capsys) == f"vlkit: error: {recipe}: recipe.loop.steps: expected a positive integer, got True"
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.write_text("not a folder")
+    assert train(out) == 2
+    assert error_of(capsys) == f"vlkit: error: {out}: is a file; the run folder (--out) must be a folder"

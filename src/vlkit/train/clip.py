@@ -199,6 +199,7 @@ def recipe_help() -> str:
     )
 
 
-def load_recipe(data: dict, overrides: list[str] = ()) -> CLIPRecipe:
-    """A recipe from a dict (a recipe file's contents) and ``--key=value`` overrides."""
-    return build(CLIPRecipe, data, list(overrides), "recipe")
+def load_recipe(data: dict, overrides: list[str] = (), source: str | Path | None = None) -> CLIPRecipe:
+    """A recipe from a dict (the contents of the recipe file ``source``) and ``--key=value``
+    overrides; errors name the file too."""
+    return build(CLIPRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe")

@@ -309,6 +309,8 @@ def fit(
     resumed checkpoint has loaded), so a failed resume leaves the run folder as it was.
     """
     device, run_dir = torch.device(device), Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VlkitError(f"{run_dir}: is a file; the run folder (--out) must be a folder")
     if len(dataset) == 0:
         raise VlkitError("the training data holds no samples")
     torch.manual_seed(loop.seed)
