@@ -277,3 +277,28 @@ def test_written_generation_config_reads_back(tmp_path):
     assert again.tokenizer.encode("Hello there") == lm.tokenizer.encode("Hello there")
     ref = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
     assert (ref.eos_token_id, ref.do_sample, ref.top_p, ref.max_new_tokens) == ([2, 1], True, 0.9, 40)
+
+
+def test_convert_to_hf_carries_the_language_model_files(tmp_path):
+    """``vlkit convert --to hf`` of a language model writes its tokenizer, chat template and
+    generation defaults; transformers reads the same tokenizer and generation config back."""
+    import torch
+
+    from vlkit.cli import main
+
+    src = chatml_folder(tmp_path / "src")
+    ref = transformers.AutoTokenizer.from_pretrained(src)
+    cfg = transformers.LlamaConfig(vocab_size=len(ref), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=64, eos_token_id=ref.eos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": ref.eos_token_id, "do_sample": True,
+                                                           "temperature": 0.7}))
+    assert main(["convert", "--to", "hf", str(src), str(tmp_path / "out")]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in texts(30, seed=9):
+        assert back.encode(text) == ref.encode(text), text
+    assert back.apply_chat_template(CONVERSATION, tokenize=False) == ref.apply_chat_template(CONVERSATION, tokenize=False)
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (gen.eos_token_id, gen.do_sample, gen.temperature) == (ref.eos_token_id, True, 0.7)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.get_input_embeddings().weight.shape[0] == len(back) and torch.isfinite(model.lm_head.weight).all()
