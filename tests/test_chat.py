@@ -5,7 +5,6 @@ template-rendered conversation; sampling with a seed repeats; bad folders are na
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 

@@ -46,15 +46,14 @@ class ChatSession:
         """The answer to ``text`` piece by piece; the turn joins the history once the answer is whole."""
         import torch
 
-        from vlkit.lm.generate import generate, stream
+        from vlkit.lm.generate import generate_text, stream
 
         ids = torch.tensor([self._prompt(text)], device=_device(self.model))
         mask = torch.ones_like(ids)
         pieces: list[str] = []
         if self.options.get("num_beams", 1) > 1:  # beams settle only at the end: nothing to stream
-            out = generate(self.model, ids, mask, tokenizer=self.tokenizer, generator=self.generator, **self.options)
-            pieces.append(self.tokenizer.decode(out[0], skip_special_tokens=True))
-            yield pieces[-1]
+            pieces += generate_text(self.model, self.tokenizer, ids, mask, generator=self.generator, **self.options)
+            yield pieces[0]
         else:
             for piece in stream(self.model, self.tokenizer, ids, mask, generator=self.generator, **self.options):
                 pieces.append(piece)

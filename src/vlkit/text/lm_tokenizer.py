@@ -3,10 +3,10 @@
 
 It reads the folder the way transformers' fast tokenizer does, so ids, decoded text and chat
 prompts match it: named special tokens missing from the vocabulary are added, named and extra
-special tokens become special added tokens (dropped by ``skip_special_tokens``), and BOS/EOS are whatever
-``tokenizer.json``'s post-processor adds (transformers 5 ignores the config's ``add_bos_token``
-and ``add_eos_token`` too). Batches are padded on the LEFT,
-the side generation needs (every row's last token is then at the same position).
+special tokens become special added tokens (dropped by ``skip_special_tokens``), and BOS/EOS are
+what ``tokenizer.json``'s post-processor adds (transformers 5 ignores the config's
+``add_bos_token``/``add_eos_token`` too). Batches are padded on the left, the side generation
+needs (every row's last token is then at the same position).
 """
 
 from __future__ import annotations
