@@ -146,6 +146,14 @@ def iter_json_array(path: str | Path, key: str | None = None, expected: str = "a
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; expected {expected}")
+    try:
+        yield from _iter_json_array(path, key, expected, chunk_size)
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deeply to read; expected {expected}") from None
+
+
+def _iter_json_array(path: Path, key: str | None, expected: str, chunk_size: int) -> Iterator:
+    """:func:`iter_json_array` for an existing file (JSON nested past Python's recursion limit raises)."""
     with open(path, encoding="utf-8") as f:
         s = _JSONStream(f, path, expected, chunk_size)
         if key is None:

@@ -114,8 +114,8 @@ def iter_vqav2(
             rec = _record(q, image(i, q), _answers(a["answers"], annotations, record), _types(a, annotations, record))
         except BadRecord as err:
             skips.reject(err, "bad record")
-            if isinstance(a, dict) and a.get("question_id") in index:
-                seen.add(a["question_id"])
+            if isinstance(a, dict) and isinstance(a.get("question_id"), (int, str)) and a["question_id"] in index:
+                seen.add(a["question_id"])  # its question goes with it
             continue
         n += 1
         yield rec
