@@ -5,9 +5,9 @@ A bad record is one that cannot be used: malformed JSON on its line, a key missi
 wrong type, no caption, an image path outside the dataset folder, an image that is missing,
 corrupt, truncated or too large. ``on_bad_sample="error"`` (the default) stops at the first
 with its error; ``"skip"`` leaves it out and keeps ``(source, record, reason)``, which
-:meth:`Skips.write` puts in ``skipped.jsonl``. Blank lines and files that are not images in a
-class folder are not records: they are passed over. Faults of a whole file (missing, not
-UTF-8, not JSON, duplicate ids, no records at all) always stop.
+:meth:`Skips.write` puts in ``skipped.jsonl``. Blank lines, hidden files and folders, and files
+that are not images in a class folder are not records: they are passed over. Faults of a
+whole file (missing, not UTF-8, not JSON, duplicate ids, no records at all) always stop.
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ def iter_jsonl(path: str | Path, expected: str = "one JSON object per line", ski
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise FormatError(f"{path}, line {n}, column {err.start + 1}: not UTF-8 (byte {raw[err.start]:#04x}); expected {expected} in UTF-8") from None
+            except UnicodeDecodeError:
+                raise not_utf8(path, expected) from None
             if not line.strip():
                 continue
             try:
