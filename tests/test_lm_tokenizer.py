@@ -217,7 +217,9 @@ def test_attach_reads_tokenizer_and_generation_config(tmp_path):
     lm = _tiny_lm(448)  # more rows than ids is fine (checkpoints pad the matrix)
     attach_lm_files(lm, folder)
     assert lm.tokenizer.encode("Hello") == transformers.AutoTokenizer.from_pretrained(folder).encode("Hello")
-    assert lm.generation_config.eos_token_id == 5 and lm.generation_config.max_length == 20  # from config, as transformers
+    from vlkit.lm.generation_config import GenerationConfig
+
+    assert lm.generation_config == GenerationConfig().updated({"eos_token_id": 5})  # the model config's ids, as transformers
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "do_sample": True, "top_p": 0.9,
                                                               "transformers_version": "5.0"}))
     attach_lm_files(lm, folder)
