@@ -525,3 +525,11 @@ def test_skips_write_one_line_per_skip(tmp_path):
         Skips().reject(BadSample("x.jsonl", "malformed JSON", "line 3"), "bad record")
     with pytest.raises(VlkitError, match=r"on_bad_sample must be one of \['error', 'skip'\], got 'ignore'"):
         Skips("ignore")
+
+
+def test_pack_takes_a_captions_jsonl_file_as_its_folder(tmp_path):
+    src = caption_folder(tmp_path / "src", [line("img/a.png"), line("img/b.png")])
+    by_file = pack(src / "captions.jsonl", tmp_path / "a")
+    by_folder = pack(src, tmp_path / "b")
+    assert by_file["samples"] == by_folder["samples"] == 2
+    assert [s["json"] for s in ShardStream(tmp_path / "a", shuffle=0)] == [s["json"] for s in ShardStream(tmp_path / "b", shuffle=0)]

@@ -28,6 +28,7 @@ from vlkit.data.shapes import (
     holds,
     render,
 )
+from vlkit.errors import VlkitError
 from vlkit.eval.shapes import TEMPLATES
 from vlkit.text.tokenizer import word_level, words_of
 from vlkit.vision.preprocess import ImageProcessor
@@ -353,3 +354,26 @@ def test_caption_folder_reads_the_export_end_to_end(exported):
     assert batch["pixel_values"].shape == (8, 3, 32, 32)
     assert batch["input_ids"].shape[0] == 8 and batch["skipped"] == []
     assert (batch["input_ids"] != tokenizer.token_id("[UNK]")).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 3}, "image_size 3 leaves no room for objects of 0.4 of the side; expected at least 4 pixels"),
+        ({"image_size": 39, "sizes": (0.9, 0.95)}, "expected at least 40 pixels"),
+        ({"min_objects": 0}, "min_objects 0, max_objects 3; expected 1 <= min_objects <= max_objects"),
+        ({"min_objects": 4}, "min_objects 4, max_objects 3"),
+        ({"sizes": (0.2, 1.0)}, r"object sizes \(0.2, 1.0\); expected two fractions"),
+    ],
+)
+def test_settings_no_scene_can_be_drawn_with_are_named(kwargs, message):
+    """Before: ``vlkit data shapes --image-size 2`` ended in numpy's 'high - low < 0'."""
+    with pytest.raises(VlkitError, match=message):
+        ShapesWorld(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"image_size": 4}, {"image_size": 40, "sizes": (0.9, 0.95)}])
+def test_the_smallest_allowed_world_draws_scenes(kwargs):
+    world = ShapesWorld(**kwargs)
+    for i in range(30):
+        assert world.scene(i).render().size == (kwargs["image_size"],) * 2 and world.single(i).objects

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlkit.errors import VlkitError
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLORS = {
     "red": (220, 40, 40),
@@ -193,6 +195,18 @@ class ShapesWorld:
     max_objects: int = 3
     seed: int = 0
     sizes: tuple[float, float] = (0.25, 0.4)
+
+    def __post_init__(self):
+        """Settings no scene can be drawn with are named here, not deep in the sampling."""
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise VlkitError(f"shapes world: min_objects {self.min_objects}, max_objects {self.max_objects}; expected 1 <= min_objects <= max_objects")
+        bad = [s for s in self.sizes if not 0 < s < 1]
+        if len(self.sizes) != 2 or bad:
+            raise VlkitError(f"shapes world: object sizes {tuple(self.sizes)}; expected two fractions of the image side, each between 0 and 1")
+        need = math.ceil(2 / (1 - max(self.sizes)))
+        if self.image_size < need:
+            raise VlkitError(f"shapes world: image_size {self.image_size} leaves no room for objects of {max(self.sizes)} of the side; "
+                             f"expected at least {need} pixels")  # fmt: skip
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, index])

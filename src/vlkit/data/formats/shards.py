@@ -39,8 +39,8 @@ from vlkit.files import atomic_folder
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 PACK_MANIFEST = "pack.json"
-SOURCES = ("a Karpathy captions JSON, a LLaVA JSON, an ImageFolder (with classnames.json) or a folder with "
-           "captions.jsonl or captions_karpathy.json")  # fmt: skip
+SOURCES = ("a Karpathy captions JSON, a LLaVA JSON, an ImageFolder (with classnames.json), a captions.jsonl or "
+           "a folder with captions.jsonl or captions_karpathy.json")  # fmt: skip
 SKIP_REASONS = ("unreadable tar member", "malformed json", "no image", "corrupt image")
 SKIP_ROWS = 65  # one row of counts for the main process and each of 64 DataLoader workers: no locks needed
 
@@ -88,6 +88,9 @@ def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tu
                 yield f"llava-{c.id}", c.image, {"id": c.id, "conversations": [list(t) for t in c.turns]}
             return
         raise FormatError(f"{src}: not a Karpathy captions JSON or a LLaVA conversation list")
+    if src.is_file() and src.name == "captions.jsonl":
+        yield from _source_records(src.parent, skips, allow_outside)
+        return
     if src.is_dir() and (src / "captions_karpathy.json").is_file():
         yield from _source_records(src / "captions_karpathy.json", skips, allow_outside)
         return
