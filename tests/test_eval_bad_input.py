@@ -219,6 +219,8 @@ def test_cli_skip_writes_skipped_jsonl_and_names_what_it_wrote(tmp_path, oracle,
     (folder / "captions.jsonl").write_text("".join(json.dumps(clean(k)) + "\n" for k in range(N)))
     assert main(["eval", "retrieval", "--model", "m", "--data", str(folder), "--out", str(out)]) == 0
     assert not (out / "skipped.jsonl").exists()  # no stale list from the earlier run
+    assert main(["eval", "retrieval", "--model", "m", "--data", str(folder), "--out", str(out / "results.json")]) == 2
+    assert "results.json: is a file; expected a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task,data", [("zeroshot", "shapez"), ("retrieval", "no/such/folder"), ("caption", "shapes")])

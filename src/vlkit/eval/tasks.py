@@ -238,6 +238,8 @@ def run_eval(
     if batch_size < 1:
         raise VlkitError(f"batch size {batch_size}; expected a whole number of at least 1")
     check_data(task, data)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise VlkitError(f"--out {out}: is a file; expected a folder for results.json, predictions.jsonl and report.md")
     skips = Skips(on_bad_sample)
     if task in GENERATIVE_TASKS:
         from vlkit.eval.generative import run_generative, score_predictions_file
