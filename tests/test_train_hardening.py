@@ -320,3 +320,14 @@ def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
     out.write_text("not a folder")
     assert train(out) == 2
     assert error_of(capsys) == f"vlkit: error: {out}: is a file; the run folder (--out) must be a folder"
+
+
+def test_fit_refuses_an_empty_dataset_before_writing(tmp_path):
+    from vlkit.data.pairs import Collate
+    from vlkit.train.loop import LoopConfig, OptimConfig, fit
+
+    model = CLIP(load_recipe({}, TINY).model)
+    model.tokenizer = None
+    with pytest.raises(VlkitError, match="the training data holds no samples"):
+        fit(model, [], Collate(None), LoopConfig(steps=1, batch_size=2), OptimConfig(), tmp_path / "run", "clip", recipe={})
+    assert not (tmp_path / "run").exists()

@@ -311,8 +311,6 @@ def fit(
     device, run_dir = torch.device(device), Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise VlkitError(f"{run_dir}: is a file; the run folder (--out) must be a folder")
-    if len(dataset) == 0:
-        raise VlkitError("the training data holds no samples")
     torch.manual_seed(loop.seed)
     if loop.grad_checkpointing:
         for m in model.modules():
@@ -328,6 +326,8 @@ def fit(
             ("loop.steps",),
         )
     freeze(model, loop.freeze, frozen=loop.unfreeze_at is None or start < loop.unfreeze_at)
+    if len(dataset) == 0:
+        raise VlkitError("the training data holds no samples")
     end = loop.steps if stop_at is None else min(stop_at, loop.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     if recipe is not None and world.is_main:
