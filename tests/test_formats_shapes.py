@@ -15,6 +15,7 @@ from vlkit.data.formats.tsv import read_tsv
 from vlkit.data.formats.vqav2 import read_vqav2
 from vlkit.data.images import load_image
 from vlkit.data.shapes import CLASS_NAMES, ShapesWorld
+from vlkit.errors import VlkitError
 
 N = 12
 WORLD = ShapesWorld(seed=5)
@@ -137,3 +138,24 @@ def test_pack_from_coco_counts_missing_images(exported, tmp_path):
     got = list(ShardStream(tmp_path / "shards", shuffle=0))
     assert sorted(s["json"]["id"] for s in got) == [i for i in range(N) if i != 3]
     assert got[0]["json"]["captions"] == [c.text for c in WORLD.scene(got[0]["json"]["id"]).captions]
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
+def test_re_export_replaces_the_folder_whole(tmp_path, fmt):
+    """A smaller re-export used to leave the earlier images (as records of their class) and shards."""
+    out = tmp_path / fmt
+    export(WORLD, 12, out, fmt)
+    small = export(WORLD, 2, out, fmt)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.suffix in (".png", ".tar"))
+    if fmt == "imagefolder":
+        assert len(files) == 2 and len(read_imagefolder(out)[0]) == 2
+    else:
+        assert small["files"] == [str(out / f) for f in files] == [str(out / "shards" / f"shapes-00000{k}.tar") for k in range(2)]
+    assert json.loads((out / "shapes_export.json").read_text()) == small
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(VlkitError, match="is not an earlier shapes export"):
+        export(WORLD, 2, tmp_path, "coco")
+    assert (tmp_path / "mine.txt").read_text() == "keep me"

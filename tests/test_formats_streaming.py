@@ -114,7 +114,7 @@ def test_malformed_names_file_item_and_offset(tmp_path, text, key, match):
 def test_not_utf8_and_missing_file(tmp_path):
     path = tmp_path / "x.json"
     path.write_bytes(b'["ok", "\xff"]')
-    with pytest.raises(FormatError, match=r"x\.json: not UTF-8"):
+    with pytest.raises(FormatError, match=r"x\.json, line 1, column 9: not UTF-8 \(byte 0xff\)"):
         list(iter_json_array(path))
     with pytest.raises(FileNotFoundError, match=r"nope\.json: missing; expected a JSON array"):
         list(iter_json_array(tmp_path / "nope.json"))

@@ -15,19 +15,18 @@ end to end on the same data.
         captions.jsonl            {"image": "images/000000.png", "captions": [...]} per line
         scenes.jsonl              {"image": ..., **Scene.to_dict()}: boxes, VQA, referring expressions
 
-The output is a pure function of the arguments. It is written to a temporary folder beside
-``out`` and renamed into place, so an interrupted export leaves no partial dataset behind.
+The output is a pure function of the arguments. It is written whole
+(:func:`vlkit.files.atomic_folder`), so an interrupted export leaves no partial dataset behind.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 from vlkit.data.shapes import CLASS_NAMES, Scene, ShapesWorld
 from vlkit.eval.shapes import TEMPLATES
+from vlkit.files import atomic_folder
 
 MANIFEST = "shapes_export.json"
 
@@ -63,7 +62,7 @@ def _write_captions(root: Path, world: ShapesWorld, n: int, width: int) -> dict:
     images = root / "images"
     images.mkdir(parents=True)
     n_captions = 0
-    with open(root / "captions.jsonl", "w") as captions, open(root / "scenes.jsonl", "w") as scenes:
+    with open(root / "captions.jsonl", "w", encoding="utf-8") as captions, open(root / "scenes.jsonl", "w", encoding="utf-8") as scenes:
         for i in range(n):
             scene = world.scene(i)
             rel = f"images/{i:0{width}d}.png"
@@ -94,8 +93,8 @@ def export_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, 
         "seed": seed,
         "max_objects": max_objects,
     }
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         summary["classification"] = _write_classification(
             tmp / "classification", ShapesWorld(image_size, 1, 1, seed), n, width
@@ -104,10 +103,6 @@ def export_shapes(out: str | Path, n: int, image_size: int = 64, seed: int = 0, 
         for part in ("classification", "captions"):
             summary[part]["path"] = str(out / part)
         (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    atomic_folder(out, write)
     return summary

@@ -13,15 +13,23 @@ mmbench    ``mmbench.tsv``: color/shape/count multiple choice, base64 images
 mathvista  ``mathvista.tsv``: free-form count questions, base64 images
 shards     ``shards/shapes-%06d.tar`` WebDataset (png + json with all annotations)
 ========== ==================================================================
+
+``out`` is written whole, with a ``shapes_export.json`` summary: it must be new, empty or an
+earlier export, which is replaced (a smaller re-export never leaves stale images or shards).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from vlkit.data.shapes import CLASS_NAMES, COLOR_NAMES, SHAPES, ShapesWorld
+from vlkit.errors import VlkitError
+from vlkit.files import atomic_folder
+
+MANIFEST = "shapes_export.json"
 
 FORMATS = ("coco", "vqav2", "llava", "refcoco", "imagefolder", "mmbench", "mathvista", "shards")
 ANSWER_TYPES = {"yesno": "yes/no", "relation": "yes/no", "count": "number", "color": "other", "shape": "other"}
@@ -54,13 +62,26 @@ def mcq_options(correct: str, pool, rng: np.random.Generator, k: int = 4) -> tup
 
 
 def export(world_or_seed, n: int, out: str | Path, fmt: str, split: str = "test") -> dict:
-    """Write ``n`` scenes in ``fmt``; returns a summary (files written, record counts)."""
+    """Write ``n`` scenes in ``fmt`` to the folder ``out``, whole; returns a summary (files
+    written, record counts), also in ``out/shapes_export.json``."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise VlkitError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if n < 1:
+        raise VlkitError(f"n must be at least 1, got {n}")
     world = _world(world_or_seed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return globals()[f"_export_{fmt}"](world, n, out, split)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise VlkitError(f"{out}: exists and is not an earlier shapes export (no {MANIFEST}); expected a new or empty folder")
+    summary: dict = {}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        summary.update(globals()[f"_export_{fmt}"](world, n, tmp, split))
+        summary["files"] = [str(out / Path(f).relative_to(tmp)) for f in summary["files"]]
+        (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")
+
+    atomic_folder(out, write)
+    return summary
 
 
 def _export_coco(world, n, out, split):
