@@ -533,3 +533,21 @@ def test_pack_takes_a_captions_jsonl_file_as_its_folder(tmp_path):
     by_folder = pack(src, tmp_path / "b")
     assert by_file["samples"] == by_folder["samples"] == 2
     assert [s["json"] for s in ShardStream(tmp_path / "a", shuffle=0)] == [s["json"] for s in ShardStream(tmp_path / "b", shuffle=0)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image-size", "2"], "image_size 2 leaves no room for objects of 0.4 of the side; expected at least 4 pixels"),
+        (["--format", "coco", "--image-size", "3"], "expected at least 4 pixels"),
+        (["--max-objects", "0"], "argument --max-objects: expected a whole number of at least 1, got 0"),
+        (["-n", "-3"], "argument -n: expected a whole number of at least 1, got -3"),
+    ],
+)
+def test_cli_data_shapes_names_bad_settings(tmp_path, capsys, args, message):
+    try:
+        rc = main(["data", "shapes", "--out", str(tmp_path / "out"), "-n", "2", *args])
+    except SystemExit as exit:  # argparse
+        rc = exit.code
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
