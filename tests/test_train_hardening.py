@@ -331,3 +331,12 @@ def test_fit_refuses_an_empty_dataset_before_writing(tmp_path):
     with pytest.raises(VlkitError, match="the training data holds no samples"):
         fit(model, [], Collate(None), LoopConfig(steps=1, batch_size=2), OptimConfig(), tmp_path / "run", "clip", recipe={})
     assert not (tmp_path / "run").exists()
+
+
+def test_commands_without_a_recipe_refuse_overrides(tmp_path, capsys):
+    """A mistyped flag such as --batch-sise=8 is not silently taken for a recipe override."""
+    with pytest.raises(SystemExit) as info:
+        main(["data", "shapes", "--out", str(tmp_path / "data"), "-n", "4", "--image-sise=32"])
+    assert info.value.code == 2
+    assert "unrecognised arguments: --image-sise=32" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
