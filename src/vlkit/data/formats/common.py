@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from vlkit.data.images import BadSample
-from vlkit.data.skips import Skip, Skips  # noqa: F401  (Skips: the readers' bad-record rule, imported from here too)
+from vlkit.data.skips import Skips  # the readers' bad-record rule (also imported from here)
 from vlkit.errors import VlkitError
 
 

@@ -82,7 +82,10 @@ def iter_vqav2(
     qs, dropped = _read_questions(questions, skips)
     if (prefix is None or ext is None) and qs:
         prefix, ext = _infer_naming(root, qs[0][1]["image_id"], prefix, ext)
-    image = lambda i, q: image_path(root, image_name(q["image_id"], prefix, ext), questions, f"questions[{i}]", allow_outside_paths)  # noqa: E731
+
+    def image(i: int, q: dict) -> Path:
+        return image_path(root, image_name(q["image_id"], prefix, ext), questions, f"questions[{i}]", allow_outside_paths)
+
     n = 0
     if annotations is None:
         for i, q in qs:
