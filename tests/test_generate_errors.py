@@ -95,3 +95,4 @@ def test_stream_takes_one_prompt_without_beams(lm):
     with pytest.raises(VlkitError, match="num_beams=2"):
         stream(lm, Chars(), IDS, max_new_tokens=3, num_beams=2)
     assert len(generate_text(lm, Chars(), IDS, max_new_tokens=3)[0]) == 3
+

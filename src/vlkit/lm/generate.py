@@ -192,26 +192,31 @@ class _Decoder:
 
 
 class _AllEnded:
-    """Whether every row has ended. On CPU the answer is read at once; on a GPU the previous
-    step's answer is read (copied without waiting), so the host never drains the device queue
-    to ask: the step after the last is computed and dropped."""
+    """Whether every row has ended. On CPU the answer is read at once; on a GPU (``lazy``) the
+    previous step's answer is read, copied without waiting, so the host never drains the device
+    queue to ask: the step after the last is computed and dropped."""
 
-    def __init__(self, device: torch.device):
-        self.lazy = device.type == "cuda"
-        self.flag = torch.zeros((), dtype=torch.bool, pin_memory=self.lazy)
+    def __init__(self, device: torch.device, lazy: bool | None = None):
+        self.cuda = device.type == "cuda"
+        self.lazy = self.cuda if lazy is None else lazy
+        self.flag = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
         self.event = None
+        self.asked = False
 
     def __call__(self, unfinished: torch.Tensor, step: int) -> int | None:
         """The number of steps to keep once every row has ended, else None."""
         if not self.lazy:
             return None if bool(unfinished.any()) else step + 1
         kept = None
-        if self.event is not None:
-            self.event.synchronize()
+        if self.asked:
+            if self.event is not None:
+                self.event.synchronize()
             kept = step if bool(self.flag) else None
-        self.flag.copy_(~unfinished.any(), non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
+        self.flag.copy_(~unfinished.any(), non_blocking=self.cuda)
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.asked = True
         return kept
 
 
