@@ -31,7 +31,8 @@ IDS = torch.tensor([[5, 6, 7, 8]])
      (dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 is more than num_beams=2"),
      (dict(num_return_sequences=2), "num_return_sequences=2; expected 1 for greedy"),
      (dict(top_k=-1), "top_k=-1"), (dict(min_p=1.5), "min_p=1.5"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-     (dict(early_stopping="soon"), "early_stopping='soon'"), (dict(max_tokens=5), r"unknown generation option\(s\) \['max_tokens'\]"),
+     (dict(early_stopping="soon"), "early_stopping='soon'"),
+     (dict(max_tokens=5), r"unknown generation option\(s\) \['max_tokens'\]"),
      (dict(temperature="warm"), "temperature='warm'; expected a number")],
 )
 def test_bad_options(lm, kwargs, message):
@@ -42,7 +43,8 @@ def test_bad_options(lm, kwargs, message):
 def test_a_prompt_longer_than_the_positions_names_both_numbers(lm):
     with pytest.raises(VlkitError, match="the prompt has 40 tokens, more than the model's 32 positions"):
         generate(lm, torch.ones(1, 40, dtype=torch.long), max_new_tokens=1)
-    with pytest.raises(VlkitError, match=r"prompt's 30 tokens \+ max_new_tokens=5 = 35 exceed the model's 32 positions.*at most 2"):
+    too_many = r"prompt's 30 tokens \+ max_new_tokens=5 = 35 exceed the model's 32 positions.*at most 2"
+    with pytest.raises(VlkitError, match=too_many):
         generate(lm, torch.ones(1, 30, dtype=torch.long), max_new_tokens=5)
     with pytest.raises(VlkitError, match="the prompt has 4 tokens, max_length=4 leaves no room"):
         generate(lm, IDS, max_length=4)

@@ -187,3 +187,13 @@ def test_the_same_generator_seed_gives_the_same_samples(models, batch):
     first = draw(7)
     assert torch.equal(first, draw(7))
     assert not torch.equal(first, draw(8))
+
+
+def test_beam_sampling_draws_what_transformers_draws(models, batch):
+    ref, ours, _, _ = models
+    kwargs = dict(max_new_tokens=16, do_sample=True, num_beams=3, num_return_sequences=2, temperature=1.3, top_k=30,
+                  length_penalty=1.5)
+    torch.manual_seed(7)
+    expected = reference(ref, *batch, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(generate(ours, *batch, pad_token_id=PAD, **kwargs), expected)

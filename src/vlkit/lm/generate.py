@@ -100,12 +100,16 @@ def _prompt(lm, input_ids, attention_mask, inputs_embeds) -> _Prompt:
     if input_ids is None and inputs_embeds is None:
         raise VlkitError("generate(): give the prompt as input_ids [B, P] or inputs_embeds [B, P, D]")
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int)):
-        raise VlkitError(f"generate(): input_ids must be integer token ids [B, P], got {tuple(input_ids.shape)} {input_ids.dtype}")
+        raise VlkitError(
+            f"generate(): input_ids must be integer token ids [B, P], got {tuple(input_ids.shape)} {input_ids.dtype}"
+        )
     if inputs_embeds is not None and inputs_embeds.dim() != 3:
         raise VlkitError(f"generate(): inputs_embeds must be [B, P, D], got {tuple(inputs_embeds.shape)}")
     shape = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
     if input_ids is not None and inputs_embeds is not None and tuple(input_ids.shape) != shape:
-        raise VlkitError(f"generate(): input_ids {tuple(input_ids.shape)} and inputs_embeds {shape} cover different tokens")
+        raise VlkitError(
+            f"generate(): input_ids {tuple(input_ids.shape)} and inputs_embeds {shape} cover different tokens"
+        )
     if shape[1] == 0:
         raise VlkitError("generate(): the prompt is empty; give at least one token")
     device = _device(lm)
@@ -115,7 +119,9 @@ def _prompt(lm, input_ids, attention_mask, inputs_embeds) -> _Prompt:
             raise VlkitError(f"generate(): attention_mask is {tuple(attention_mask.shape)}, the prompt {shape}")
         real = attention_mask != 0
         if not bool(real[:, -1].all()) or bool((real[:, 1:] < real[:, :-1]).any()):
-            raise VlkitError("generate(): attention_mask must pad on the left (zeros before each row's tokens, ones to the end)")
+            raise VlkitError(
+                "generate(): attention_mask must pad on the left (zeros before each row's tokens, ones to the end)"
+            )
         if not bool(real.all()):
             mask = attention_mask.to(device=device, dtype=torch.long)
     ids = None if input_ids is None else input_ids.to(device=device, dtype=torch.long)
@@ -139,7 +145,10 @@ def _new_tokens(lm, cfg: GenerationConfig, prompt_len: int) -> int:
         new = 20
     limit = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
     if limit is not None and prompt_len > limit:
-        raise VlkitError(f"generate(): the prompt has {prompt_len} tokens, more than the model's {limit} positions (max_position_embeddings)")
+        raise VlkitError(
+            f"generate(): the prompt has {prompt_len} tokens, more than the model's {limit} positions "
+            "(max_position_embeddings)"
+        )
     if limit is not None and prompt_len + new > limit:
         raise VlkitError(
             f"generate(): the prompt's {prompt_len} tokens + max_new_tokens={new} = {prompt_len + new} exceed the "
@@ -155,7 +164,9 @@ def _pad_id(cfg: GenerationConfig, rows: int) -> int:
     if cfg.eos_ids:
         return cfg.eos_ids[0]
     if cfg.stops and (rows > 1 or cfg.num_beams > 1):
-        raise VlkitError("generate(): rows that end on a stop string are filled with pad_token_id; set pad_token_id or eos_token_id")
+        raise VlkitError(
+            "generate(): rows that end on a stop string are filled with pad_token_id; set pad_token_id or eos_token_id"
+        )
     return 0  # nothing ends early, so no row is ever filled
 
 
@@ -220,20 +231,28 @@ class _AllEnded:
         return kept
 
 
+def _history(prompt: _Prompt, new: int, pad: int, device) -> tuple[torch.Tensor, int]:
+    """Room for each row's tokens, prompt then new ones (``[rows, P + new]``, pad-filled), and
+    where the history the penalties see starts: the prompt's ids, or only the new tokens when
+    the prompt came as embeddings alone."""
+    seqs = torch.full((prompt.batch, prompt.length + new), pad, dtype=torch.long, device=device)
+    if prompt.ids is None:
+        return seqs, prompt.length
+    seqs[:, : prompt.length] = prompt.ids
+    return seqs, 0
+
+
 def _search_steps(lm, prompt: _Prompt, cfg: GenerationConfig, new: int, pad: int, generator, stopper):
     """Greedy or sampled decoding, one token per row per step: yields ``(tokens, unfinished)``
     after each step and returns the new tokens ``[rows, steps]``."""
-    rows, length = prompt.batch, prompt.length
+    length = prompt.length
     decoder = _Decoder(lm, prompt, new)
     device = decoder.position.device
-    seqs = torch.full((rows, length + new), pad, dtype=torch.long, device=device)
-    start = length if prompt.ids is None else 0
-    if prompt.ids is not None:
-        seqs[:, :length] = prompt.ids
+    seqs, start = _history(prompt, new, pad, device)
     process = processors(cfg, prompt.pad_start(), device)
     eos = torch.tensor(cfg.eos_ids, device=device) if cfg.eos_ids else None
     can_end = eos is not None or stopper is not None
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    unfinished = torch.ones(prompt.batch, dtype=torch.bool, device=device)
     ended = _AllEnded(device)
     logits = decoder.prefill()
     for step in range(new):
@@ -263,13 +282,10 @@ def _search_steps(lm, prompt: _Prompt, cfg: GenerationConfig, new: int, pad: int
 def _beam_search(lm, prompt: _Prompt, cfg: GenerationConfig, new: int, pad: int, generator, stopper) -> torch.Tensor:
     """Beam search (see :mod:`vlkit.lm.beam`): the best ``num_return_sequences`` per prompt."""
     prompt = prompt.repeat(cfg.num_beams)
-    rows, length = prompt.batch, prompt.length
+    length = prompt.length
     decoder = _Decoder(lm, prompt, new)
     device = decoder.position.device
-    seqs = torch.full((rows, length + new), pad, dtype=torch.long, device=device)
-    start = length if prompt.ids is None else 0
-    if prompt.ids is not None:
-        seqs[:, :length] = prompt.ids
+    seqs, start = _history(prompt, new, pad, device)
     search = BeamSearch(seqs, length, cfg, pad, generator)
     process = processors(cfg, prompt.pad_start(), device)
     eos = torch.tensor(cfg.eos_ids, device=device) if cfg.eos_ids else None
@@ -298,12 +314,16 @@ def _setup(lm, input_ids, attention_mask, inputs_embeds, generation_config, toke
     if cfg.num_beams == 1:
         prompt = prompt.repeat(cfg.num_return_sequences)
     pad = _pad_id(cfg, prompt.batch)
-    stopper = StopStrings(tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None), cfg.stops) if cfg.stops else None
+    if tokenizer is None and cfg.stops:
+        tokenizer = getattr(lm, "tokenizer", None)
+    stopper = StopStrings(tokenizer, cfg.stops) if cfg.stops else None
     return cfg, prompt, new, pad, stopper
 
 
 def _run(lm, input_ids, attention_mask, inputs_embeds, generation_config, generator, tokenizer, overrides):
-    cfg, prompt, new, pad, stopper = _setup(lm, input_ids, attention_mask, inputs_embeds, generation_config, tokenizer, overrides)
+    cfg, prompt, new, pad, stopper = _setup(
+        lm, input_ids, attention_mask, inputs_embeds, generation_config, tokenizer, overrides
+    )
     with torch.inference_mode():
         if cfg.num_beams > 1:
             return cfg, _beam_search(lm, prompt, cfg, new, pad, generator, stopper)
@@ -350,7 +370,9 @@ def stream(
     """Text pieces of one prompt's answer as they are generated (greedy or sampled; no beams).
     No piece splits a character; joined they equal ``generate_text``'s string. Bad options raise
     here, before the first piece is asked for."""
-    cfg, prompt, new, pad, stopper = _setup(lm, input_ids, attention_mask, inputs_embeds, generation_config, tokenizer, overrides)
+    cfg, prompt, new, pad, stopper = _setup(
+        lm, input_ids, attention_mask, inputs_embeds, generation_config, tokenizer, overrides
+    )
     if prompt.batch != 1 or cfg.num_beams != 1:
         raise VlkitError(
             f"stream(): streams one answer; got {prompt.batch} rows (batch x num_return_sequences) and "

@@ -33,7 +33,9 @@ class StopStrings:
 
     def __init__(self, tokenizer, stops: list[str]):
         if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
-            raise VlkitError(f"stop_strings={stops!r} need a tokenizer with decode(ids) to match on text; pass tokenizer=")
+            raise VlkitError(
+                f"stop_strings={stops!r} need a tokenizer with decode(ids) to match on text; pass tokenizer="
+            )
         self.tokenizer = tokenizer
         self.stops = stops
         self.window = 4 * max(len(s.encode()) for s in stops) + 4
