@@ -1,7 +1,9 @@
-"""Parts shared by every model: attention, MLPs and transformer blocks."""
+"""Parts shared by every model: the one attention, MLPs, norms, rotary positions and transformer blocks."""
 
 from vlkit.nn.attention import Attention
-from vlkit.nn.mlp import MLP, ACTIVATIONS
+from vlkit.nn.mlp import MLP, ACTIVATIONS, GatedMLP
+from vlkit.nn.norms import RMSNorm
+from vlkit.nn.rope import RopeConfig, Rotary
 from vlkit.nn.transformer import Block, Transformer
 
-__all__ = ["Attention", "MLP", "ACTIVATIONS", "Block", "Transformer"]
+__all__ = ["Attention", "MLP", "ACTIVATIONS", "GatedMLP", "RMSNorm", "RopeConfig", "Rotary", "Block", "Transformer"]
