@@ -5,14 +5,12 @@ same tokens from the same seed."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from vlkit.interop.hf_llama import load as load_llama  # noqa: E402
+import vlkit  # noqa: E402
 from vlkit.lm.generate import generate, generate_text  # noqa: E402
 
 from _lm_util import sentencepiece_folder  # noqa: E402
@@ -34,7 +32,7 @@ def models(tmp_path_factory):
     )  # fmt: skip
     ref = transformers.LlamaForCausalLM(cfg).eval()
     ref.save_pretrained(folder)
-    ours = load_llama(folder, json.loads((folder / "config.json").read_text())).eval()
+    ours = vlkit.load(folder).eval()
     return ref, ours, tok, folder
 
 
@@ -197,3 +195,21 @@ def test_beam_sampling_draws_what_transformers_draws(models, batch):
     expected = reference(ref, *batch, **kwargs)
     torch.manual_seed(7)
     assert torch.equal(generate(ours, *batch, pad_token_id=PAD, **kwargs), expected)
+
+
+def test_the_folders_generation_config_gives_the_defaults(models, batch, tmp_path):
+    """generation_config.json read by the loader: generate() without options does what transformers
+    does with the same folder; arguments override it."""
+    import shutil
+
+    ref, _, _, folder = models
+    eos = eos_ids_that_occur(ref, *batch)
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    transformers.GenerationConfig(max_new_tokens=9, eos_token_id=eos, pad_token_id=PAD, repetition_penalty=1.3,
+                                  no_repeat_ngram_size=2).save_pretrained(copy)
+    ref2, ours2 = transformers.LlamaForCausalLM.from_pretrained(copy).eval(), vlkit.load(copy).eval()
+    assert ours2.generation_config.max_new_tokens == 9
+    expected = ref2.generate(input_ids=batch[0], attention_mask=batch[1])[:, batch[0].shape[1] :]
+    assert torch.equal(generate(ours2, *batch), expected)
+    assert generate(ours2, *batch, max_new_tokens=3, eos_token_id=None).shape == (3, 3)
