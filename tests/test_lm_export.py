@@ -128,3 +128,17 @@ def test_dtype(tmp_path):
     assert out.dtype == torch.bfloat16
     ref = real(hf_logits(hf, ids, mask), mask)
     assert (real(out, mask).float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@torch.no_grad()
+def test_pytorch_bin_with_bare_decoder_keys(tmp_path):
+    """An older OPT folder: ``pytorch_model.bin`` (read with ``weights_only=True``) whose keys lack the
+    ``model.`` prefix, as a bare ``OPTModel`` saves them; the tied head needs no ``lm_head.weight``."""
+    hf = hf_model("opt")
+    save(hf, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    state = {k[len("model."):]: v for k, v in hf.state_dict().items() if k.startswith("model.")}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = vlkit.load(tmp_path)
+    ids, mask = padded_batch()
+    assert (real(vlkit_logits(model, ids, mask), mask) - real(hf_logits(hf, ids, mask), mask)).abs().max() <= TOL
