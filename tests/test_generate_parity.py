@@ -213,3 +213,20 @@ def test_the_folders_generation_config_gives_the_defaults(models, batch, tmp_pat
     expected = ref2.generate(input_ids=batch[0], attention_mask=batch[1])[:, batch[0].shape[1] :]
     assert torch.equal(generate(ours2, *batch), expected)
     assert generate(ours2, *batch, max_new_tokens=3, eos_token_id=None).shape == (3, 3)
+
+
+def test_opt_greedy_and_beams_match_transformers(batch, tmp_path):
+    """OPT (BLIP-2's language model: learned positions offset by 2) answers through the same loop."""
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(
+        vocab_size=520, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=32, init_std=0.06, bos_token_id=None, eos_token_id=None,
+        pad_token_id=PAD,
+    )  # fmt: skip
+    ref = transformers.OPTForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    ours = vlkit.load(tmp_path).eval()
+    beams = dict(max_new_tokens=16, num_beams=4, num_return_sequences=2, length_penalty=0.6)
+    for kwargs in (dict(max_new_tokens=24), beams):
+        expected = reference(ref, *batch, do_sample=False, **kwargs)
+        assert torch.equal(generate(ours, *batch, pad_token_id=PAD, **kwargs), expected), kwargs
