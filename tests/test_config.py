@@ -21,7 +21,7 @@ def test_from_dict_builds_nested_dataclasses_and_converts_types():
     recipe = from_dict(
         CLIPRecipe,
         {
-            "model": {"vision": {"width": 64, "mlp_ratio": 2}, "embed_dim": 64},
+            "model": {"vision": {"width": 64, "num_heads": 4, "mlp_ratio": 2}, "embed_dim": 64},
             "data": {"object_sizes": [0.2, 0.3]},
             "optim": {"betas": [0.9, 0.95], "lr": 1},
             "loop": {"freeze": ["vision"]},
@@ -65,7 +65,7 @@ def test_unknown_key_error_lists_the_expected_keys():
 
 
 def test_overrides_parse_values_as_yaml_scalars():
-    data = {"loop": {"steps": 300, "precision": "auto"}, "model": {"vision": {"width": 128}}}
+    data = {"loop": {"steps": 300, "precision": "auto"}, "model": {"vision": {"width": 128, "num_heads": 4}}}
     out = apply_overrides(
         data,
         [
@@ -81,7 +81,7 @@ def test_overrides_parse_values_as_yaml_scalars():
     )
     assert data["loop"]["steps"] == 300, "the input dict is not modified"
     assert out["loop"] == {"steps": 20, "precision": "fp32", "freeze": ["vision", "text"]}
-    assert out["model"] == {"vision": {"width": 64}, "logit_bias_init": None}
+    assert out["model"] == {"vision": {"width": 64, "num_heads": 4}, "logit_bias_init": None}
     assert out["data"] == {"group_size": 1}
     recipe = load_recipe(out)
     assert recipe.optim.lr == 1e-3 and isinstance(recipe.optim.lr, float)
@@ -160,7 +160,7 @@ def test_missing_file_is_named(tmp_path):
         ({"data": {"source": 3}}, "recipe.data.source: expected a string, got 3"),
         ({"data": {"on_bad_sample": "ignore"}}, "recipe.data.on_bad_sample: expected one of ['error', 'skip'], got 'ignore'"),
         ({"data": {"min_objects": 3, "max_objects": 2}}, "recipe.data: max_objects 2 is below min_objects 3"),
-        ({"model": {"vision": {"width": 64.5}}}, "recipe.model.vision.width: expected an integer, got 64.5"),
+        ({"model": {"vision": {"width": 64.5}}}, "recipe.model.vision.width: expected a positive integer, got 64.5"),
         ({"loop": {"batch_size": 10}}, "recipe: loop.batch_size 10 must be a multiple of data.group_size 4"),
         ({"loop": {"batch_size": 8, "grad_accum": 4}}, "recipe: loop.batch_size 8 in families of data.group_size 4 does not split"),
     ],

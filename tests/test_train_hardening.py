@@ -74,6 +74,13 @@ def copy_run(run: Path, to: Path) -> Path:
         ("--optim.betas=[0.9, 1.5]", "optim.betas: expected a list of 2 items, each a number in [0, 1)"),
         ("--data.image_size=0", "data.image_size: expected a positive integer, got 0"),
         ("--data.group_size=3", "loop.batch_size 8 must be a multiple of data.group_size 3"),
+        ("--model.vision.width=0", "model.vision.width: expected a positive integer, got 0"),
+        ("--model.vision.patch_size=0", "model.vision.patch_size: expected a positive integer, got 0"),
+        ("--model.text.depth=0", "model.text.depth: expected a positive integer, got 0"),
+        ("--model.embed_dim=-1", "model.embed_dim: expected a positive integer, got -1"),
+        ("--model.vision.mlp_ratio=-1", "model.vision.mlp_ratio: expected a positive number, got -1"),
+        ("--model.vision.num_registers=-1", "model.vision.num_registers: expected a non-negative integer, got -1"),
+        ("--model.vision.num_heads=5", "width 32 is not divisible by num_heads 5"),
     ],
 )
 def test_bad_numeric_options_are_refused_before_anything_is_written(tmp_path, capsys, override, message):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.config import NonNegativeFloat, PositiveInt, validate
 from vlkit.errors import VlkitError
 from vlkit.losses import clip_loss, siglip_loss
 from vlkit.models.inputs import check_pixels, check_tokens
@@ -35,16 +36,17 @@ class CLIPConfig:
 
     vision: ViTConfig = field(default_factory=ViTConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 512
+    embed_dim: PositiveInt = 512
     vision_projection: str = "linear"
     text_projection: str = "linear"
     loss: str = "softmax"
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: float | None = None
     max_logit_scale: float = math.log(100)
-    label_smoothing: float = 0.0
+    label_smoothing: NonNegativeFloat = 0.0
 
     def __post_init__(self):
+        validate(self)
         if self.loss not in ("softmax", "sigmoid"):
             raise ValueError(f"CLIPConfig.loss must be 'softmax' or 'sigmoid', got {self.loss!r}")
         if self.loss == "sigmoid" and self.logit_bias_init is None:

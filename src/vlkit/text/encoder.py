@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlkit.config import NonNegativeInt, PositiveFloat, PositiveInt, validate
 from vlkit.nn.transformer import Transformer
 
 
@@ -20,20 +21,23 @@ class TextConfig:
     trained attending to its padding, and its reference pipeline passes no mask).
     """
 
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 512
-    depth: int = 12
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
+    vocab_size: PositiveInt = 49408
+    context_length: PositiveInt = 77
+    width: PositiveInt = 512
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 8
+    mlp_ratio: PositiveFloat = 4.0
     act: str = "quick_gelu"
-    eps: float = 1e-5
+    eps: PositiveFloat = 1e-5
     causal: bool = True
     pool: str = "eot"
-    eot_token_id: int | None = None
+    eot_token_id: NonNegativeInt | None = None
     padding_mask: bool = True
 
     def __post_init__(self):
+        validate(self)
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.pool not in ("eot", "last"):
             raise ValueError(f"TextConfig.pool must be 'eot' or 'last', got {self.pool!r}")
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.config import NonNegativeInt, PositiveFloat, PositiveInt, validate
 from vlkit.nn.transformer import Transformer
 from vlkit.vision.pooling import AttentionPool
 
@@ -27,26 +28,31 @@ class ViTConfig:
     (GroupNorm with one group); without it the stem learns shape several times slower.
     """
 
-    image_size: int = 224
-    patch_size: int = 32
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    image_size: PositiveInt = 224
+    patch_size: PositiveInt = 32
+    width: PositiveInt = 768
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    mlp_ratio: PositiveFloat = 4.0
     act: str = "quick_gelu"
-    eps: float = 1e-5
+    eps: PositiveFloat = 1e-5
     class_token: bool = True
-    num_registers: int = 0
+    num_registers: NonNegativeInt = 0
     patch_bias: bool = False
     pre_norm: bool = True
     final_norm: str = "pooled"
     pool: str = "cls"
     layer_scale: float | None = None
     pos_antialias: bool = False
-    stem_channels: tuple[int, ...] = ()
+    stem_channels: tuple[PositiveInt, ...] = ()
     stem_norm: bool = False
 
     def __post_init__(self):
+        validate(self)
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.patch_size > self.image_size:
+            raise ValueError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
         if self.patch_size % 2 ** len(self.stem_channels):
             raise ValueError(f"patch_size {self.patch_size} is not divisible by the conv stem's stride {2 ** len(self.stem_channels)}")
         if self.pool not in ("cls", "mean", "map"):
