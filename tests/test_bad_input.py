@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from vlkit.data.images import BadSample, load_image, to_rgb
+from vlkit.data.images import BadSample, load_image
+from vlkit.vision.preprocess import to_rgb
 from vlkit.data.pairs import CaptionFolder, Collate, SkippingDataset, Skipped
 from vlkit.models.clip import CLIPConfig
 from vlkit.text.encoder import TextConfig

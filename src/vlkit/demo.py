@@ -54,7 +54,7 @@ def clip_recipe(quick: bool, overrides: list[str]):
     data = read(RECIPES / "clip_shapes.yaml")
     if quick:
         data = apply_overrides(data, ["loop.steps=150", "optim.warmup_steps=20"])
-    return load_recipe(apply_overrides(data, overrides))
+    return load_recipe(data, overrides, RECIPES / "clip_shapes.yaml")
 
 
 def run_clip(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:

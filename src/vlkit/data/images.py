@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlkit.errors import VlkitError
+from vlkit.vision.preprocess import to_rgb
 
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused as possible decompression bombs."""
@@ -26,27 +27,6 @@ class BadSample(VlkitError):
         self.where = where
         self.record = record
         self.problem = problem if problem is not None else where
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode → RGB. Transparency is composited on black; 16-bit and float images are
-    scaled from their full range, not clipped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        arr = np.asarray(image, dtype=np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / hi * 255.0, 0, 255).astype("uint8")
-        return Image.fromarray(arr, "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:

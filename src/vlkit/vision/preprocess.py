@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlkit.data.images import to_rgb
 from vlkit.errors import VlkitError
 
 RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
@@ -22,6 +21,25 @@ MAX_RESIZE_PIXELS = 1 << 24
 """Resizes up to this many pixels (48 MB, a 4096x4096 image) are done whole, as transformers
 does; past it (an extreme aspect ratio: 100000x1 would resize to 22400000x224) only the region
 the center crop keeps is resized, so the work follows what the model sees."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB. Transparency is composited on black; 16-bit and float images are
+    scaled from their full range, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype("uint8")
+        return Image.fromarray(arr, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 @dataclass
