@@ -8,7 +8,8 @@ token that is not a byte follows (a skipped special token between bytes does not
 only the tokens since the last release and the ones before them (whose text is subtracted), so
 a decoder that strips the first token's leading space strips it from both alike. Text that may
 be the start of a stop string is held back too; the pieces joined equal the full decode with
-the stop string trimmed."""
+the stop string trimmed. (Not so for a decoder that rewrites text already released, such as
+transformers' clean-up of spaces before punctuation, which word-piece tokenizers may ask for.)"""
 
 from __future__ import annotations
 
@@ -74,5 +75,11 @@ class TextStream:
         return self._release(final=False)
 
     def finish(self) -> str:
-        self._advance(final=True)
+        """The rest: the full decode past what was released (the window's, should a decoder have
+        rewritten released text, as a clean-up of spaces before punctuation can)."""
+        full = self._decode(self.ids)
+        if full.startswith(self.text):
+            self.text = full
+        else:
+            self._advance(final=True)
         return self._release(final=True)
