@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import vlkit  # noqa: E402
 from vlkit.lm.generate import generate, generate_text  # noqa: E402
+from vlkit.lm.stopping import trim_stop_strings  # noqa: E402
 
 from _lm_util import sentencepiece_folder  # noqa: E402
 
@@ -132,20 +133,21 @@ def visible_inside(text: str, n: int, start: int) -> str:
 def test_stop_strings_end_each_row_where_transformers_does(models, batch):
     ref, ours, tok, _ = models
     free = reference(ref, *batch, max_new_tokens=NEW, do_sample=False)
-    # a stop string from the middle of row 0's text (spanning a token boundary), one from row 2
-    texts = [tok.decode(r, skip_special_tokens=True) for r in free.tolist()]
-    stops = [visible_inside(texts[0], 3, len(texts[0]) // 3), visible_inside(texts[2], 2, len(texts[2]) // 2)]
+    full = [tok.decode(r, skip_special_tokens=True) for r in free.tolist()]
+    stops = [visible_inside(full[0], 3, len(full[0]) // 3), visible_inside(full[2], 2, len(full[2]) // 2)]
     expected = reference(ref, *batch, max_new_tokens=NEW, do_sample=False, stop_strings=stops, tokenizer=tok,
                          eos_token_id=PAD)
     got = generate(ours, *batch, max_new_tokens=NEW, stop_strings=stops, tokenizer=tok, eos_token_id=PAD,
                    pad_token_id=PAD)
     assert torch.equal(got, expected)
+    assert got.shape[1] < NEW or (got == PAD).any(), "a row should have stopped early"
     texts = generate_text(ours, tok, *batch, max_new_tokens=NEW, stop_strings=stops, eos_token_id=PAD,
                           pad_token_id=PAD)
-    for text, full in zip(texts, [tok.decode(r, skip_special_tokens=True) for r in free.tolist()]):
-        assert not any(s in text for s in stops)
-        assert full.startswith(text)
-    assert sum(len(t) for t in texts) < sum(len(tok.decode(r, skip_special_tokens=True)) for r in free.tolist())
+    assert texts == [trim_stop_strings(f, stops) for f in full]
+    assert texts[0] != full[0] and texts[2] != full[2]
+    beams = dict(max_new_tokens=16, num_beams=3, num_return_sequences=2, stop_strings=stops[1:], eos_token_id=PAD)
+    assert torch.equal(generate(ours, *batch, tokenizer=tok, pad_token_id=PAD, **beams),
+                       reference(ref, *batch, do_sample=False, tokenizer=tok, **beams))
 
 
 def test_penalties_match_transformers(models, batch):
