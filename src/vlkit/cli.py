@@ -1,4 +1,4 @@
-"""The ``vlkit`` command: demo, train, eval, embed, convert, data."""
+"""The ``vlkit`` command: demo, train, eval, embed, convert, chat, data."""
 
 from __future__ import annotations
 
@@ -8,22 +8,51 @@ import sys
 from pathlib import Path
 
 
-def _recipe_dict(path: str | None, overrides: list[str]) -> dict:
-    from vlkit.config import apply_overrides, read
-
-    return apply_overrides(read(path) if path else {}, overrides)
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts and sizes (``--batch-size``, ``--max-new-tokens``, ``-n``):
+    a whole number of at least 1, else an error that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
 
 
 def cmd_train(args, overrides: list[str]) -> int:
+    from vlkit.config import read
     from vlkit.train.clip import load_recipe, train_clip
 
-    recipe = load_recipe(_recipe_dict(args.recipe, overrides))
+    recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     if args.model == "siglip" and recipe.model.loss != "sigmoid":
         recipe.model.loss, recipe.model.logit_bias_init = "sigmoid", -10.0
         recipe.model.logit_scale_init = 2.302585092994046
     summary = train_clip(recipe, args.out, resume=args.resume)
     print(json.dumps(summary))
+    out = Path(args.out)
+    if summary["samples"] == 0:
+        print(f"nothing to train: {out} is already at step {summary['steps']} ({summary['checkpoint']}); wrote {out / 'recipe.json'}")
+        return 0
+    written = [f"{summary['checkpoint']} (model folder + training state)", "metrics.jsonl", "recipe.json"]
+    written += [f"skipped.jsonl ({summary['skipped']} skipped samples)"] if summary["skipped"] else []
+    print(f"wrote {out}: {', '.join(written)}; vlkit.load({str(out)!r}) loads the newest checkpoint")
     return 0
+
+
+class _TrainHelp(argparse.Action):
+    """``train --help``: the usual help, then every recipe key with its default, generated
+    from the recipe's dataclasses (imported only when asked, so other commands start fast)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from vlkit.train.clip import recipe_help
+
+        parser.epilog = recipe_help()
+        parser.print_help()
+        parser.exit()
 
 
 def cmd_eval(args, overrides: list[str]) -> int:
@@ -35,42 +64,77 @@ def cmd_eval(args, overrides: list[str]) -> int:
         if args.predictions is None:
             options["max_new_tokens"] = args.max_new_tokens
     results = run_eval(
-        args.task, args.model, args.data, args.out, args.batch_size, args.precision, args.predictions, **options
-    )
+        args.task, args.model, args.data, args.out, args.batch_size, args.precision, args.predictions,
+        on_bad_sample=args.on_bad_sample, **options,
+    )  # fmt: skip
     print(json.dumps(results, indent=2))
+    if args.out:
+        out = Path(args.out)
+        skipped = f", {out / 'skipped.jsonl'}" if (out / "skipped.jsonl").is_file() else ""
+        print(f"wrote {out / 'results.json'}, {out / 'predictions.jsonl'}{skipped} and {out / 'report.md'} (with its plots)")
     return 0
 
 
 def cmd_embed(args, overrides: list[str]) -> int:
-    import numpy as np
-
     import vlkit
     from vlkit.eval.embed import embed_images, embed_texts
 
+    texts = _read_texts(args.texts) if args.texts is not None else None
+    paths = _image_paths(args.images) if texts is None else None
     model = vlkit.load(args.model)
-    if args.texts is not None:
-        texts = _read_texts(args.texts)
+    if texts is not None:
         feats = embed_texts(model, texts, batch_size=args.batch_size, precision=args.precision, progress=True)
     else:
         from vlkit.data.images import load_image
 
-        paths = _image_paths(args.images)
         batches = (
             model.processor.batch([load_image(p) for p in paths[i : i + args.batch_size]])
             for i in range(0, len(paths), args.batch_size)
         )
         total = (len(paths) + args.batch_size - 1) // args.batch_size
         feats = embed_images(model, batches, precision=args.precision, progress=True, total=total)
-    np.save(args.out, feats.numpy())
-    print(f"wrote {args.out}: {tuple(feats.shape)} L2-normalised float32 embeddings")
+    out = _save_npy(Path(args.out), feats.numpy())
+    print(f"wrote {out}: {tuple(feats.shape)} L2-normalised float32 embeddings")
     return 0
 
 
+def _save_npy(path: Path, array) -> Path:
+    """``array`` to exactly ``path`` (``np.save`` on a name would append ``.npy``), written to a
+    temporary file and renamed, so a failed run leaves no half-written file."""
+    import os
+
+    import numpy as np
+
+    from vlkit.errors import VlkitError
+
+    if path.is_dir():
+        raise VlkitError(f"--out {path}: is a folder; expected a file name such as {path / 'embeddings.npy'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _read_texts(spec: list[str]) -> list[str]:
-    """Texts given inline, or one per line from a .txt file."""
-    if len(spec) == 1 and spec[0].endswith(".txt") and Path(spec[0]).is_file():
-        return [line for line in Path(spec[0]).read_text().splitlines() if line.strip()]
-    return spec
+    """Texts given inline, or one per line (blank lines skipped) from a single UTF-8 ``.txt`` file."""
+    from vlkit.errors import VlkitError
+
+    if len(spec) != 1 or not spec[0].endswith(".txt"):
+        return spec
+    from vlkit.data.formats.common import read_text
+
+    path = Path(spec[0])
+    if not path.is_file():
+        raise VlkitError(f"--texts {path}: no such file (a single argument ending in .txt is read as a file of texts, one per line)")
+    texts = [line for line in read_text(path, "texts, one per line").splitlines() if line.strip()]
+    if not texts:
+        raise VlkitError(f"{path}: no texts; expected one text per line")
+    return texts
 
 
 def _image_paths(spec: list[str]) -> list[Path]:
@@ -101,9 +165,14 @@ def cmd_data_shapes(args, overrides: list[str]) -> int:
 
 
 def cmd_data_pack(args, overrides: list[str]) -> int:
-    from vlkit.data.formats.shards import pack
+    from vlkit.data.formats.shards import PACK_MANIFEST, pack
 
-    print(json.dumps(pack(args.src, args.out, maxcount=args.maxcount, prefix=args.prefix), default=str))
+    summary = pack(args.src, args.out, maxcount=args.maxcount, prefix=args.prefix, on_bad_sample=args.on_bad_sample,
+                   allow_outside_paths=args.allow_outside_paths)  # fmt: skip
+    print(json.dumps(summary, default=str))
+    skipped = summary["skipped"]
+    print(f"wrote {args.out}: {summary['samples']} samples in {len(summary['shards'])} shards, {PACK_MANIFEST}, "
+          f"{Path(skipped['file']).name} ({skipped['total']} skipped samples, with file and reason)", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -122,26 +191,31 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a first look in a few minutes (lower quality)")
     demo.add_argument("--parts", default="clip", help="comma-separated parts to run (clip)")
-    demo.set_defaults(fn=cmd_demo)
+    demo.set_defaults(fn=cmd_demo, takes_overrides=True)
 
-    train = sub.add_parser("train", help="train a model from a recipe; --key=value overrides the recipe")
-    train.add_argument("model", choices=["clip", "siglip"])
+    train = sub.add_parser("train", help="train a model from a recipe; --key=value overrides the recipe", add_help=False,
+                           allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    train.add_argument("-h", "--help", action=_TrainHelp, help="show this help, with every recipe key and its default")
+    train.add_argument("model", choices=["clip", "siglip"], help="siglip: clip with the sigmoid loss (and its temperature and bias)")
     train.add_argument("--recipe", help="YAML or JSON recipe (see recipes/)")
     train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    train.set_defaults(fn=cmd_train)
+    train.set_defaults(fn=cmd_train, takes_overrides=True)
 
     ev = sub.add_parser("eval", help="evaluate a model on a task")
     ev.add_argument("task", choices=["zeroshot", "retrieval", "caption", "vqa", "grounding", "mcq"])
     ev.add_argument("--model", help="model or run folder")
-    ev.add_argument("--data", default="shapes", help="'shapes', an ImageFolder (zeroshot), a captions.jsonl folder "
-                    "(retrieval), or a dataset in a standard format (caption, vqa, grounding, mcq)")
+    ev.add_argument("--data", default="shapes", help="'shapes' (the bundled world; zeroshot, retrieval), or a path: an ImageFolder "
+                    "with classnames.json + templates.json (zeroshot), a folder with captions.jsonl (retrieval), or a dataset "
+                    "in a standard format (caption: COCO Karpathy JSON, vqa: VQAv2, grounding: RefCOCO, mcq: MMBench/MathVista TSV)")
     ev.add_argument("--predictions", help="score this predictions file instead of running a model (caption, vqa, grounding, mcq)")
     ev.add_argument("--split", help="dataset split to evaluate (default: all)")
     ev.add_argument("--box-format", default="pixels", choices=["pixels", "norm1", "norm1000", "loc1000", "loc1024"])
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--out", help="folder for results.json (default: print only)")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--max-new-tokens", type=positive_int, default=32)
+    ev.add_argument("--out", help="folder for results.json, predictions.jsonl and report.md (default: print only)")
+    ev.add_argument("--batch-size", type=positive_int, default=256)
+    ev.add_argument("--on-bad-sample", default="error", choices=["error", "skip"],
+                    help="a bad record or image stops the evaluation (error), or is left out and listed in skipped.jsonl (skip)")
     ev.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ev.set_defaults(fn=cmd_eval)
 
@@ -150,8 +224,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--images", nargs="+", help="image files or folders")
     src.add_argument("--texts", nargs="+", help="strings, or one .txt file with a text per line")
     emb.add_argument("--model", required=True)
-    emb.add_argument("--out", required=True, help="output .npy")
-    emb.add_argument("--batch-size", type=int, default=64)
+    emb.add_argument("--out", required=True, help="output file, written as given (a .npy array; name it x.npy)")
+    emb.add_argument("--batch-size", type=positive_int, default=64)
     emb.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     emb.set_defaults(fn=cmd_embed)
 
@@ -159,13 +233,17 @@ def parser() -> argparse.ArgumentParser:
 
     add_convert(sub)
 
+    from vlkit.chat import add_parser as add_chat
+
+    add_chat(sub)
+
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     shapes = dsub.add_parser("shapes", help="write the shapes world (ImageFolder + captions.jsonl, or --format)")
     shapes.add_argument("--out", required=True)
-    shapes.add_argument("-n", type=int, default=1000)
-    shapes.add_argument("--image-size", type=int, default=64)
-    shapes.add_argument("--max-objects", type=int, default=3)
+    shapes.add_argument("-n", type=positive_int, default=1000)
+    shapes.add_argument("--image-size", type=positive_int, default=64)
+    shapes.add_argument("--max-objects", type=positive_int, default=3)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--format", choices=["coco", "vqav2", "llava", "refcoco", "imagefolder", "mmbench", "mathvista", "shards"],
                         help="write one standard dataset format instead")
@@ -173,8 +251,13 @@ def parser() -> argparse.ArgumentParser:
     pack = dsub.add_parser("pack", help="pack a dataset into WebDataset tar shards")
     pack.add_argument("src", help="a Karpathy COCO JSON, LLaVA JSON, ImageFolder or captions.jsonl folder")
     pack.add_argument("--out", required=True)
-    pack.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    pack.add_argument("--maxcount", type=positive_int, default=1000, help="samples per shard")
     pack.add_argument("--prefix", default="data")
+    pack.add_argument("--on-bad-sample", choices=["error", "skip"], default="error",
+                      help="a bad record (missing or corrupt image, malformed line) stops the pack, or is skipped and "
+                      "listed in OUT/skipped.jsonl")  # fmt: skip
+    pack.add_argument("--allow-outside-paths", action="store_true",
+                      help="read image paths that are absolute or climb out of the dataset folder with '..'")
     pack.set_defaults(fn=cmd_data_pack)
     return p
 
@@ -182,13 +265,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser().parse_known_args(argv)
-    overrides = [a for a in rest if a.startswith("--") and "=" in a]
+    takes_overrides = getattr(args, "takes_overrides", False)  # train and demo; any other command refuses them
+    overrides = [a for a in rest if takes_overrides and a.startswith("--") and "=" in a]
     unknown = [a for a in rest if a not in overrides]
     if unknown:
-        parser().error(f"unrecognised arguments: {' '.join(unknown)}")
+        hint = " (recipe overrides take the form --key=value)" if takes_overrides and any(a.startswith("--") for a in unknown) else ""
+        parser().error(f"unrecognised arguments: {' '.join(unknown)}{hint}")
     try:
         return args.fn(args, overrides)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # VlkitError is a ValueError
         print(f"vlkit: error: {err}", file=sys.stderr)
         return 2
 

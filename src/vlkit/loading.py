@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from vlkit.config import from_dict
+from vlkit.errors import Missing
+from vlkit.lm import DecoderLM
 from vlkit.models import MODELS
 from vlkit.text.tokenizer import Tokenizer
 from vlkit.vision.preprocess import ImageProcessor
@@ -22,9 +24,10 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file():
         return path
-    pointer = path / "checkpoints" / "latest"
-    if pointer.is_file():
-        return pointer.parent / pointer.read_text().strip()
+    from vlkit.train.checkpoint import latest_checkpoint  # checks the pointer: one rule for load and --resume
+
+    if (checkpoint := latest_checkpoint(path)) is not None:
+        return checkpoint
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
     raise FileNotFoundError(
@@ -60,10 +63,16 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
     with torch.device("meta"):
         model = model_cls(cfg)
     load_native_weights(model, weights)
-    if (folder / "tokenizer.json").is_file():
-        model.tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
-    if (folder / "preprocessor_config.json").is_file():
-        model.processor = ImageProcessor.from_hf(read_json(folder / "preprocessor_config.json"))
+    if hasattr(cfg, "text"):
+        tok = folder / "tokenizer.json"
+        model.tokenizer = Tokenizer.from_file(tok) if tok.is_file() else Missing(folder, tok.name, "tokenizer")
+    if hasattr(cfg, "vision"):
+        pre = folder / "preprocessor_config.json"
+        model.processor = ImageProcessor.from_hf(read_json(pre)) if pre.is_file() else Missing(folder, pre.name, "image preprocessing")
+    if isinstance(model, DecoderLM):
+        from vlkit.interop.lm_files import attach_lm_files
+
+        attach_lm_files(model, folder)
     return model.to(device).eval()
 
 

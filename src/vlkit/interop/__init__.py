@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlkit.interop import hf_clip, hf_dinov2, hf_siglip, open_clip
+from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_opt, hf_siglip, open_clip
 from vlkit.interop.weights import CheckpointError
 
 LOADERS = {
@@ -18,6 +18,10 @@ LOADERS = {
     "siglip": hf_siglip.load,
     "dinov2": hf_dinov2.load,
     "dinov2_with_registers": hf_dinov2.load,
+    "llama": hf_llama.load,
+    "qwen2": hf_llama.load,
+    "mistral": hf_llama.load,
+    "opt": hf_opt.load,
 }
 """transformers ``model_type`` → loader ``(folder, config, dtype) -> model``."""
 

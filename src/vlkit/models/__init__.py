@@ -1,5 +1,6 @@
 """Model compositions. ``MODELS`` maps a checkpoint's ``model`` field to its config and class."""
 
+from vlkit.lm import LlamaConfig, LlamaLM, OPTConfig, OPTLM
 from vlkit.models.clip import CLIP, CLIPConfig
 from vlkit.models.single_tower import TextEncoderConfig, TextTower, VisionEncoder, VisionEncoderConfig
 
@@ -7,6 +8,8 @@ MODELS = {
     "clip": (CLIPConfig, CLIP),
     "vision_encoder": (VisionEncoderConfig, VisionEncoder),
     "text_encoder": (TextEncoderConfig, TextTower),
+    "llama": (LlamaConfig, LlamaLM),
+    "opt": (OPTConfig, OPTLM),
 }
 
 __all__ = ["CLIP", "CLIPConfig", "MODELS", "TextEncoderConfig", "TextTower", "VisionEncoder", "VisionEncoderConfig"]
