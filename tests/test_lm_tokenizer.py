@@ -304,3 +304,21 @@ def test_convert_to_hf_carries_the_language_model_files(tmp_path):
     assert (gen.eos_token_id, gen.do_sample, gen.temperature) == (ref.eos_token_id, True, 0.7)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.get_input_embeddings().weight.shape[0] == len(back) and torch.isfinite(model.lm_head.weight).all()
+
+
+def test_native_checkpoint_keeps_the_language_model_files(tmp_path):
+    """A vlkit LM saved as a checkpoint folder (``save_model``, what training writes) carries its
+    tokenizer and generation defaults; ``vlkit.load`` reads both back."""
+    import vlkit
+    from vlkit.interop.lm_files import attach_lm_files
+    from vlkit.train.checkpoint import save_model
+
+    folder = chatml_folder(tmp_path / "chatml")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "top_k": 7}))
+    lm = _tiny_lm(400)
+    attach_lm_files(lm, folder)
+    save_model(tmp_path / "ckpt", lm, "llama")
+    again = vlkit.load(tmp_path / "ckpt")
+    assert again.generation_config == lm.generation_config and again.generation_config.top_k == 7
+    assert again.tokenizer.encode("Hello there") == lm.tokenizer.encode("Hello there")
+    assert again.tokenizer.apply_chat_template(CONVERSATION) == lm.tokenizer.apply_chat_template(CONVERSATION)

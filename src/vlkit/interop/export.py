@@ -15,6 +15,7 @@ from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
 from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_opt, hf_siglip, open_clip
 from vlkit.interop import keymap as km
+from vlkit.interop.lm_files import write_lm_files
 from vlkit.lm import DecoderLM, LlamaLM
 from vlkit.models.clip import CLIP
 from vlkit.models.single_tower import TextTower, VisionEncoder
@@ -197,10 +198,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _write_tokenizer(model, dst: Path) -> None:
     """``tokenizer.json`` plus a ``tokenizer_config.json`` that transformers' fast tokenizer reads."""
-    tok = getattr(model, "tokenizer", None)
-    if not tok or isinstance(model, DecoderLM):  # None or Missing; a language model's files are lm_files' to write
+    if isinstance(model, DecoderLM):
+        write_lm_files(model, dst)
         return
-    tok.save(dst / "tokenizer.json")
+    tok = getattr(model, "tokenizer", None)
+    if not tok:  # None or Missing
+        return
+    tok.save(dst)
     pad_id = tok.tok.padding["pad_id"] if tok.tok.padding else None
     pad = tok.tok.id_to_token(pad_id) if pad_id is not None else None
     _write_json(dst / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tok.context_length,

@@ -4,8 +4,6 @@ written back with an exported one."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 from vlkit.errors import CheckpointError, Missing
@@ -60,12 +58,7 @@ def read_generation_config(folder: Path, model_config) -> GenerationConfig:
 def write_lm_files(model, folder: str | Path) -> None:
     """Write ``model``'s tokenizer (when it has one) and generation defaults into ``folder``, as
     transformers does: ``generation_config.json`` holds the values that differ from the defaults."""
-    folder = Path(folder)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer:
-        tokenizer.save(folder)
-    config = getattr(model, "generation_config", None)
-    if isinstance(config, GenerationConfig):
-        defaults = GenerationConfig()
-        values = {k: v for k, v in dataclasses.asdict(config).items() if v != getattr(defaults, k)}
-        (folder / "generation_config.json").write_text(json.dumps(values, indent=2) + "\n")
+    if getattr(model, "tokenizer", None):  # None, or Missing
+        model.tokenizer.save(folder)
+    if getattr(model, "generation_config", None):
+        model.generation_config.save(folder)

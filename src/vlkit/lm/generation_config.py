@@ -58,6 +58,13 @@ class GenerationConfig:
         values = {k: v for k, v in data.items() if k in known and v is not None}
         return cls().updated(values, where=str(path))
 
+    def save(self, folder: str | Path) -> None:
+        """Write ``folder/generation_config.json`` with the values that differ from the defaults, as
+        transformers does."""
+        defaults = GenerationConfig()
+        values = {k: v for k, v in dataclasses.asdict(self).items() if v != getattr(defaults, k)}
+        (Path(folder) / "generation_config.json").write_text(json.dumps(values, indent=2) + "\n")
+
     def updated(self, values: dict, where: str = "generate()") -> "GenerationConfig":
         """A copy with ``values`` set (each checked), then the whole checked; ``where`` names the
         source (a file, or the call) in errors."""

@@ -55,8 +55,9 @@ class Tokenizer:
         pad_to_max = tok.padding is None or tok.padding.get("length") is not None
         return cls(tok, length, pad_to_max)
 
-    def save(self, path: str | Path) -> None:
-        self.tok.save(str(path))
+    def save(self, folder: str | Path) -> None:
+        """Write ``folder/tokenizer.json`` (padding and truncation included)."""
+        self.tok.save(str(Path(folder) / "tokenizer.json"))
 
     @property
     def vocab_size(self) -> int:

@@ -78,7 +78,9 @@ def save_model(folder: Path, model, model_type: str) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if getattr(model, "tokenizer", None):  # None, or Missing from the folder it was loaded from
-        model.tokenizer.save(folder / "tokenizer.json")
+        model.tokenizer.save(folder)
+    if getattr(model, "generation_config", None):
+        model.generation_config.save(folder)
     if getattr(model, "processor", None):
         write_json(folder / "preprocessor_config.json", model.processor.to_hf())
 
