@@ -110,7 +110,7 @@ def test_stream_gives_what_generate_text_gives(model, tokenizer):
         text = generate_text(model, tokenizer, ids, max_new_tokens=40, generator=seed(), **kwargs)[0]
         out = list(stream(model, tokenizer, ids, max_new_tokens=40, generator=seed(), **kwargs))
         assert "".join(out) == text, kwargs
-        assert len(out) > 1
+        assert len(out) > 1 or kwargs.get("stop_strings"), "the answer should come in several pieces"
     assert "".join(stream(model, tokenizer, ids, max_new_tokens=40, stop_strings=[stop])) == free[: free.find(stop)]
 
 
