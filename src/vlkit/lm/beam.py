@@ -66,9 +66,10 @@ class BeamSearch:
         cand = torch.take_along_dim(self.seqs, beam[..., None], dim=1)
         cand[:, :, cur] = token
         origin = beam + self.offsets
-        hits = ends(cand[:, :, self.prompt_len : cur].reshape(b * self.keep, step), token.view(-1)).view(b, self.keep)
-        if step + 1 == self.new:
-            hits = torch.ones_like(hits)
+        if step + 1 == self.new:  # the last token: every continuation ends
+            hits = torch.ones_like(token, dtype=torch.bool)
+        else:
+            hits = ends(cand[:, :, self.prompt_len : cur].reshape(-1, step), token.view(-1)).view(b, self.keep)
 
         live = top + hits.to(torch.float32) * NEG
         pick = live.topk(self.beams).indices

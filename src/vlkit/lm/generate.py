@@ -10,6 +10,8 @@ inputs_embeds=, attention_mask=, position_ids=, cache=, logits_to_keep=)`` retur
     texts = generate_text(lm, tokenizer, input_ids, attention_mask, ...)    # list of B * R strings
     for piece in stream(lm, tokenizer, input_ids, attention_mask, ...):    # batch 1: text pieces
         print(piece, end="", flush=True)
+    cfg = resolve_config(lm, **options)           # the config a call would use, checked
+    texts = decode_new(tokenizer, ids, cfg)       # what generate_text makes of generate's ids
 
 - The prompt is ``input_ids`` ``[B, P]`` or ``inputs_embeds`` ``[B, P, D]`` (a VLM's text embeddings
   with image features spliced in), left-padded with ``attention_mask`` ``[B, P]`` (1 = token). With
@@ -30,6 +32,11 @@ inputs_embeds=, attention_mask=, position_ids=, cache=, logits_to_keep=)`` retur
   transformers, a stop string never matches across the prompt's end.
 - ``generator`` (a ``torch.Generator``) makes sampling reproducible; without one sampling draws from
   torch's global generator, as transformers does.
+- ``stream`` takes one prompt (greedy or sampling, not beams) and checks its options when called,
+  before the first piece; its pieces joined equal ``generate_text``'s string.
+- Errors (:class:`vlkit.errors.VlkitError`) name the option and value: ``max_new_tokens`` <= 0, top-p
+  outside (0, 1], temperature <= 0 with sampling, more sequences than beams, a prompt longer than
+  the model's positions (or prompt + new tokens past them), right padding, unknown options.
 
 Speed: the KV cache is allocated once for prompt + new tokens, the prefill computes only the last
 position's logits, each step is one forward of one token per row, and whether every row has ended
@@ -50,7 +57,7 @@ from vlkit.lm.logits import processors
 from vlkit.lm.stopping import StopStrings, trim_stop_strings
 from vlkit.lm.streaming import TextStream
 
-__all__ = ["GenerationConfig", "generate", "generate_text", "stream", "resolve_config"]
+__all__ = ["GenerationConfig", "decode_new", "generate", "generate_text", "resolve_config", "stream"]
 
 
 def resolve_config(lm, generation_config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
