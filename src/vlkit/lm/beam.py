@@ -69,7 +69,8 @@ class BeamSearch:
         if step + 1 == self.new:  # the last token: every continuation ends
             hits = torch.ones_like(token, dtype=torch.bool)
         else:
-            hits = ends(cand[:, :, self.prompt_len : cur].reshape(-1, step), token.view(-1)).view(b, self.keep)
+            generated = cand[:, :, self.prompt_len : cur].reshape(b * self.keep, step)
+            hits = ends(generated, token.view(-1)).view(b, self.keep)
 
         live = top + hits.to(torch.float32) * NEG
         pick = live.topk(self.beams).indices
