@@ -98,3 +98,12 @@ def test_overrides_win_and_unknown_ones_are_refused():
     assert base.temperature == 0.7
     with pytest.raises(VlkitError, match=r"unknown generation option\(s\) \['temprature'\]"):
         base.updated({"temprature": 1.0})
+
+
+def test_save_round_trips_and_transformers_reads_it(tmp_path):
+    cfg = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[2, 7], max_new_tokens=40,
+                           early_stopping="never", stop_strings=["###"])
+    cfg.save(tmp_path)
+    assert GenerationConfig.from_file(tmp_path / "generation_config.json") == cfg
+    theirs = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (theirs.temperature, theirs.top_p, theirs.eos_token_id, theirs.max_new_tokens) == (0.6, 0.9, [2, 7], 40)
