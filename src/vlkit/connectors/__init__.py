@@ -7,11 +7,15 @@ from vlkit.config import from_dict
 from vlkit.connectors.base import Connector
 from vlkit.connectors.linear import LinearConfig, LinearConnector
 from vlkit.connectors.mlp import MLPConfig, MLPConnector
+from vlkit.connectors.perceiver import PerceiverConfig, PerceiverConnector
+from vlkit.connectors.pixel_shuffle import PixelShuffleConfig, PixelShuffleConnector
 from vlkit.errors import ConfigError
 
 CONNECTORS: dict[str, tuple[type, type[Connector]]] = {
     "linear": (LinearConfig, LinearConnector),
     "mlp": (MLPConfig, MLPConnector),
+    "perceiver": (PerceiverConfig, PerceiverConnector),
+    "pixel_shuffle": (PixelShuffleConfig, PixelShuffleConnector),
 }
 """Each kind's typed config and module; a module is built as ``cls(vision_dim, lm_dim, config)``."""
 
@@ -25,4 +29,16 @@ def build_connector(kind: str, vision_dim: int, lm_dim: int, **options) -> Conne
     return module_cls(vision_dim, lm_dim, from_dict(config_cls, options, where=f"{kind} connector options"))
 
 
-__all__ = ["CONNECTORS", "Connector", "build_connector", "LinearConfig", "LinearConnector", "MLPConfig", "MLPConnector"]
+__all__ = [
+    "CONNECTORS",
+    "Connector",
+    "build_connector",
+    "LinearConfig",
+    "LinearConnector",
+    "MLPConfig",
+    "MLPConnector",
+    "PerceiverConfig",
+    "PerceiverConnector",
+    "PixelShuffleConfig",
+    "PixelShuffleConnector",
+]
