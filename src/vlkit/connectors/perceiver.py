@@ -66,7 +66,8 @@ class PerceiverConnector(Connector):
         self.config = config = config or PerceiverConfig()
         if config.head_dim is None and vision_dim % config.num_heads:
             raise VlkitError(
-                f"perceiver connector: vision width {vision_dim} is not divisible by num_heads {config.num_heads}; set head_dim"
+                f"perceiver connector: vision width {vision_dim} is not divisible by "
+                f"num_heads {config.num_heads}; set head_dim"
             )
         self.latents = nn.Parameter(torch.randn(config.num_latents, vision_dim))
         self.time = nn.Parameter(0.02 * torch.randn(config.max_frames, 1, vision_dim)) if config.max_frames else None
@@ -83,7 +84,9 @@ class PerceiverConnector(Connector):
         b, t, n, d = frames.shape
         if self.time is not None:
             if t > self.config.max_frames:
-                raise VlkitError(f"perceiver connector: {t} frames, but time embeddings exist for max_frames = {self.config.max_frames}")
+                raise VlkitError(
+                    f"perceiver connector: {t} frames, but time embeddings exist for max_frames = {self.config.max_frames}"
+                )
             frames = frames + self.time[:t]
         media = frames.reshape(b, t * n, d)
         latents = self.latents.expand(b, -1, -1)

@@ -32,9 +32,13 @@ def grid_side(n: int, factor: int) -> int:
     the grid is square and its side divisible by r."""
     side = math.isqrt(n) if n >= 0 else 0
     if n < 1 or side * side != n:
-        raise VlkitError(f"pixel_shuffle connector: N = {n} tokens is not a square grid (drop any class token first); r = {factor}")
+        raise VlkitError(
+            f"pixel_shuffle connector: N = {n} tokens is not a square grid (drop any class token first); r = {factor}"
+        )
     if side % factor:
-        raise VlkitError(f"pixel_shuffle connector: the {side}×{side} grid of N = {n} tokens is not divisible by r = {factor}")
+        raise VlkitError(
+            f"pixel_shuffle connector: the {side}×{side} grid of N = {n} tokens is not divisible by r = {factor}"
+        )
     return side
 
 
