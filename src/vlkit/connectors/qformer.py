@@ -228,7 +228,10 @@ class QFormer(nn.Module):
         if not text_mask.bool().any(dim=1).all():
             raise VlkitError("text_mask has a row with no tokens; every text needs at least one unmasked token")
 
-    def _run(self, x: torch.Tensor, m: int, image, mask, image_mask) -> torch.Tensor:
+    def _run(
+        self, x: torch.Tensor, m: int, image: torch.Tensor | None, mask: torch.Tensor | None, image_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The layers over ``x`` whose first ``m`` rows are queries."""
         for layer in self.layers:
             x = layer(x, m, image, mask, image_mask)
         return x

@@ -25,6 +25,7 @@ def model_config(q: dict, where: str, *, num_queries: int = 32, image_norm_eps: 
     """A ``Blip2QFormerConfig`` dict → :class:`QFormerConfig`. ``num_queries`` comes from the
     enclosing ``Blip2Config`` (``num_query_tokens``); ``image_norm_eps`` from its vision config's
     ``layer_norm_eps`` when the image features' LayerNorm belongs to the Q-Former (``None``: none)."""
+    pad_token_id = q.get("pad_token_id", QFORMER_DEFAULTS["pad_token_id"])
     q = {**QFORMER_DEFAULTS, **{k: v for k, v in q.items() if v is not None}}
     require(q["hidden_size"] % q["num_attention_heads"] == 0, where,
             f"qformer hidden_size {q['hidden_size']} is not divisible by num_attention_heads {q['num_attention_heads']}")
@@ -32,8 +33,9 @@ def model_config(q: dict, where: str, *, num_queries: int = 32, image_norm_eps: 
         width=q["hidden_size"], depth=q["num_hidden_layers"], num_heads=q["num_attention_heads"], mlp_dim=q["intermediate_size"],
         num_queries=num_queries, context_dim=q["encoder_hidden_size"], cross_attention_every=q["cross_attention_frequency"],
         act=activation(q["hidden_act"], f"{where}: qformer hidden_act"), eps=q["layer_norm_eps"], dropout=q["hidden_dropout_prob"],
-        image_norm=image_norm_eps is not None, image_norm_eps=image_norm_eps or 1e-6, text=q["use_qformer_text_input"],
-        vocab_size=q["vocab_size"], max_positions=q["max_position_embeddings"], pad_token_id=q["pad_token_id"],
+        image_norm=image_norm_eps is not None,
+        image_norm_eps=QFormerConfig.image_norm_eps if image_norm_eps is None else image_norm_eps, text=q["use_qformer_text_input"],
+        vocab_size=q["vocab_size"], max_positions=q["max_position_embeddings"], pad_token_id=pad_token_id,
     )
 
 
