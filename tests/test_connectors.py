@@ -21,12 +21,13 @@ SMALL = {
     "mlp": {},
     "perceiver": {"num_latents": 5, "depth": 2, "num_heads": 2, "max_frames": 3},
     "pixel_shuffle": {"factor": 2},
+    "qformer": {"width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32, "num_queries": 4, "dropout": 0.0},
 }
 """Options that keep each kind tiny; every registered kind must have an entry."""
 
 
 def test_registry_is_explicit():
-    assert {"linear", "mlp", "perceiver", "pixel_shuffle"} <= set(CONNECTORS) <= set(SMALL)
+    assert set(CONNECTORS) == set(SMALL) == {"linear", "mlp", "perceiver", "pixel_shuffle", "qformer"}
     for config_cls, module_cls in CONNECTORS.values():
         assert dataclasses.is_dataclass(config_cls) and issubclass(module_cls, Connector)
 
@@ -43,9 +44,9 @@ def test_shapes_token_counts_and_gradients(kind):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in connector.parameters())
 
 
-@pytest.mark.parametrize(("kind", "counts"), [("linear", (16, 64)), ("mlp", (16, 64)), ("perceiver", (5, 5)), ("pixel_shuffle", (4, 16))])
+@pytest.mark.parametrize(("kind", "counts"), [("linear", (16, 64)), ("mlp", (16, 64)), ("perceiver", (5, 5)), ("pixel_shuffle", (4, 16)), ("qformer", (4, 4))])
 def test_token_counts_at_two_resolutions(kind, counts):
-    """M = N for linear and mlp, N / r² for pixel shuffle, and fixed for the perceiver."""
+    """M = N for linear and mlp, N / r² for pixel shuffle, and fixed for the perceiver and Q-Former."""
     connector = build_connector(kind, DV, DLM, **SMALL[kind])
     for n, m in zip((16, 64), counts):
         assert connector.num_tokens(n) == m
@@ -241,3 +242,14 @@ def test_pixel_shuffle_names_n_and_r_when_the_grid_does_not_fit():
         connector(torch.randn(1, 36, DV))
     with pytest.raises(VlkitError, match=r"N = 50 tokens is not a square grid"):
         connector.num_tokens(50)
+
+
+def test_qformer_connector_is_the_qformer_then_a_projection_to_the_lm():
+    """The one Q-Former (its context width set to the vision width), then ``language_projection``."""
+    torch.manual_seed(0)
+    connector = build_connector("qformer", DV, DLM, **SMALL["qformer"]).eval()
+    assert connector.qformer.cfg.context_dim == DV
+    tokens = torch.randn(2, 9, DV)
+    with torch.no_grad():
+        expected = connector.qformer(tokens) @ connector.language_projection.weight.T + connector.language_projection.bias
+        torch.testing.assert_close(connector(tokens), expected)

@@ -9,6 +9,8 @@ from vlkit.connectors.linear import LinearConfig, LinearConnector
 from vlkit.connectors.mlp import MLPConfig, MLPConnector
 from vlkit.connectors.perceiver import PerceiverConfig, PerceiverConnector
 from vlkit.connectors.pixel_shuffle import PixelShuffleConfig, PixelShuffleConnector
+from vlkit.connectors.qformer import QFormerConfig
+from vlkit.connectors.qformer_connector import QFormerConnector
 from vlkit.errors import ConfigError
 
 CONNECTORS: dict[str, tuple[type, type[Connector]]] = {
@@ -16,6 +18,7 @@ CONNECTORS: dict[str, tuple[type, type[Connector]]] = {
     "mlp": (MLPConfig, MLPConnector),
     "perceiver": (PerceiverConfig, PerceiverConnector),
     "pixel_shuffle": (PixelShuffleConfig, PixelShuffleConnector),
+    "qformer": (QFormerConfig, QFormerConnector),
 }
 """Each kind's typed config and module; a module is built as ``cls(vision_dim, lm_dim, config)``."""
 
@@ -41,4 +44,6 @@ __all__ = [
     "PerceiverConnector",
     "PixelShuffleConfig",
     "PixelShuffleConnector",
+    "QFormerConfig",
+    "QFormerConnector",
 ]
