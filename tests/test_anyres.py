@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -32,7 +32,10 @@ CONFIGS = {
 
 SIZES = [(h, w) for h in (1, 2, 5, 16, 31, 32, 33, 50, 64, 65, 96, 97, 100, 127, 200, 333, 336, 337, 500, 672, 1000, 1008, 2000)
          for w in (1, 3, 17, 32, 45, 64, 90, 100, 128, 250, 336, 640, 671, 672, 1007, 1344, 3000)]
-"""Square, wide, tall, smaller and larger than every pinpoint, on and next to tile multiples."""
+SIZES += [(47, 94), (49, 49), (94, 47), (49, 147), (98, 147), (44, 55), (47, 47), (88, 55), (55, 176), (47, 1128)]
+"""Square, wide, tall, smaller and larger than every pinpoint, on and next to tile multiples; the
+last ten are sizes whose unpadded grid side is a float just below an integer (49 * (4 / 49)),
+which transformers rounds to 7 places before truncating."""
 
 sizes = st.tuples(st.integers(1, 3000), st.integers(1, 3000))
 pinpoint_lists = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=8).map(
@@ -75,6 +78,8 @@ def test_selection_matches_transformers_on_any_list(size, pinpoints):
 
 @settings(max_examples=300, deadline=None)
 @given(size=sizes, grid=st.tuples(st.integers(1, 40), st.integers(1, 40)))
+@example(size=(49, 49), grid=(9, 4)).via("49 * (4 / 49) is just below 4")
+@example(size=(49, 49), grid=(4, 9)).via("the same along the width")
 def test_unpad_matches_transformers(size, grid):
     features = torch.arange(grid[0] * grid[1], dtype=torch.float32).view(*grid, 1)
     expected = hf_next.unpad_image(features.permute(2, 0, 1), list(size)).permute(1, 2, 0)
