@@ -159,6 +159,8 @@ class Llava(nn.Module):
         positions of ``image_token_id`` (a masked scatter). ``image_features``: ``[images, M, D]``,
         ``[tokens, D]`` or a list of per-image ``[M_i, D]``; their token count must equal the number
         of image tokens."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise VlkitError(f"input_ids must be a tensor of token ids [batch, length], got a {type(input_ids).__name__}")
         embeds = self.lm.embed(input_ids)
         mask = input_ids == self.cfg.image_token_id
         tokens = int(mask.sum())
@@ -179,8 +181,14 @@ class Llava(nn.Module):
         return embeds.masked_scatter(mask[..., None], flat.to(embeds.dtype))
 
     def inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes=None) -> torch.Tensor:
-        """:meth:`embed_inputs` with :meth:`image_features` of ``pixel_values`` (none without images)."""
-        features = None if pixel_values is None else self.image_features(pixel_values, image_sizes)
+        """:meth:`embed_inputs` with :meth:`image_features` of ``pixel_values`` (none without images), on
+        the model's device: what ``inputs_embeds`` of :func:`vlkit.lm.generate.stream` takes."""
+        device = self.lm.embed_tokens.weight.device
+        input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
+        features = None
+        if pixel_values is not None:
+            _check_pixels(pixel_values)
+            features = self.image_features(pixel_values.to(device), image_sizes)
         return self.embed_inputs(input_ids, features)
 
     def forward(
@@ -198,6 +206,8 @@ class Llava(nn.Module):
         image of the batch in ``pixel_values``, padding (left or right) in ``attention_mask``;
         positions follow the mask. ``labels`` ``[B, L]`` (-100 where not supervised) give ``.loss``."""
         embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(embeds.device)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                       logits_to_keep=logits_to_keep)
         loss = None if labels is None else causal_lm_loss(out.logits, labels)
