@@ -1,4 +1,5 @@
-"""Image preprocessing as CLIP/SigLIP image processors do it: resize, center crop, rescale, normalise.
+"""Image preprocessing as CLIP/SigLIP image processors do it: resize, center crop, rescale, normalise
+(and, for LLaVA-1.5, a pad to square with the mean colour first).
 
 The config reads and writes ``preprocessor_config.json`` in transformers' keys, so one
 file serves vlkit checkpoints and downloaded ones.
@@ -6,6 +7,7 @@ file serves vlkit checkpoints and downloaded ones.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,9 @@ class ImageProcessor:
     alpha_background: int = 0
     """Grey level that transparency is composited onto: 0 (black, as vlkit's data loading does)
     or 255 (white, as transformers' image processors do; set when loading their checkpoints)."""
+    pad_to_square: bool = False
+    """LLaVA-1.5's ``image_aspect_ratio: pad``: centre the image on a square of the mean colour
+    before resizing, so the crop cuts nothing off (transformers' ``LlavaImageProcessor(do_pad=True)``)."""
 
     @property
     def output_size(self) -> int:
@@ -111,6 +116,24 @@ class ImageProcessor:
         out[max(-top, 0) : max(-top, 0) + src.shape[0], max(-left, 0) : max(-left, 0) + src.shape[1]] = src
         return out
 
+    def pad_square(self, image: Image.Image) -> Image.Image:
+        """The RGB image centred on a square of its longer side, filled with the mean colour
+        (each channel ``int(mean * 255)``, as LLaVA and transformers fill it). A square past
+        :data:`MAX_RESIZE_PIXELS` (a long thin image) is built from the image shrunk to fit it."""
+        w, h = image.size
+        if w == h:
+            return image
+        side = max(w, h)
+        if side * side > MAX_RESIZE_PIXELS:
+            scale = math.isqrt(MAX_RESIZE_PIXELS) / side
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), RESAMPLE[self.resample])
+            w, h = image.size
+            side = max(w, h)
+        fill = tuple(int(m * 255) for m in self.mean)
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        return square
+
     def flatten_alpha(self, image: Image.Image) -> Image.Image:
         """Composite a transparent image onto ``alpha_background`` (black is left to ``to_rgb``)."""
         if not self.alpha_background:
@@ -126,7 +149,10 @@ class ImageProcessor:
         """One PIL image → ``[3, S, S]`` float tensor."""
         if not isinstance(image, Image.Image):
             raise VlkitError(f"the image processor takes a PIL image, got a {type(image).__name__} (open files with vlkit.data.images.load_image)")
-        arr = self.resize_crop(to_rgb(self.flatten_alpha(image))).astype(np.float32)
+        image = to_rgb(self.flatten_alpha(image))
+        if self.pad_to_square:
+            image = self.pad_square(image)
+        arr = self.resize_crop(image).astype(np.float32)
         arr = (arr * self.rescale_factor - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
@@ -160,6 +186,8 @@ class ImageProcessor:
         }
         if self.crop_size is not None:
             out["crop_size"] = {"height": self.crop_size, "width": self.crop_size}
+        if self.pad_to_square:  # only transformers' LLaVA image processor reads do_pad as a pad to square
+            out.update(image_processor_type="LlavaImageProcessor", do_pad=True)
         return out
 
     @classmethod
@@ -174,6 +202,7 @@ class ImageProcessor:
         crop = cfg.get("crop_size") if cfg.get("do_center_crop", False) else None
         if isinstance(crop, dict):
             crop = crop["height"]
+        pad = bool(cfg.get("do_pad")) and str(cfg.get("image_processor_type", "")).startswith("LlavaImageProcessor")
         return cls(
             size=side,
             crop_size=crop,
@@ -182,4 +211,5 @@ class ImageProcessor:
             mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
             std=tuple(cfg.get("image_std", CLIP_STD)),
             rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            pad_to_square=pad,
         )
