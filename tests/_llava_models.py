@@ -21,23 +21,26 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
 TEXT = {**SIZES, "vocab_size": VOCAB, "max_position_embeddings": 128}
 
 
-def hf_config(vision: str = "clip", text: str = "llama", text_overrides: dict | None = None, **overrides):
+def hf_config(vision: str = "clip", text: str = "llama", text_overrides: dict | None = None, vision_overrides: dict | None = None,
+              **overrides):
     """A transformers ``LlavaConfig`` with a 3-layer, 32-wide tower on 32×32 images (16 patches) and a
     2-layer, 64-wide LM of :data:`VOCAB` ids, the last of which is the image token."""
     import transformers
 
     vcls = {"clip": transformers.CLIPVisionConfig, "siglip": transformers.SiglipVisionConfig}[vision]
     tcls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[text]
-    return transformers.LlavaConfig(vision_config=vcls(**VISION), text_config=tcls(**{**TEXT, **(text_overrides or {})}),
+    return transformers.LlavaConfig(vision_config=vcls(**{**VISION, **(vision_overrides or {})}),
+                                    text_config=tcls(**{**TEXT, **(text_overrides or {})}),
                                     image_token_index=IMAGE_TOKEN, **overrides)
 
 
-def hf_model(vision: str = "clip", text: str = "llama", seed: int = 0, text_overrides: dict | None = None, **overrides):
+def hf_model(vision: str = "clip", text: str = "llama", seed: int = 0, text_overrides: dict | None = None,
+             vision_overrides: dict | None = None, **overrides):
     """A random ``LlavaForConditionalGeneration`` in eval mode, its weights moved off their initial values."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(hf_config(vision, text, text_overrides, **overrides))
+    model = transformers.LlavaForConditionalGeneration(hf_config(vision, text, text_overrides, vision_overrides, **overrides))
     return perturb(model, seed=seed, scale=0.1)
 
 

@@ -32,20 +32,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no preprocessor_config.json:Us
 
 TOL = 1e-4
 NEW = 16
+HEADLESS = dict(vision_overrides=dict(vision_use_head=False), vision_feature_layer=-1, vision_feature_select_strategy="full")
+"""As llava-interleave's SigLIP: no attention-pooling head, the last layer's every token."""
 VARIANTS = {
-    "clip-llama": ("clip", "llama", {}, {}),
-    "siglip-qwen2": ("siglip", "qwen2", {}, {}),
-    "siglip-llama-full": ("siglip", "llama", {}, dict(vision_feature_select_strategy="full")),
-    "clip-qwen2-layers-full-tied": ("clip", "qwen2", dict(tie_word_embeddings=True),
-                                    dict(vision_feature_layer=[-3, 0, -1], vision_feature_select_strategy="full")),
-    "clip-mistral-no-bias-silu": ("clip", "mistral", dict(sliding_window=64),
-                                  dict(multimodal_projector_bias=False, projector_hidden_act="silu")),
+    "clip-llama": ("clip", "llama", {}),
+    "siglip-qwen2": ("siglip", "qwen2", {}),
+    "siglip-llama-full": ("siglip", "llama", dict(vision_feature_select_strategy="full")),
+    "siglip-headless-qwen2": ("siglip", "qwen2", HEADLESS),
+    "clip-qwen2-layers-full-tied": ("clip", "qwen2", dict(text_overrides=dict(tie_word_embeddings=True),
+                                    vision_feature_layer=[-3, 0, -1], vision_feature_select_strategy="full")),
+    "clip-mistral-no-bias-silu": ("clip", "mistral", dict(text_overrides=dict(sliding_window=64),
+                                  multimodal_projector_bias=False, projector_hidden_act="silu")),
 }
 
 
 def reference(name: str):
-    vision, text, text_overrides, overrides = VARIANTS[name]
-    return hf_model(vision, text, text_overrides=text_overrides, **overrides)
+    vision, text, overrides = VARIANTS[name]
+    return hf_model(vision, text, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,7 @@ def test_logits_match_transformers_on_left_padded_batch_with_images(tmp_path, na
     hf = reference(name)
     model = vlkit.load(save(hf, tmp_path))
     assert isinstance(model, Llava)
+    assert (model.vision.head is None) == (model.cfg.vision.pool != "map")  # a headless SigLIP has none to load
     ids, mask, pixels = batch(tokens_per_image(hf))
     assert model.num_image_tokens() == tokens_per_image(hf)
     assert (ids == IMAGE_TOKEN).sum(1).tolist() == [model.num_image_tokens() * n for n in (1, 2, 1)]
@@ -185,7 +189,7 @@ def hf_reload(folder):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["clip-llama", "siglip-qwen2", "clip-qwen2-layers-full-tied"])
+@pytest.mark.parametrize("name", ["clip-llama", "siglip-qwen2", "siglip-headless-qwen2", "clip-qwen2-layers-full-tied"])
 @torch.no_grad()
 def test_convert_to_hf_gives_transformers_the_same_logits(tmp_path, name):
     hf = reference(name)

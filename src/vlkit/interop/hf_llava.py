@@ -28,7 +28,9 @@ from vlkit.interop import keymap as km
 from vlkit.interop.common import activation, attach_processor, open_weights, require, section
 from vlkit.interop.lm_files import attach_lm_files
 from vlkit.interop.weights import WeightReader
+from vlkit.lm.llama import LlamaConfig
 from vlkit.models.llava import Llava, LlavaConfig
+from vlkit.vision.vit import ViTConfig
 
 VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=336, patch_size=14)
@@ -73,16 +75,23 @@ def find_layout(reader: WeightReader) -> Layout:
                   language=language, head=LANGUAGE_PREFIXES[language])
 
 
-def _vision_config(raw: dict, where: str):
+def vision_config_from_hf(raw: dict, where: str) -> ViTConfig:
+    """The tower of a VLM config.json's ``vision_config``: CLIP, or SigLIP with or without its
+    attention-pooling head (headless, it pools by the mean, which a VLM never reads)."""
     if raw.get("vision_config") is None:
         return hf_clip.vision_config({**hf_clip.VISION_DEFAULTS, **VISION_DEFAULTS}, where)
+    require(isinstance(raw["vision_config"], dict), where, f"vision_config must be a mapping, got {raw['vision_config']!r}")
     kind = raw["vision_config"].get("model_type", "clip_vision_model")
     require(kind in VISION_TYPES, where, f"vision_config model_type {kind!r} is not supported; expected one of {list(VISION_TYPES)}")
     defaults, translate = VISION_TYPES[kind]
-    return translate(section(raw, "vision_config", defaults, where), where)
+    v = section(raw, "vision_config", defaults, where)
+    if kind == "siglip_vision_model" and not v["vision_use_head"]:
+        return dataclasses.replace(translate({**v, "vision_use_head": True}, where), pool="mean")
+    return translate(v, where)
 
 
-def _text_config(raw: dict, where: str):
+def text_config_from_hf(raw: dict, where: str) -> LlamaConfig:
+    """The Llama-family LM of a VLM config.json's ``text_config``, tied as transformers' LLaVA ties it."""
     text = {"model_type": "llama", **(raw.get("text_config") or {})}
     require(text["model_type"] in TEXT_TYPES, where,
             f"text_config model_type {text['model_type']!r} is not supported; expected one of {list(TEXT_TYPES)}")
@@ -99,7 +108,7 @@ def _identity(reader: WeightReader, prefix: str, bias: bool) -> bool:
     return not bias or not reader.get(f"{prefix}.linear_2.bias").count_nonzero()
 
 
-def _connector(raw: dict, reader: WeightReader, layout: Layout, where: str) -> tuple[str, dict]:
+def connector_from_hf(raw: dict, reader: WeightReader, layout: Layout, where: str) -> tuple[str, dict]:
     """``(kind, options)``: the two-layer projector, or, for ``projector_hidden_act: linear`` over an
     identity second layer (what vlkit writes for LLaVA v1's connector), the linear one."""
     act = raw.get("projector_hidden_act", "gelu")
@@ -117,7 +126,8 @@ def config_from_hf(raw: dict, where: str, connector: tuple[str, dict] = ("mlp", 
     kind, options = connector
     try:
         return LlavaConfig(
-            vision=_vision_config(raw, where), lm=_text_config(raw, where), connector=kind, connector_options=options,
+            vision=vision_config_from_hf(raw, where), lm=text_config_from_hf(raw, where), connector=kind,
+            connector_options=options,
             vision_feature_layer=tuple(layers) if isinstance(layers, list) else layers,
             vision_feature_select_strategy=raw.get("vision_feature_select_strategy", "default"),
             image_token_id=raw.get("image_token_index", raw.get("image_token_id", 32000)),
@@ -174,7 +184,7 @@ def load(folder: Path, raw: dict, dtype=None) -> Llava:
     where = str(folder / "config.json")
     reader = open_weights(folder)
     layout = find_layout(reader)
-    connector = _connector(raw, reader, layout, where)
+    connector = connector_from_hf(raw, reader, layout, where)
     cfg = config_from_hf(raw, where, connector)
     arch = (raw.get("architectures") or ["LlavaForConditionalGeneration"])[0]
     model = km.load_into(lambda: Llava(cfg), rules(cfg, layout), reader, f"transformers {arch}",
