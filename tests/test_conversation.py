@@ -160,8 +160,38 @@ def test_the_jinja_template_needs_each_turn_to_extend_the_last(tokenizers, tmp_p
     folder = FAMILIES["chatml"](tmp_path)
     (folder / "chat_template.jinja").write_text("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}")
     odd = LMTokenizer.from_folder(folder)
-    with pytest.raises(ConversationError, match="extends its output"):
-        encode_conversation(CONV[:4], odd, "chat_template")
+    with pytest.raises(ConversationError, match="record 2: .*extends its output"):
+        encode_conversation(CONV[:4], odd, "chat_template", sample="record 2")
+    (folder / "chat_template.jinja").write_text("{{ raise_exception('only one image, please') }}")
+    with pytest.raises(ConversationError, match="record 2: .*refused the conversation: only one image, please"):
+        encode_conversation(CONV[:4], LMTokenizer.from_folder(folder), "chat_template", sample="record 2")
+
+
+# The shape of llava-hf's llava-1.5 template: it renders OpenAI image parts as <image> itself.
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_a_multimodal_jinja_template_renders_openai_image_parts(tmp_path):
+    folder = FAMILIES["llama3"](tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "image_token": "<image>"}))
+    (folder / "chat_template.jinja").write_text(LLAVA_HF_TEMPLATE)
+    tok = LMTokenizer.from_folder(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the capital of France?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[0]}]},
+                {"role": "user", "content": [{"type": "text", "text": "And you?"}, {"type": "image"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": ANSWERS[1]}]}]
+    enc = encode_conversation(messages, tok, "chat_template", image_counts=[2, 3])
+    assert enc.text.startswith("USER: <image>\nWhat is the capital of France? ASSISTANT: Paris")
+    assert enc.num_images == 2 and enc.input_ids.count(image_token_id(tok)) == 5
+    assert [tok.decode(run).strip() for run in supervised_runs(enc.input_ids, enc.labels)] == ANSWERS[:2]
 
 
 @pytest.mark.parametrize(
@@ -169,8 +199,8 @@ def test_the_jinja_template_needs_each_turn_to_extend_the_last(tokenizers, tmp_p
     [
         ([], False, "empty conversation"),
         ("hello", False, "empty conversation|non-empty list"),
-        ([{"from": "gpt", "value": "hi"}], False, "message 0: a assistant turn where a user turn"),
-        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], False, "message 1: a user turn where a assistant"),
+        ([{"from": "gpt", "value": "hi"}], False, "message 0: an assistant turn where a user turn"),
+        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], False, "message 1: a user turn where an assistant"),
         ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "system", "value": "c"}], False,
          "message 2: a system turn"),
         ([{"from": "human", "value": "a"}], False, "ends with a user turn"),

@@ -130,7 +130,7 @@ def check_turns(turns: list[Turn], add_generation_prompt: bool, sample: str = "t
         want = "user" if k % 2 == 0 else "assistant"
         if turn.role != want:
             index = k + len(turns) - len(body)
-            raise ConversationError(f"{sample}, message {index}: a {turn.role} turn where a {want} turn was expected; "
+            raise ConversationError(f"{sample}, message {index}: {_a(turn.role)} turn where {_a(want)} turn was expected; "
                                     "turns must alternate user/assistant, starting with the user (a system turn only first)")
         if turn.role == "assistant" and IMAGE_TOKEN in turn.text:
             raise ConversationError(f"{sample}, message {k + len(turns) - len(body)}: an {IMAGE_TOKEN} placeholder in an "
@@ -141,6 +141,10 @@ def check_turns(turns: list[Turn], add_generation_prompt: bool, sample: str = "t
     if not add_generation_prompt and last != "assistant":
         raise ConversationError(f"{sample}: ends with a user turn and no answer; training needs the assistant's answer last "
                                 "(or ask for a generation prompt)")
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
 
 
 # ---------------------------------------------------------------- templates
@@ -263,7 +267,7 @@ class JinjaTemplate(Template):
 
 def _extends(prefix: str, text: str, tokenizer, k: int) -> str:
     if not text.startswith(prefix):
-        raise ConversationError(
+        raise VlkitError(
             f"{tokenizer.chat_template.origin}: the chat template renders the first {k} messages differently once more "
             "follow, so each turn's text cannot be told apart; per-turn labels need a template whose output for a "
             "conversation extends its output for the turns before (use the llava_v1 or chatml template)")
@@ -306,7 +310,11 @@ def render(messages, tokenizer, template: str | Template = "llava_v1", *, add_ge
     """The conversation's segments (checked: see :func:`check_turns`)."""
     turns = parse_messages(messages, sample)
     check_turns(turns, add_generation_prompt, sample)
-    return get_template(template, tokenizer).segments(turns, add_generation_prompt, tokenizer)
+    template = get_template(template, tokenizer)
+    try:
+        return template.segments(turns, add_generation_prompt, tokenizer)
+    except VlkitError as err:  # a jinja template refused the conversation, or cannot be rendered turn by turn
+        raise ConversationError(f"{sample}: {err}") from None
 
 
 def encode_conversation(messages, tokenizer, template: str | Template = "llava_v1", *, add_generation_prompt: bool = False,
