@@ -107,6 +107,22 @@ def test_images_may_be_given_per_prompt(tmp_path):
     assert all(torch.equal(flat[k], nested[k]) for k in flat)
 
 
+def test_a_subclass_sets_each_images_token_count(tmp_path):
+    """AnyRes's hook: one overridden method decides every expansion, in conversations and prompts alike."""
+
+    class BySize(LlavaProcessor):
+        def num_image_tokens(self, image):
+            return image.size[0] // 10
+
+    _, base = pair(tmp_path, "crop")
+    ours = BySize(base.image_processor, base.tokenizer, image_tokens=0, template="llava_v1")
+    images = random_images()
+    ids = ours(PROMPTS, images)["input_ids"]
+    assert [int(n) for n in (ids == IMAGE_ID).sum(1)] == [7, 3 + 3, 0, 4]  # widths 70, 30, 33, 48
+    sample = ours.encode(CONVERSATIONS[0], images[:2])
+    assert sample.input_ids.count(IMAGE_ID) == 7 + 3
+
+
 def test_pad_to_square_equals_transformers_llava_image_processor(tmp_path):
     ref = transformers.LlavaImageProcessorPil(do_pad=True, image_mean=[0.2, 0.5, 0.9])
     ref.save_pretrained(tmp_path)

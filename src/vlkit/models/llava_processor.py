@@ -108,9 +108,7 @@ class LlavaProcessor:
         return {"pixel_values": torch.stack([self._pixels(image, sample, i) for i, image in enumerate(images)])}
 
     def _pixels(self, image, sample: str, i: int) -> torch.Tensor:
-        if not isinstance(image, Image.Image):
-            raise VlkitError(f"{sample}, image {i}: a {type(image).__name__}; expected a PIL image "
-                             "(open files with vlkit.data.images.load_image)")
+        _check_image(image, sample, i)
         try:
             return self.image_processor(image)
         except VlkitError as err:
@@ -125,7 +123,9 @@ class LlavaProcessor:
             return {}
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
-    def _image_counts(self, images: Sequence[Image.Image]) -> list[int]:
+    def _image_counts(self, images: Sequence[Image.Image], sample: str) -> list[int]:
+        for i, image in enumerate(images):
+            _check_image(image, sample, i)
         return [self.num_image_tokens(image) for image in images]
 
     # ---------------------------------------------------------------- text
@@ -142,7 +142,7 @@ class LlavaProcessor:
         per_prompt = self._split_images(texts, images, names)
         encoded = []
         for t, imgs, name in zip(texts, per_prompt, names):
-            ids, labels = tokenize_segments([Segment(t, False)], self.tokenizer, self._image_counts(imgs), True, name)
+            ids, labels = tokenize_segments([Segment(t, False)], self.tokenizer, self._image_counts(imgs, name), True, name)
             encoded.append(self._sample(ids, labels, imgs, name))
         batch = self.collate(encoded, padding_side)
         del batch["labels"]
@@ -174,7 +174,7 @@ class LlavaProcessor:
         → ids and labels through the template, and its images' pixel values."""
         images = [images] if isinstance(images, Image.Image) else list(images or [])
         enc = encode_conversation(messages, self.tokenizer, self.template, add_generation_prompt=add_generation_prompt,
-                                  image_counts=self._image_counts(images), sample=sample)
+                                  image_counts=self._image_counts(images, sample), sample=sample)
         return self._sample(enc.input_ids, enc.labels, images, sample)
 
     def _sample(self, ids: list[int], labels: list[int], images: list, sample: str) -> ProcessedSample:
@@ -229,6 +229,12 @@ class LlavaProcessor:
         if len(samples) != n:
             raise VlkitError(f"{len(samples)} sample names for {n} samples")
         return [str(s) for s in samples]
+
+
+def _check_image(image, sample: str, i: int) -> None:
+    if not isinstance(image, Image.Image):
+        raise VlkitError(f"{sample}, image {i}: a {type(image).__name__}; expected a PIL image "
+                         "(open files with vlkit.data.images.load_image)")
 
 
 class LlavaAnswerer:

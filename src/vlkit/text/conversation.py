@@ -24,14 +24,17 @@ Templates (:data:`TEMPLATES`, or ``"chat_template"``: the tokenizer's own jinja 
 - ``chat_template``: the jinja template rendered turn by turn; the text each assistant turn adds
   is supervised up to its last special token (the end of turn), what follows it is not.
 
-Segment boundaries sit where tokenizers split anyway (at special tokens and image placeholders,
-before a space, after a newline), so with byte-level BPE (GPT-2, Llama-3, Qwen) the ids equal
-those of the whole rendered text. SentencePiece-style tokenizers differ at boundaries: those that
-prepend "▁" to every piece (Llama-2's legacy ``tokenizer.json``) make the space before an answer
-a token of its own, and those that prepend it only at the start of the text (metaspace
-``prepend_scheme="first"``) add a "▁" after each special token. The ids then differ from the whole
-text's, but the labels still cover exactly the assistant's tokens, and prompts built here for
-generation are tokenised the same way as the training data.
+Segment boundaries sit where byte-level pre-tokenizers split anyway (at special tokens and image
+placeholders, before a space, after a newline), so with byte-level BPE (GPT-2, Llama-3, Qwen) the
+ids equal those of the whole rendered text. SentencePiece-style tokenizers differ at boundaries:
+Llama-2's legacy ``tokenizer.json`` prepends "▁" to every piece it is given, and metaspace with
+``prepend_scheme="first"`` prepends it to a segment though not to text that follows a special
+token inside a whole text (and its merges may cross a space). The ids then differ from the whole
+text's around a boundary; the labels still cover exactly the assistant's tokens, and prompts
+built here for generation are tokenised as the training data was.
+
+A jinja template receives each message's content as given: a string from LLaVA messages, parts
+from OpenAI messages (multimodal templates that render image parts themselves need the latter).
 """
 
 from __future__ import annotations
