@@ -85,7 +85,8 @@ def test_vlkit_views_give_the_same_logits(pair):
     ids, mask, pixels, sizes, images = batch(proc)
     views = AnyResImages(vlkit_image_processor(proc), PINPOINTS)
     ours = torch.cat([views(im) for im in images])
-    assert ours.shape[0] == sum(anyres.num_views((im.height, im.width), PINPOINTS, IMAGE_SIZE) for im in images) < pixels.shape[0] * pixels.shape[1]
+    views = sum(anyres.num_views((im.height, im.width), PINPOINTS, IMAGE_SIZE) for im in images)
+    assert ours.shape[0] == views < pixels.shape[0] * pixels.shape[1]
     ref = hf_forward(hf, ids, mask, pixels, sizes).logits
     out = model(ids, ours, mask, image_sizes=[(im.height, im.width) for im in images]).logits
     assert (real(out, mask) - real(ref, mask)).abs().max().item() <= TOL
@@ -224,8 +225,8 @@ def hf_full_processor(folder):
         vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-PROMPTS = ["USER: <image>\nWhat is the color of the circle? ASSISTANT:", "USER: <image> and <image>\nHow many shapes are there? ASSISTANT:",
-           "Describe the image."]
+PROMPTS = ["USER: <image>\nWhat is the color of the circle? ASSISTANT:",
+           "USER: <image> and <image>\nHow many shapes are there? ASSISTANT:", "Describe the image."]
 
 
 def test_processor_expands_and_tiles_as_transformers_does(with_files):

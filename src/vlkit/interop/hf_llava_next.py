@@ -60,8 +60,8 @@ def check_processor_pinpoints(folder: Path, cfg: LlavaNextConfig) -> None:
         return
     tiling = anyres.check_pinpoints(pre["image_grid_pinpoints"], cfg.vision.image_size, f"{path}: image_grid_pinpoints")
     if tuple(tiling) != cfg.image_grid_pinpoints:
-        raise CheckpointError(f"{path}: image_grid_pinpoints {tiling} differ from config.json's {list(cfg.image_grid_pinpoints)}; "
-                              "the model unpads its features for the tiling config.json names")  # fmt: skip
+        raise CheckpointError(f"{path}: image_grid_pinpoints {tiling} differ from config.json's "
+                              f"{list(cfg.image_grid_pinpoints)}; the model unpads its features for the tiling config.json names")
 
 
 def load(folder: Path, raw: dict, dtype=None) -> LlavaNext:

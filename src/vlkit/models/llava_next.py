@@ -122,7 +122,7 @@ class LlavaNext(Llava):
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(views) or pixel_values.shape[1] < max(views):
                 raise VlkitError(f"pixel_values {tuple(pixel_values.shape)} hold {pixel_values.shape[0]} images of up to "
-                                 f"{pixel_values.shape[1]} views; image_sizes ask for {len(views)} images of {views} views")  # fmt: skip
+                                 f"{pixel_values.shape[1]} views; image_sizes ask for {len(views)} images of {views} views")
             return torch.cat([p[:n] for p, n in zip(pixel_values, views)])
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4 and pixel_values.shape[0] != sum(views):
             raise VlkitError(f"pixel_values hold {pixel_values.shape[0]} views but image_sizes ask for {sum(views)} "
@@ -137,13 +137,13 @@ class LlavaNext(Llava):
     def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """``[videos, frames · m, D_lm]`` for ``[videos, frames, 3, S, S]``: each frame's patch grid
         pooled ``stride``×``stride`` (m patches left) before the connector, frames in order."""
-        if not isinstance(pixel_values_videos, torch.Tensor) or pixel_values_videos.dim() != 5:
-            shape = tuple(pixel_values_videos.shape) if isinstance(pixel_values_videos, torch.Tensor) else type(pixel_values_videos).__name__
+        videos = pixel_values_videos
+        if not isinstance(videos, torch.Tensor) or videos.dim() != 5:
+            shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
             raise VlkitError(f"pixel_values_videos must be [videos, frames, 3, H, W], got {shape}")
-        videos, frames = pixel_values_videos.shape[:2]
-        tokens = self.vision_features(pixel_values_videos.flatten(0, 1))
+        tokens = self.vision_features(videos.flatten(0, 1))
         pooled = pool_frames(tokens, self.cfg.grid_side, self.cfg.video_pool_stride, self.cfg.video_pool)
-        return self.connector(pooled).reshape(videos, -1, self.cfg.lm.hidden_size)
+        return self.connector(pooled).reshape(videos.shape[0], -1, self.cfg.lm.hidden_size)
 
     def inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes=None,
                       pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
