@@ -178,17 +178,6 @@ def test_packing_against_a_written_out_reference():
     assert torch.equal(packed, torch.stack(expected))
 
 
-def test_training_reaches_the_newline_and_the_connector(pair):
-    _, model = pair
-    ids, mask, pixels, sizes, _ = batch(hf_processor())
-    labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN), -100)
-    model.zero_grad()
-    model(ids, pixels, mask, labels=labels, image_sizes=sizes).loss.backward()
-    assert model.image_newline.grad.abs().sum() > 0
-    assert model.connector.linear_1.weight.grad.abs().sum() > 0
-    model.zero_grad()
-
-
 @torch.no_grad()
 def test_native_round_trip_and_newer_key_layout(tmp_path, pair):
     hf, model = pair
@@ -267,6 +256,27 @@ def test_the_eval_contract_answers_as_transformers_does(with_files):
                                      skip_special_tokens=True).strip() for row in new]
     assert ours == expected
     assert any(ours), "every answer empty: the comparison would say nothing"
+
+
+def test_training_batch_gives_transformers_loss(with_files):
+    """Conversations through vlkit's processor (right-padded, labels on the answers, views concatenated with
+    image_sizes) give transformers' loss on the same batch; gradients reach the newline and the connector."""
+    from test_llava_processor import CONVERSATIONS
+
+    hf, model, _ = with_files
+    processor = LlavaNextProcessor.for_model(model, template="llava_v1")
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGES[:3])]
+    samples = [processor.encode(c, imgs) for c, imgs in zip(CONVERSATIONS, [images[:2], images[2:3], []])]
+    batch_ = processor.collate(samples)
+    assert batch_["image_sizes"].tolist() == [[im.height, im.width] for im in images]
+    with torch.no_grad():
+        ref = hf(**batch_).loss
+    model.zero_grad()
+    loss = model(**batch_).loss
+    assert abs(loss.item() - ref.item()) <= TOL
+    loss.backward()
+    assert model.image_newline.grad.abs().sum() > 0 and model.connector.linear_1.weight.grad.abs().sum() > 0
+    model.zero_grad()
 
 
 def test_bad_inputs_are_named_errors(pair, video_pair):
