@@ -174,6 +174,13 @@ def test_tokenizer_generation_defaults_and_processor_attach(tmp_path):
     assert model.processor.size == IMAGE_SIZE
     ids, mask, pixels = batch(tokens_per_image(hf))
     assert model.generate(ids, pixels, mask, eos_token_id=None).shape == (3, 5)  # the folder's max_new_tokens
+    save_model(tmp_path / "native", model, "llava")  # and they travel with the native and the exported folder
+    from vlkit.interop.export import to_hf
+
+    to_hf(model, tmp_path / "hf")
+    for copy in (vlkit.load(tmp_path / "native"), vlkit.load(tmp_path / "hf")):
+        assert copy.tokenizer.encode("a red circle") == model.tokenizer.encode("a red circle")
+        assert copy.generation_config == model.generation_config and copy.processor.size == IMAGE_SIZE
 
 
 def convert(*argv: str) -> int:
