@@ -1,10 +1,12 @@
 """Text generation speed and memory: vlkit's ``generate`` vs transformers' ``generate``, identical weights.
 
-Builds a randomly initialised Llama with transformers, saves it, loads the same folder with vlkit,
+Builds a randomly initialised model with transformers, saves it, loads the same folder with vlkit,
 checks the greedy tokens agree, then times both side by side in interleaved rounds (the side that
 goes first alternates), fp32, greedy, EOS off so every row makes all its new tokens:
 
-- prefill: ``generate`` of 1 new token (the prompt's forward plus one pick), ``B * prompt`` tokens;
+- prefill: ``generate`` of 1 new token (the prompt's forward plus one pick), ``B * prompt`` tokens
+  (for LLaVA the image's tokens count in the prompt, and the vision tower and connector run inside
+  the timed call, as ``generate`` runs them);
 - decode: ``generate`` of ``new`` tokens minus the 1-token run, ``B * (new - 1)`` tokens (best
   of the rounds of each run; the paired ratio takes each round's difference);
 - peak memory: each side in a fresh process (so neither inherits the other's freed memory), the
@@ -16,8 +18,14 @@ goes first alternates), fp32, greedy, EOS off so every row makes all its new tok
 
 Sizes: ``35m`` (width 512, 8 layers, 8 heads, 4 KV heads, vocabulary 8000, MLP 1536) and ``150m``
 (width 768, 12 layers, 12 heads, vocabulary 32000, MLP 2560), untied heads; ``tiny`` for a smoke run.
+``llava``: LLaVA-1.5's layout (``LlavaForConditionalGeneration``: CLIP vision tower, second-to-last
+layer, class token dropped, two-layer MLP connector) with a small CLIP tower (width 384, 6 layers,
+112-pixel images in 14-pixel patches: 64 image tokens) and the ``35m`` Llama; each prompt is its
+image's 64 tokens then ``--prompt`` text tokens (``llava-tiny`` for a smoke run). The LLaVA rows are
+meant for batch 1 (``--models llava --batches 1``); the vlkit side calls ``Llava.generate(input_ids,
+pixel_values, attention_mask, ...)``, transformers' the same inputs.
 
-    python benchmarks/bench_generate.py [--models 35m,150m] [--batches 1,8] [--rounds 5] [--prompt 64] [--new 128] [--device cuda]
+    python benchmarks/bench_generate.py [--models 35m,150m,llava] [--batches 1,8] [--rounds 5] [--prompt 64] [--new 128] [--device cuda]
 """
 
 from __future__ import annotations
@@ -44,6 +52,33 @@ SIZES = {
                  num_key_value_heads=12, vocab_size=32000),
 }
 
+VISION = {
+    "llava": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                  image_size=112, patch_size=14),
+    "llava-tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=56, patch_size=14),
+}
+"""The LLaVA cases' CLIP towers: ``(image_size / patch_size)²`` image tokens (64 and 16)."""
+
+LLAVA_LM = {"llava": "35m", "llava-tiny": "tiny"}
+"""The Llama of each LLaVA case (a key of :data:`SIZES`)."""
+
+IMAGE_TOKEN_OFFSET = 1
+"""The image token is the vocabulary's last id (``vocab_size - IMAGE_TOKEN_OFFSET``): text ids are drawn below it."""
+
+
+def is_llava(size: str) -> bool:
+    return size in VISION
+
+
+def lm_sizes(size: str) -> dict:
+    return SIZES[LLAVA_LM.get(size, size)]
+
+
+def image_tokens(size: str) -> int:
+    v = VISION[size]
+    return (v["image_size"] // v["patch_size"]) ** 2
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -51,13 +86,24 @@ def sync(device: torch.device) -> None:
 
 
 def build(size: str, folder: Path, max_positions: int) -> None:
-    """A random transformers Llama of ``size`` saved to ``folder``; no EOS, so nothing stops early."""
+    """A random transformers Llama (or LLaVA) of ``size`` saved to ``folder``; no EOS, so nothing stops early."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=max_positions, tie_word_embeddings=False,
+    cfg = LlamaConfig(**lm_sizes(size), max_position_embeddings=max_positions, tie_word_embeddings=False,
                       bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    if not is_llava(size):
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        return
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(**VISION[size])
+    llava = LlavaConfig(vision_config=vision, text_config=cfg, image_token_index=cfg.vocab_size - IMAGE_TOKEN_OFFSET,
+                        image_seq_length=image_tokens(size), vision_feature_layer=-2,
+                        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(llava)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder)
 
 
 def load(side: str, folder: Path, device: torch.device):
@@ -65,33 +111,48 @@ def load(side: str, folder: Path, device: torch.device):
         import vlkit
 
         return vlkit.load(folder, device=str(device)).eval()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    llava = json.loads((folder / "config.json").read_text()).get("model_type") == "llava"
+    cls = LlavaForConditionalGeneration if llava else AutoModelForCausalLM
+    model = cls.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     model.generation_config.eos_token_id = None
     return model
 
 
 def generator_of(side: str, model):
-    """``fn(ids, mask, new) -> new tokens [B, new]``, greedy, EOS off."""
+    """``fn(inputs, new) -> new tokens [B, new]``, greedy, EOS off; ``inputs`` holds ``input_ids``,
+    ``attention_mask`` and, for LLaVA, ``pixel_values``."""
     if side == "vlkit":
+        if hasattr(model, "image_features"):  # a VLM: its own generate runs the vision tower, then the one loop
+            return lambda inputs, new: model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                                      max_new_tokens=new, do_sample=False, eos_token_id=None)
         from vlkit.lm.generate import generate
 
-        return lambda ids, mask, new: generate(model, ids, mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+        return lambda inputs, new: generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=new,
+                                            do_sample=False, eos_token_id=None)
 
-    def hf(ids, mask, new):
+    def hf(inputs, new):
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                 num_beams=1, pad_token_id=0)
-        return out[:, ids.shape[1]:]
+            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, num_beams=1, pad_token_id=0)
+        return out[:, inputs["input_ids"].shape[1]:]
 
     return hf
 
 
-def prompt(batch: int, length: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt(size: str, batch: int, length: int, device: torch.device) -> dict:
+    """Random text ids (for LLaVA: after the image's tokens, with random pixels) and a full mask."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, vocab, (batch, length), generator=g).to(device)
-    return ids, torch.ones_like(ids)
+    vocab = lm_sizes(size)["vocab_size"]
+    if not is_llava(size):
+        ids = torch.randint(1, vocab, (batch, length), generator=g).to(device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    image_id = vocab - IMAGE_TOKEN_OFFSET
+    text = torch.randint(1, image_id, (batch, length), generator=g)
+    ids = torch.cat([torch.full((batch, image_tokens(size)), image_id), text], dim=1).to(device)
+    side = VISION[size]["image_size"]
+    pixels = torch.randn(batch, 3, side, side, generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
 def timed(fn, device: torch.device) -> float:
@@ -103,11 +164,13 @@ def timed(fn, device: torch.device) -> float:
 
 
 def streamed_bytes(model) -> int:
-    """Bytes of weights a batch-1 decode step reads: every parameter, but of an untied input
-    embedding only the looked-up row."""
+    """Bytes of weights a batch-1 decode step reads: every parameter of the language model (a
+    LLaVA's vision tower and connector run only in the prefill), but of an untied input embedding
+    only the looked-up row."""
     emb = model.get_input_embeddings().weight
     tied = any(p is emb for n, p in model.named_parameters() if "lm_head" in n) or model.config.tie_word_embeddings
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if "vision_tower" not in n and "multi_modal_projector" not in n)
     if not tied:
         total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
     return total
@@ -150,52 +213,55 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def memory_probe(side: str, folder: Path, batch: int, length: int, new: int, device: torch.device) -> dict:
+def memory_probe(side: str, size: str, folder: Path, batch: int, length: int, new: int, device: torch.device) -> dict:
     """In this (fresh) process: load ``side``'s model, run one generate, report its peak memory."""
     model = load(side, folder, device)
-    ids, mask = prompt(batch, length, model.config.vocab_size, device)
+    inputs = prompt(size, batch, length, device)
     fn = generator_of(side, model)
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn(ids, mask, new)
+        fn(inputs, new)
         sync(device)
         return {"peak_extra": torch.cuda.max_memory_allocated(device) - base, "kind": "allocated"}
     with torch.no_grad(), PeakRSS() as rss:
-        fn(ids, mask, new)
+        fn(inputs, new)
     return {"peak_extra": rss.peak - rss.base, "kind": "resident"}
 
 
-def peak_memory(side: str, folder: Path, batch: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--probe", side, "--probe-folder", str(folder), "--batches", str(batch),
-           "--prompt", str(args.prompt), "--new", str(args.new), "--device", args.device]
+def peak_memory(side: str, size: str, folder: Path, batch: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--probe", side, "--probe-folder", str(folder), "--models", size,
+           "--batches", str(batch), "--prompt", str(args.prompt), "--new", str(args.new), "--device", args.device]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def bench(size: str, batches: list[int], args, device: torch.device, folder: Path) -> None:
-    build(size, folder, args.prompt + args.new)
+    images = image_tokens(size) if is_llava(size) else 0
+    build(size, folder, images + args.prompt + args.new)
     models = {side: load(side, folder, device) for side in ("transformers", "vlkit")}
     fns = {side: generator_of(side, m) for side, m in models.items()}
     hf = models["transformers"]
     n_params = sum(p.numel() for p in hf.parameters())
     read = streamed_bytes(hf)
+    image_note = f"; each prompt: {images} image tokens + {args.prompt} text tokens" if images else ""
     print(f"\n[{size}] {n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e6:.1f} MB fp32); a decode step reads "
-          f"{read / 1e6:.1f} MB of weights")
+          f"{read / 1e6:.1f} MB of weights{image_note}")
+    prompt_len = images + args.prompt
     for batch in batches:
-        ids, mask = prompt(batch, args.prompt, hf.config.vocab_size, device)
-        same = torch.equal(fns["transformers"](ids, mask, 16).cpu(), fns["vlkit"](ids, mask, 16).cpu())
+        inputs = prompt(size, batch, args.prompt, device)
+        same = torch.equal(fns["transformers"](inputs, 16).cpu(), fns["vlkit"](inputs, 16).cpu())
         times = {side: {"prefill": [], "total": []} for side in fns}
         for fn in fns.values():  # warm up: first-call allocations and kernel selection stay out of the rounds
-            fn(ids, mask, 2)
+            fn(inputs, 2)
         bandwidth = 0.0
         for r in range(args.rounds):
             bandwidth = max(bandwidth, matvec_bandwidth(device, args.matvec_mb))
             for side in (("transformers", "vlkit") if r % 2 == 0 else ("vlkit", "transformers")):
                 fn = fns[side]
-                times[side]["prefill"].append(timed(lambda fn=fn: fn(ids, mask, 1), device))
-                times[side]["total"].append(timed(lambda fn=fn: fn(ids, mask, args.new), device))
+                times[side]["prefill"].append(timed(lambda fn=fn: fn(inputs, 1), device))
+                times[side]["total"].append(timed(lambda fn=fn: fn(inputs, args.new), device))
         floor_step = read / bandwidth
         print(f"  batch {batch}: greedy tokens identical (16 new): {'yes' if same else 'NO'}; mat-vec bandwidth "
               f"{bandwidth / 1e9:.1f} GB/s (best of the rounds) -> floor {floor_step * 1e3:.2f} ms/step")
@@ -204,8 +270,8 @@ def bench(size: str, batches: list[int], args, device: torch.device, folder: Pat
             prefill = min(t["prefill"])
             decode = min(t["total"]) - prefill
             step = decode / (args.new - 1)
-            mem = peak_memory(side, folder, batch, args)
-            rates[side] = (batch * args.prompt / prefill, batch * (args.new - 1) / decode)
+            mem = peak_memory(side, size, folder, batch, args)
+            rates[side] = (batch * prompt_len / prefill, batch * (args.new - 1) / decode)
             print(f"  batch {batch} {side:12s} prefill {rates[side][0]:9.0f} tok/s   decode {rates[side][1]:8.1f} tok/s "
                   f"({step * 1e3:6.2f} ms/step = {step / floor_step:4.2f}x the floor)   peak {mem['kind']} memory "
                   f"+{mem['peak_extra'] / 2**20:.0f} MiB over the loaded model")
@@ -219,7 +285,7 @@ def bench(size: str, batches: list[int], args, device: torch.device, folder: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="35m,150m", help=f"comma-separated sizes from {list(SIZES)}")
+    ap.add_argument("--models", default="35m,150m", help=f"comma-separated sizes from {list(SIZES) + list(VISION)}")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
@@ -235,7 +301,7 @@ def main() -> None:
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     if args.probe:
-        print(json.dumps(memory_probe(args.probe, Path(args.probe_folder), batches[0], args.prompt, args.new, device)))
+        print(json.dumps(memory_probe(args.probe, args.models, Path(args.probe_folder), batches[0], args.prompt, args.new, device)))
         return
     import transformers
 

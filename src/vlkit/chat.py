@@ -1,10 +1,18 @@
-"""``vlkit chat --model DIR``: talk to a language model through its chat template, the answer
-streamed as it is generated. ``cli.py`` registers the command with :func:`add_parser`.
+"""``vlkit chat --model DIR [--image x.png ...]``: talk to a language model through its chat
+template, or to a vision-language model about images, the answer streamed as it is generated.
+``cli.py`` registers the command with :func:`add_parser`.
 
 Each line read is a user turn; the conversation so far is rendered by the template every turn.
 ``--prompt TEXT`` answers once and exits; ``/exit`` or end of input ends a session.
 A model folder without a chat template is a base model: each line is then sent as plain text for
 the model to continue, with no history (a notice says so), and ``--system`` is refused.
+
+A vision-language model (LLaVA) talks through its processor: its template (``--template``, by
+default the tokenizer's chat template, else ``llava_v1``) and the ``--image`` files, which belong
+to the first user turn: at its ``<image>`` placeholders when the text has them (one per image),
+else one placeholder per image before the text. Its answers are those of
+:class:`~vlkit.models.llava_processor.LlavaAnswerer` for the same conversation: generation also
+stops at the template's end of turn, and the surrounding whitespace is dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from vlkit.errors import VlkitError
+from vlkit.text.conversation import IMAGE_TOKEN
 
 DEFAULT_MAX_NEW_TOKENS = 256
 """Used when neither ``--max-new-tokens`` nor the folder's ``generation_config.json`` sets it
@@ -23,24 +32,57 @@ SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p")
 
 
 class ChatSession:
-    """A conversation with one model: the messages so far and the generation options of each reply."""
+    """A conversation with one model: the messages so far and the generation options of each reply.
+    ``images`` (a vision-language model only) belong to the first user turn; ``template`` names a
+    vision-language model's conversation template."""
 
-    def __init__(self, model, system: str | None = None, options: dict | None = None, seed: int | None = None):
+    def __init__(self, model, system: str | None = None, options: dict | None = None, seed: int | None = None,
+                 images: list | None = None, template: str | None = None):  # fmt: skip
         import torch
 
         self.model = model
-        self.tokenizer = model.tokenizer
-        self.templated = self.tokenizer.chat_template is not None  # a Missing tokenizer raises here, naming the folder
+        self.images = list(images or [])
+        self.vlm = is_vlm(model)
+        self.options = dict(options or {})
+        if self.vlm:
+            from vlkit.eval.generative import answerer
+
+            vlm = answerer(model, template)
+            self.processor, self.tokenizer, self.templated = vlm.processor, vlm.processor.tokenizer, True
+            self.options = vlm._stops(self.options)  # the template's end of turn stops an answer too
+        else:
+            if self.images or template is not None:
+                flag = "--image" if self.images else "--template"
+                raise VlkitError(f"{flag} needs a vision-language model (LLaVA); this folder holds a {type(model).__name__}")
+            self.tokenizer = model.tokenizer
+            self.templated = self.tokenizer.chat_template is not None  # a Missing tokenizer raises here, naming the folder
         if system is not None and not self.templated:
             raise VlkitError(f"{self.tokenizer.origin}: --system needs a chat template, and this model folder has none")
         self.messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
-        self.options = dict(options or {})
         self.generator = torch.Generator(device=_device(model)).manual_seed(seed) if seed is not None else None
 
-    def _prompt(self, text: str) -> list[int]:
-        if not self.templated:
-            return self.tokenizer.encode(text)
-        return self.tokenizer.encode_chat(self.messages + [{"role": "user", "content": text}])
+    def _user_turn(self, text: str) -> dict:
+        """The user's message; the first one carries the images' placeholders."""
+        first = not any(m["role"] == "user" for m in self.messages)
+        if self.vlm and first and self.images and IMAGE_TOKEN not in text:
+            text = f"{IMAGE_TOKEN}\n" * len(self.images) + text
+        return {"role": "user", "content": text}
+
+    def _prompt(self, turn: dict) -> dict:
+        """``input_ids`` (and for a vision-language model ``inputs_embeds``) of the conversation
+        with ``turn`` added and the assistant's turn opened."""
+        import torch
+
+        device = _device(self.model)
+        if self.vlm:
+            sample = self.processor.encode(self.messages + [turn], self.images, add_generation_prompt=True,
+                                           sample="the conversation")
+            batch = {k: v.to(device) for k, v in self.processor.collate([sample], "left").items()}
+            with torch.inference_mode():
+                embeds = self.model.inputs_embeds(batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"))
+            return {"input_ids": batch["input_ids"], "inputs_embeds": embeds}
+        ids = self.tokenizer.encode_chat(self.messages + [turn]) if self.templated else self.tokenizer.encode(turn["content"])
+        return {"input_ids": torch.tensor([ids], device=device)}
 
     def reply(self, text: str) -> Iterator[str]:
         """The answer to ``text`` piece by piece; the turn joins the history once the answer is whole."""
@@ -48,18 +90,42 @@ class ChatSession:
 
         from vlkit.lm.generate import generate_text, stream
 
-        ids = torch.tensor([self._prompt(text)], device=_device(self.model))
-        mask = torch.ones_like(ids)
+        turn = self._user_turn(text)
+        prompt = self._prompt(turn)
+        mask = torch.ones_like(prompt["input_ids"])
+        lm = self.model.lm if self.vlm else self.model
+        options = {"generation_config": self.model.generation_config, **self.options} if self.vlm else self.options
         pieces: list[str] = []
         if self.options.get("num_beams", 1) > 1:  # beams settle only at the end: nothing to stream
-            pieces += generate_text(self.model, self.tokenizer, ids, mask, generator=self.generator, **self.options)
-            yield pieces[0]
+            answers = generate_text(lm, self.tokenizer, attention_mask=mask, generator=self.generator, **prompt, **options)
+            steps: Iterator[str] = iter(answers[:1])
         else:
-            for piece in stream(self.model, self.tokenizer, ids, mask, generator=self.generator, **self.options):
-                pieces.append(piece)
-                yield piece
+            steps = stream(lm, self.tokenizer, attention_mask=mask, generator=self.generator, **prompt, **options)
+        for piece in _stripped(steps) if self.vlm else steps:
+            pieces.append(piece)
+            yield piece
         if self.templated:
-            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
+            self.messages += [turn, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def _stripped(pieces: Iterator[str]) -> Iterator[str]:
+    """The pieces with the whitespace that starts and ends their text dropped, streamed: trailing
+    whitespace is held back until more text follows it."""
+    started, held = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield held + body
+            held = ""
+        held += piece[len(body):]
+
+
+def is_vlm(model) -> bool:
+    """A vision-language model: image features spliced into a language model's input."""
+    return hasattr(model, "image_features") and hasattr(model, "lm")
 
 
 def _device(model):
@@ -94,10 +160,12 @@ def run_chat(args, stdin: TextIO | None = None, stdout: TextIO | None = None, st
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
 
+    images = load_images(args.image)  # bad files are named before the model loads
     model = vlkit.load(args.model, device=args.device)
     if not hasattr(model, "generation_config"):
         raise VlkitError(f"{args.model}: holds a {type(model).__name__}, not a language model; chat needs one")
-    session = ChatSession(model, args.system, generation_options(args, model.generation_config), args.seed)
+    session = ChatSession(model, args.system, generation_options(args, model.generation_config), args.seed, images,
+                          args.template)  # fmt: skip
     if not session.templated:
         print(f"vlkit chat: {args.model} has no chat template; each line is sent as plain text for the model to "
               "continue, without history", file=stderr)
@@ -119,6 +187,13 @@ def run_chat(args, stdin: TextIO | None = None, stdout: TextIO | None = None, st
                 print(f"vlkit chat: {err}", file=stderr)
 
 
+def load_images(paths: list[str] | None) -> list:
+    """The image files, decoded to RGB; a missing or unreadable one is a :class:`BadSample` naming it."""
+    from vlkit.data.images import load_image
+
+    return [load_image(p) for p in paths or []]
+
+
 def cmd_chat(args, overrides: list[str]) -> int:
     if overrides:
         raise VlkitError(f"chat takes no --key=value overrides, got {overrides}")
@@ -127,10 +202,23 @@ def cmd_chat(args, overrides: list[str]) -> int:
 
 def add_parser(subparsers) -> None:
     """Register the ``chat`` subcommand on the ``vlkit`` command's subparsers."""
-    p = subparsers.add_parser("chat", help="talk to a language model (its chat template, the answer streamed)")
-    p.add_argument("--model", required=True, help="language model folder (vlkit or transformers layout)")
+    p = subparsers.add_parser("chat", help="talk to a language model, or to a vision-language model about images "
+                              "(its chat template, the answer streamed)")
+    p.add_argument("--model", required=True, help="language or vision-language model folder (vlkit or transformers layout)")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image for the first turn (repeat for several; placed at the prompt's <image> placeholders, "
+                   "else before its text); needs a vision-language model")
+    p.add_argument("--template", help="a vision-language model's conversation template: plain, llava_v1, chatml or "
+                   "chat_template (default: the tokenizer's chat template, else llava_v1)")
     p.add_argument("--prompt", help="answer this once and exit (otherwise read a turn per line of stdin; /exit ends)")
     p.add_argument("--system", help="a system message opening the conversation (needs a chat template)")
+    add_generation_arguments(p)
+    p.set_defaults(fn=cmd_chat)
+
+
+def add_generation_arguments(p) -> None:
+    """The generation flags (read by :func:`generation_options`) and ``--seed``, ``--device``:
+    shared by ``chat``, ``caption``, ``vqa`` and ``ground``."""
     p.add_argument("--max-new-tokens", type=int,
                    help=f"tokens per answer at most (default: generation_config.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--temperature", type=float, help="sample at this temperature (0: greedy)")
@@ -141,4 +229,3 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-beams", type=int, help="beam search with this many beams (the answer is printed whole)")
     p.add_argument("--seed", type=int, help="seed of the sampling, for answers that repeat")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.set_defaults(fn=cmd_chat)
