@@ -120,7 +120,7 @@ class LlavaNext(Llava):
     def _real_views(pixel_values: torch.Tensor, views: list[int]) -> torch.Tensor:
         """``[sum(views), 3, S, S]``: the views as given, or a padded 5-D batch with its padding dropped."""
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
-            if pixel_values.shape[0] != len(views) or pixel_values.shape[1] < max(views):
+            if pixel_values.shape[0] != len(views) or pixel_values.shape[1] < max(views, default=0):
                 raise VlkitError(f"pixel_values {tuple(pixel_values.shape)} hold {pixel_values.shape[0]} images of up to "
                                  f"{pixel_values.shape[1]} views; image_sizes ask for {len(views)} images of {views} views")
             return torch.cat([p[:n] for p, n in zip(pixel_values, views)])
