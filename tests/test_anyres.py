@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 from transformers.image_processing_utils import select_best_resolution as hf_select  # noqa: E402
 from transformers.models.llava_next import modeling_llava_next as hf_next  # noqa: E402
 
+from _llava_next_models import hf_processor  # noqa: E402
+
 SMALL = dict(tile=32, patch=8)
 """A tiny tower: 32-pixel tiles of 8-pixel patches (a 4x4 feature grid per tile)."""
 REAL = dict(tile=336, patch=14)
@@ -88,25 +90,11 @@ def test_unpad_matches_transformers(size, grid):
     assert anyres.unpadded_shape(size, grid) == tuple(expected.shape[:2])
 
 
-def _hf_processor(pinpoints, tile: int, patch: int, strategy: str = "default"):
-    """transformers' LlavaNextProcessor over a three-word tokenizer (``<image>`` is id 1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<image>": 1, "hi": 2}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", additional_special_tokens=["<image>"])
-    images = transformers.LlavaNextImageProcessorPil(
-        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=[list(p) for p in pinpoints])
-    return transformers.LlavaNextProcessor(image_processor=images, tokenizer=fast, patch_size=patch,
-                                           vision_feature_select_strategy=strategy,
-                                           num_additional_image_tokens=1 if strategy == "default" else 0)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_token_count_matches_the_processor(name):
     dims, pinpoints = CONFIGS[name]
     for strategy in ("default", "full"):  # CLIP (class token dropped) and SigLIP (no class token)
-        proc = _hf_processor(pinpoints, dims["tile"], dims["patch"], strategy)
+        proc = hf_processor(pinpoints, dims["tile"], dims["patch"], strategy)
         for h, w in SIZES:
             expected = proc._get_number_of_features(h, w, dims["tile"], dims["tile"]) - (strategy == "default")
             assert anyres.num_image_tokens((h, w), pinpoints, **dims) == expected, (h, w, strategy)
@@ -127,7 +115,7 @@ def test_pixels_and_expansion_match_the_processor():
     """Pixel values of the global view and every tile, and the number of ``<image>`` tokens the
     processor writes into the prompt, image by image."""
     pinpoints = CONFIGS["small_range"][1]
-    proc = _hf_processor(pinpoints, **SMALL)
+    proc = hf_processor(pinpoints, **SMALL)
     ours = ImageProcessor.from_hf(proc.image_processor.to_dict())
     ours.alpha_background = 255
     for h, w, mode in PIXEL_CASES:

@@ -309,6 +309,19 @@ def test_bad_inputs_are_named_errors(pair, video_pair):
         video(ids, pixels, mask, image_sizes=sizes, pixel_values_videos=torch.zeros(FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
+def test_processor_tiles_must_be_the_towers_size(with_files):
+    from vlkit.vision.preprocess import ImageProcessor
+
+    _, model, _ = with_files
+    kept = model.processor
+    try:
+        model.processor = ImageProcessor(size=48, crop_size=48)
+        with pytest.raises(VlkitError, match="48-pixel views but the vision tower takes 32"):
+            LlavaNextProcessor.for_model(model)
+    finally:
+        model.processor = kept
+
+
 def test_configs_that_cannot_tile_are_refused():
     with pytest.raises(ValueError, match="multiples of the tile size 8"):
         tiny_config(image_grid_pinpoints=((8, 12),))

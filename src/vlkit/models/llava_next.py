@@ -217,6 +217,11 @@ class LlavaNextProcessor(LlavaProcessor):
 
     @classmethod
     def for_model(cls, model: LlavaNext, template=None) -> "LlavaNextProcessor":
+        """The processor of a loaded LLaVA-NeXT: its preprocessing cut into tiles of the tower's size."""
+        tile = model.cfg.vision.image_size
+        if model.processor and model.processor.output_size != tile:
+            raise VlkitError(f"the image preprocessing gives {model.processor.output_size}-pixel views but the vision tower "
+                             f"takes {tile}; AnyRes tiles are the tower's size")  # fmt: skip
         return cls(AnyResImages(model.processor, model.cfg.image_grid_pinpoints), model.tokenizer,
                    lambda image: model.num_image_tokens(image.height, image.width), template,
                    model.lm.config.max_position_embeddings)
