@@ -193,6 +193,16 @@ def test_native_round_trip_and_newer_key_layout(tmp_path, pair):
     assert torch.equal(newer(ids, pixels, mask, image_sizes=sizes).logits, want)
 
 
+def test_export_to_transformers_is_refused_by_name(tmp_path, pair):
+    """vlkit reads LLaVA-NeXT folders but does not write them yet: convert says so, writes nothing."""
+    from vlkit.cli import main
+
+    _, model = pair
+    save_model(tmp_path / "native", model, "llava_next")
+    assert main(["convert", "--to", "hf", str(tmp_path / "native"), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def with_files(tmp_path_factory):
     """A tiny LLaVA-NeXT saved with a real BPE tokenizer (``<image>`` is id 3) and LlavaNextImageProcessor's

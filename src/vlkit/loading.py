@@ -73,6 +73,10 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
         from vlkit.interop.lm_files import attach_lm_files
 
         attach_lm_files(model, folder)
+    elif isinstance(getattr(model, "lm", None), DecoderLM):  # a VLM: its language model's tokenizer and defaults
+        from vlkit.interop.hf_llava import attach_lm_files_to
+
+        attach_lm_files_to(model, folder)
     return model.to(device).eval()
 
 

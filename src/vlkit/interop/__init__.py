@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_opt, hf_siglip, open_clip
+from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_llava, hf_llava_next, hf_opt, hf_siglip, open_clip
 from vlkit.interop.weights import CheckpointError
 
 LOADERS = {
@@ -22,6 +22,9 @@ LOADERS = {
     "qwen2": hf_llama.load,
     "mistral": hf_llama.load,
     "opt": hf_opt.load,
+    "llava": hf_llava.load,
+    "llava_next": hf_llava_next.load,
+    "llava_next_video": hf_llava_next.load,
 }
 """transformers ``model_type`` → loader ``(folder, config, dtype) -> model``."""
 

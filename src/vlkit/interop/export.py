@@ -1,10 +1,12 @@
 """Export vlkit models to transformers (``CLIPModel``, ``SiglipModel``, CLIP one-tower models,
-``Dinov2Model``, ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``MistralForCausalLM``, ``OPTForCausalLM``)
+``Dinov2Model``, ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``MistralForCausalLM``, ``OPTForCausalLM``,
+``LlavaForConditionalGeneration``)
 and OpenCLIP folders: the loaders' key maps run backwards, and every config
 switch the target cannot express is refused by name rather than exported approximately."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,11 +15,13 @@ from safetensors.torch import save_file
 
 from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
-from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_opt, hf_siglip, open_clip
+from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_llava, hf_opt, hf_siglip, open_clip
 from vlkit.interop import keymap as km
 from vlkit.interop.lm_files import write_lm_files
 from vlkit.lm import DecoderLM, LlamaLM
 from vlkit.models.clip import CLIP
+from vlkit.models.llava import Llava
+from vlkit.models.llava_next import LlavaNext
 from vlkit.models.single_tower import TextTower, VisionEncoder
 from vlkit.text.encoder import TextConfig
 from vlkit.vision.vit import ViTConfig
@@ -25,7 +29,7 @@ from vlkit.vision.vit import ViTConfig
 
 def _refuse(problems: list[str], target: str) -> None:
     if problems:
-        raise ValueError(f"cannot export to {target} exactly: " + "; ".join(problems))
+        raise VlkitError(f"cannot export to {target} exactly: " + "; ".join(problems))
 
 
 def _differences(cfg, expected: dict, name: str) -> list[str]:
@@ -84,6 +88,11 @@ def hf_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor], str]
     """``(config.json, rules, extra tensors, image processor class)`` for a vlkit model."""
     if isinstance(model, DecoderLM):
         return _lm_layout(model)
+    if isinstance(model, LlavaNext):
+        _refuse(["vlkit does not write the LLaVA-NeXT layout yet (image_newline, grid pinpoints)"],
+                "transformers LlavaNextForConditionalGeneration")
+    if isinstance(model, Llava):
+        return _llava_layout(model)
     if isinstance(model, CLIP) and model.cfg.loss == "sigmoid":
         return _siglip_layout(model)
     if isinstance(model, CLIP):
@@ -126,8 +135,8 @@ def hf_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor], str]
         arch = "CLIPTextModelWithProjection" if with_proj else "CLIPTextModel"
         config = dict(architectures=[arch], model_type="clip_text_model", **tcfg, projection_dim=c.embed_dim or c.text.width)
         return config, rules, {}, ""
-    raise ValueError(f"cannot export a {type(model).__name__} to transformers; expected CLIP, VisionEncoder, TextTower "
-                     "or a language model")
+    raise ValueError(f"cannot export a {type(model).__name__} to transformers; expected CLIP, VisionEncoder, TextTower, "
+                     "a language model or LLaVA")
 
 
 def _lm_layout(model: DecoderLM):
@@ -138,11 +147,19 @@ def _lm_layout(model: DecoderLM):
     return config, layout.rules(model.cfg), {}, ""
 
 
+def siglip_vision_hf(v: ViTConfig) -> tuple[dict, list[str]]:
+    problems = _differences(v, dict(class_token=False, num_registers=0, patch_bias=True, pre_norm=False, final_norm="all",
+                                    pool="map", layer_scale=None), "vision") + _stem(v)
+    cfg = dict(hidden_size=v.width, intermediate_size=_intermediate(v.width, v.mlp_ratio), num_hidden_layers=v.depth,
+               num_attention_heads=v.num_heads, num_channels=3, image_size=v.image_size, patch_size=v.patch_size,
+               hidden_act=v.act, layer_norm_eps=v.eps, vision_use_head=True)
+    return cfg, problems
+
+
 def _siglip_layout(model: CLIP):
     c = model.cfg
     v, t = c.vision, c.text
-    problems = _differences(v, dict(class_token=False, num_registers=0, patch_bias=True, pre_norm=False, final_norm="all",
-                                    pool="map", layer_scale=None), "vision") + _stem(v)
+    vision_config, problems = siglip_vision_hf(v)
     problems += _differences(t, dict(causal=False, pool="last"), "text")
     if c.vision_projection != "none":
         problems.append(f"vision_projection is {c.vision_projection!r}; SigLIP has no image projection ('none' needed)")
@@ -153,15 +170,40 @@ def _siglip_layout(model: CLIP):
     rules = [r for r in hf_siglip.rules(c) if not r.target.startswith("text_proj.")] + tr
     config = dict(
         architectures=["SiglipModel"], model_type="siglip",
-        vision_config=dict(hidden_size=v.width, intermediate_size=_intermediate(v.width, v.mlp_ratio), num_hidden_layers=v.depth,
-                           num_attention_heads=v.num_heads, num_channels=3, image_size=v.image_size, patch_size=v.patch_size,
-                           hidden_act=v.act, layer_norm_eps=v.eps, vision_use_head=True),
+        vision_config=vision_config,
         text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=_intermediate(t.width, t.mlp_ratio),
                          num_hidden_layers=t.depth, num_attention_heads=t.num_heads, max_position_embeddings=t.context_length,
                          hidden_act=t.act, layer_norm_eps=t.eps, projection_size=c.embed_dim,
                          bos_token_id=None, eos_token_id=None, pad_token_id=None),
     )
     return config, rules, textra, "SiglipImageProcessor"
+
+
+def _llava_layout(model: Llava):
+    """LLaVA: a CLIP (class token) or SigLIP tower, the projector, a Llama-family LM, in the older
+    key layout every transformers version reads."""
+    c = model.cfg
+    clip = c.vision.class_token
+    if clip:
+        vision, problems = clip_vision_hf(c.vision)
+    else:  # a SigLIP tower pooled by the mean is a headless one (a VLM reads no pooled output)
+        headless = c.vision.pool == "mean"
+        vision, problems = siglip_vision_hf(dataclasses.replace(c.vision, pool="map") if headless else c.vision)
+        vision["vision_use_head"] = not headless
+    text, more = hf_llama.config_to_hf(c.lm)
+    projector, extra, more2 = hf_llava.projector_to_hf(model)
+    _refuse(problems + more + more2, "transformers LlavaForConditionalGeneration")
+    layers = c.vision_feature_layer
+    config = dict(
+        architectures=["LlavaForConditionalGeneration"], model_type="llava",
+        vision_config={**vision, "model_type": "clip_vision_model" if clip else "siglip_vision_model"},
+        text_config={k: v for k, v in text.items() if k != "architectures"},
+        image_token_index=c.image_token_id, image_seq_length=model.num_image_tokens(),
+        vision_feature_layer=list(layers) if isinstance(layers, tuple) else layers,
+        vision_feature_select_strategy=c.vision_feature_select_strategy, tie_word_embeddings=c.lm.tie_word_embeddings,
+        **projector,
+    )
+    return config, hf_llava.rules(c), extra, "CLIPImageProcessor"  # it reads every resize and crop vlkit's processor writes
 
 
 def _dinov2_layout(model: VisionEncoder):
@@ -198,7 +240,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _write_tokenizer(model, dst: Path) -> None:
     """``tokenizer.json`` plus a ``tokenizer_config.json`` that transformers' fast tokenizer reads."""
-    if isinstance(model, DecoderLM):
+    if isinstance(model, (DecoderLM, Llava)):
         write_lm_files(model, dst)
         return
     tok = getattr(model, "tokenizer", None)

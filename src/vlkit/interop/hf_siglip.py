@@ -45,40 +45,50 @@ def model_config(raw: dict, where: str) -> CLIPConfig:
 
 def rules(cfg: CLIPConfig) -> list[km.Rule]:
     """SigLIP keys → vlkit; the MAP head's packed in-projection splits into q and k|v."""
-    v, e, h = "vision_model.", "vision_model.embeddings", "vision_model.head"
-    w = cfg.vision.width
     out = [
-        km.copy("vision.patch_embed.weight", f"{e}.patch_embedding.weight"),
-        km.copy("vision.patch_embed.bias", f"{e}.patch_embedding.bias"),
-        km.view("vision.pos_embed", f"{e}.position_embedding.weight", (cfg.vision.grid**2, w)),
-        km.copy("vision.head.probe", f"{h}.probe"),
         km.view("logit_scale", "logit_scale", (1,)),
         km.view("logit_bias", "logit_bias", (1,)),
         km.copy("text.token_embed.weight", "text_model.embeddings.token_embedding.weight"),
         km.view("text.pos_embed", "text_model.embeddings.position_embedding.weight", (cfg.text.context_length, cfg.text.width)),
     ]
     for p in ("weight", "bias"):
+        out += [km.copy(f"text.norm.{p}", f"text_model.final_layer_norm.{p}"), km.copy(f"text_proj.{p}", f"text_model.head.{p}")]
+    return vision_rules(cfg.vision) + out + layer_rules("text", "text_model.", cfg.text.depth)
+
+
+def vision_rules(cfg: ViTConfig, dst: str = "vision", src: str = "vision_model") -> list[km.Rule]:
+    """The SigLIP vision tower at ``src`` (a key prefix without its dot) → vlkit's ``dst`` ViT; the
+    attention-pooling head's keys only where the tower has one (``pool="map"``)."""
+    v = f"{src}."
+    e, h = f"{v}embeddings", f"{v}head"
+    out = [
+        km.copy(f"{dst}.patch_embed.weight", f"{e}.patch_embedding.weight"),
+        km.copy(f"{dst}.patch_embed.bias", f"{e}.patch_embedding.bias"),
+        km.view(f"{dst}.pos_embed", f"{e}.position_embedding.weight", (cfg.grid**2, cfg.width)),
+    ] + [km.copy(f"{dst}.norm.{p}", f"{v}post_layernorm.{p}") for p in ("weight", "bias")]
+    return out + (_head_rules(f"{dst}.head", h, cfg.width) if cfg.pool == "map" else []) + layer_rules(dst, v, cfg.depth)
+
+
+def _head_rules(dst: str, src: str, width: int) -> list[km.Rule]:
+    out = [km.copy(f"{dst}.probe", f"{src}.probe")]
+    for p in ("weight", "bias"):
         out += [
-            km.copy(f"vision.norm.{p}", f"{v}post_layernorm.{p}"),
-            km.copy(f"vision.head.proj.{p}", f"{h}.attention.out_proj.{p}"),
-            km.copy(f"vision.head.norm.{p}", f"{h}.layernorm.{p}"),
-            km.copy(f"vision.head.mlp.fc1.{p}", f"{h}.mlp.fc1.{p}"),
-            km.copy(f"vision.head.mlp.fc2.{p}", f"{h}.mlp.fc2.{p}"),
-            km.copy(f"text.norm.{p}", f"text_model.final_layer_norm.{p}"),
-            km.copy(f"text_proj.{p}", f"text_model.head.{p}"),
+            km.copy(f"{dst}.proj.{p}", f"{src}.attention.out_proj.{p}"),
+            km.copy(f"{dst}.norm.{p}", f"{src}.layernorm.{p}"),
+            km.copy(f"{dst}.mlp.fc1.{p}", f"{src}.mlp.fc1.{p}"),
+            km.copy(f"{dst}.mlp.fc2.{p}", f"{src}.mlp.fc2.{p}"),
         ]
-    out += _split_in_proj(f"{h}.attention", w)
-    return out + layer_rules("vision", v, cfg.vision.depth) + layer_rules("text", "text_model.", cfg.text.depth)
+    return out + _split_in_proj(dst, f"{src}.attention", width)
 
 
-def _split_in_proj(src: str, width: int) -> list[km.Rule]:
+def _split_in_proj(dst: str, src: str, width: int) -> list[km.Rule]:
     """``nn.MultiheadAttention``'s packed q|k|v rows: vlkit keeps q alone and k|v packed."""
     out = []
     for p in ("weight", "bias"):
         shape = (3 * width, width) if p == "weight" else (3 * width,)
         out += [
-            km.rows(f"vision.head.q.{p}", f"{src}.in_proj_{p}", 0, width, shape),
-            km.rows(f"vision.head.kv.{p}", f"{src}.in_proj_{p}", width, 3 * width, shape),
+            km.rows(f"{dst}.q.{p}", f"{src}.in_proj_{p}", 0, width, shape),
+            km.rows(f"{dst}.kv.{p}", f"{src}.in_proj_{p}", width, 3 * width, shape),
         ]
     return out
 

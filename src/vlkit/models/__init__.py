@@ -2,6 +2,8 @@
 
 from vlkit.lm import LlamaConfig, LlamaLM, OPTConfig, OPTLM
 from vlkit.models.clip import CLIP, CLIPConfig
+from vlkit.models.llava import Llava, LlavaConfig
+from vlkit.models.llava_next import LlavaNext, LlavaNextConfig
 from vlkit.models.single_tower import TextEncoderConfig, TextTower, VisionEncoder, VisionEncoderConfig
 
 MODELS = {
@@ -10,6 +12,8 @@ MODELS = {
     "text_encoder": (TextEncoderConfig, TextTower),
     "llama": (LlamaConfig, LlamaLM),
     "opt": (OPTConfig, OPTLM),
+    "llava": (LlavaConfig, Llava),
+    "llava_next": (LlavaNextConfig, LlavaNext),
 }
 
-__all__ = ["CLIP", "CLIPConfig", "MODELS", "TextEncoderConfig", "TextTower", "VisionEncoder", "VisionEncoderConfig"]
+__all__ = ["CLIP", "CLIPConfig", "Llava", "LlavaConfig", "LlavaNext", "LlavaNextConfig", "MODELS", "TextEncoderConfig", "TextTower", "VisionEncoder", "VisionEncoderConfig"]
