@@ -1,4 +1,4 @@
-"""The ``vlkit`` command: demo, train, eval, embed, convert, chat, data."""
+"""The ``vlkit`` command: demo, train, eval, embed, convert, chat, caption, vqa, ground, data."""
 
 from __future__ import annotations
 
@@ -236,6 +236,10 @@ def parser() -> argparse.ArgumentParser:
     from vlkit.chat import add_parser as add_chat
 
     add_chat(sub)
+
+    from vlkit.vlm_cli import add_parsers as add_vlm_commands
+
+    add_vlm_commands(sub, positive_int)
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

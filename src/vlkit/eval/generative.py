@@ -5,6 +5,9 @@ A model supports these tasks when it has::
 
     generate(images: list[PIL.Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]
 
+A loaded vision-language model (LLaVA) meets it through its processor (:func:`answerer`): each
+prompt a user turn after its image, rendered by the model's template, batches left-padded.
+
 Data per task (``--data``):
 
 - caption: a Karpathy-layout COCO captions JSON, or a folder holding ``captions_karpathy.json``;
@@ -329,14 +332,30 @@ def score_predictions_file(task: str, predictions: str | Path, data: str | Path,
     return results
 
 
+def answerer(model, template: str | None = None, **options):
+    """``model`` as this module's contract wants it: a vision-language model (one with
+    ``image_features``, whose own ``generate`` takes token ids and pixels) answers through its
+    processor, in left-padded batches, with ``template`` and generation ``options``
+    (:class:`~vlkit.models.llava_processor.LlavaAnswerer`); any other model is returned as it is."""
+    if not hasattr(model, "image_features"):
+        return model
+    from vlkit.models.llava_next import LlavaNext, LlavaNextProcessor
+    from vlkit.models.llava_processor import LlavaAnswerer, LlavaProcessor
+
+    processor = (LlavaNextProcessor if isinstance(model, LlavaNext) else LlavaProcessor).for_model(model, template)
+    return LlavaAnswerer(model, processor, **options)
+
+
 def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,
                          skips: Skips | None = None) -> dict[str, str]:  # fmt: skip
-    """Run ``model.generate`` over the samples in batches with a progress bar. An image that
-    cannot be loaded stops, or (``Skips("skip")``) its sample is left out and recorded."""
+    """Run ``model.generate`` over the samples in batches with a progress bar (a loaded
+    vision-language model through :func:`answerer`). An image that cannot be loaded stops, or
+    (``Skips("skip")``) its sample is left out and recorded."""
     from tqdm import tqdm
 
     from vlkit.data.images import BadSample
 
+    model = answerer(model)
     if not callable(getattr(model, "generate", None)):
         raise VlkitError(f"{type(model).__name__} has no generate(images, prompts, max_new_tokens) method, which "
                          "generative tasks need; give a generative model, or score a file with --predictions")  # fmt: skip
