@@ -252,7 +252,7 @@ def test_the_eval_contract_answers_as_transformers_does(with_files):
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGES[:3])]
     prompts = ["What is the color of the circle?", "Describe the image.", "How many shapes are there?"]
     ours = answerer.generate(images, prompts, max_new_tokens=6)
-    options = answerer._stops({"max_new_tokens": 6})
+    options = answerer.with_stops({"max_new_tokens": 6})
     ref = hf_full_processor(folder)
     texts = ["".join(s.text for s in render([{"role": "user", "content": f"<image>\n{p}"}], answerer.processor.tokenizer,
                                             "llava_v1", add_generation_prompt=True)) for p in prompts]

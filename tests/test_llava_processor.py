@@ -229,7 +229,7 @@ def test_the_eval_contract_answers_as_transformers_does(loaded):
     images = random_images()[:3]
     prompts = ["What is the color of the circle?", "Describe the image.", "How many shapes are there?"]
     ours = answerer.generate(images, prompts, max_new_tokens=6)
-    options = answerer._stops({"max_new_tokens": 6})
+    options = answerer.with_stops({"max_new_tokens": 6})
     ref = transformers.LlavaProcessor(image_processor=transformers.AutoImageProcessor.from_pretrained(folder, backend="pil"),
                                       tokenizer=transformers.AutoTokenizer.from_pretrained(folder), patch_size=PATCH,
                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
@@ -261,12 +261,12 @@ def test_training_batch_runs_through_the_model(loaded):
 def test_generation_stops_at_the_templates_end_of_turn(loaded):
     _, model, _ = loaded
     chatml = LlavaAnswerer(model, LlavaProcessor.for_model(model, template="chatml"))
-    assert "<|im_end|>" in chatml._stops({})["stop_strings"]  # not a token of this tokenizer: matched as text
+    assert "<|im_end|>" in chatml.with_stops({})["stop_strings"]  # not a token of this tokenizer: matched as text
     plain = LlavaAnswerer(model, LlavaProcessor.for_model(model, template="plain"))
-    assert plain._stops({"stop_strings": ["."]})["stop_strings"] == [".", "\n"]
+    assert plain.with_stops({"stop_strings": ["."]})["stop_strings"] == [".", "\n"]
     v1 = LlavaAnswerer(model, LlavaProcessor.for_model(model, template="llava_v1"))
-    assert 1 in v1._stops({"eos_token_id": 2})["eos_token_id"]  # </s> ends a Vicuna turn
-    assert 2 in v1._stops({"eos_token_id": 2})["eos_token_id"]
+    assert 1 in v1.with_stops({"eos_token_id": 2})["eos_token_id"]  # </s> ends a Vicuna turn
+    assert 2 in v1.with_stops({"eos_token_id": 2})["eos_token_id"]
 
 
 def truncated_png() -> Image.Image:

@@ -49,7 +49,7 @@ class ChatSession:
 
             vlm = answerer(model, template)
             self.processor, self.tokenizer, self.templated = vlm.processor, vlm.processor.tokenizer, True
-            self.options = vlm._stops(self.options)  # the template's end of turn stops an answer too
+            self.options = vlm.with_stops(self.options)  # the template's end of turn stops an answer too
         else:
             if self.images or template is not None:
                 flag = "--image" if self.images else "--template"

@@ -159,7 +159,7 @@ def rules(cfg: LlavaConfig, layout: Layout = EXPORT_LAYOUT) -> list[km.Rule]:
     return vision(cfg.vision, dst="vision", src=layout.vision) + connector_rules(cfg, layout.projector) + language
 
 
-def _ignorable(cfg: LlavaConfig, layout: Layout, connector: str):
+def ignorable(cfg: LlavaConfig, layout: Layout, connector: str):
     """Buffers older versions saved, a tied head's copy, and an exported linear connector's identity layer."""
     skipped = {f"{layout.head}.weight"} if cfg.lm.tie_word_embeddings else set()
     if connector == "linear":
@@ -188,7 +188,7 @@ def load(folder: Path, raw: dict, dtype=None) -> Llava:
     cfg = config_from_hf(raw, where, connector)
     arch = (raw.get("architectures") or ["LlavaForConditionalGeneration"])[0]
     model = km.load_into(lambda: Llava(cfg), rules(cfg, layout), reader, f"transformers {arch}",
-                         _ignorable(cfg, layout, connector[0]), dtype)
+                         ignorable(cfg, layout, connector[0]), dtype)
     attach_lm_files_to(model, folder)
     attach_processor(model, folder)
     return model

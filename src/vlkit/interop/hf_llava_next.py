@@ -76,7 +76,7 @@ def load(folder: Path, raw: dict, dtype=None) -> LlavaNext:
     default = "LlavaNextVideoForConditionalGeneration" if cfg.video_token_id is not None else "LlavaNextForConditionalGeneration"
     arch = (raw.get("architectures") or [default])[0]
     model = km.load_into(lambda: LlavaNext(cfg), rules(cfg, layout, newline_key(reader)), reader, f"transformers {arch}",
-                         hf_llava._ignorable(cfg, layout, connector[0]), dtype)
+                         hf_llava.ignorable(cfg, layout, connector[0]), dtype)
     hf_llava.attach_lm_files_to(model, folder)
     attach_processor(model, folder)
     return model

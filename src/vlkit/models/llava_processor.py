@@ -193,7 +193,7 @@ class LlavaProcessor:
             raise VlkitError("collate got no samples; expected at least one")
         width = max(len(s) for s in samples)
         batch = {
-            "input_ids": torch.full((len(samples), width), self.tokenizer._padding_id(), dtype=torch.long),
+            "input_ids": torch.full((len(samples), width), self.tokenizer.padding_id(), dtype=torch.long),
             "attention_mask": torch.zeros((len(samples), width), dtype=torch.long),
             "labels": torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long),
         }
@@ -255,12 +255,12 @@ class LlavaAnswerer:
         batch = self.processor.prompt_batch(images, prompts)
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        options = self._stops({**self.options, **options, "max_new_tokens": max_new_tokens})
+        options = self.with_stops({**self.options, **options, "max_new_tokens": max_new_tokens})
         ids = self.model.generate(**batch, **options)
         cfg = resolve_config(self.model.lm, self.model.generation_config, **options)
         return [text.strip() for text in decode_new(self.processor.tokenizer, ids, cfg)]
 
-    def _stops(self, options: dict) -> dict:
+    def with_stops(self, options: dict) -> dict:
         """``options`` with the template's end of turn added: an id when it is a special token, else
         a stop string; the model's own EOS ids are kept."""
         from vlkit.lm.generate import resolve_config

@@ -127,9 +127,9 @@ class LMTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         rows = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        return left_pad(rows, self._padding_id())
+        return left_pad(rows, self.padding_id())
 
-    def _padding_id(self) -> int:
+    def padding_id(self) -> int:
         for idx in (self.pad_token_id, self.eos_token_id):
             if idx is not None:
                 return idx
