@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlkit.errors import VlkitError
 from vlkit.lm.decoder import DecoderLayer, DecoderLM
 from vlkit.nn.attention import Attention
+from vlkit.nn.linear import Linear, linear, use_onednn
 from vlkit.nn.mlp import ACTIVATIONS, GatedMLP
 from vlkit.nn.norms import RMSNorm
 from vlkit.nn.rope import RopeConfig, Rotary
@@ -78,9 +78,10 @@ class LlamaLM(DecoderLM):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
+        use_onednn(self)
 
     @property
     def max_length(self) -> int:
@@ -108,4 +109,4 @@ class LlamaLM(DecoderLM):
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
-        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlkit.errors import VlkitError
 from vlkit.lm.decoder import DecoderLayer, DecoderLM
 from vlkit.nn.attention import Attention
+from vlkit.nn.linear import Linear, linear, use_onednn
 from vlkit.nn.mlp import ACTIVATIONS, MLP
 
 POSITION_OFFSET = 2
@@ -74,13 +74,14 @@ class OPTLM(DecoderLM):
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(cfg.vocab_size, e)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
-        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        self.project_in = Linear(e, d, bias=False) if e != d else None
         self.layers = nn.ModuleList(_layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg) if cfg.final_norm else None
-        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(e, cfg.vocab_size, bias=False)
+        self.project_out = Linear(d, e, bias=False) if e != d else None
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(e, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
         nn.init.normal_(self.embed_positions.weight, std=0.02)
+        use_onednn(self)
 
     @property
     def max_length(self) -> int:
@@ -107,4 +108,4 @@ class OPTLM(DecoderLM):
             h = self.norm(h)
         if self.project_out is not None:
             h = self.project_out(h)
-        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)

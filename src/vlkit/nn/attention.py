@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.nn.linear import Linear
 from vlkit.nn.rope import apply_rotary
 
 
@@ -51,11 +52,11 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.gqa = num_kv_heads != num_heads
         if context_dim is None:
-            self.qkv = nn.Linear(dim, self.q_size + 2 * self.kv_size, bias=bias)
+            self.qkv = Linear(dim, self.q_size + 2 * self.kv_size, bias=bias)
         else:
-            self.q = nn.Linear(dim, self.q_size, bias=bias)
-            self.kv = nn.Linear(context_dim, 2 * self.kv_size, bias=bias)
-        self.proj = nn.Linear(self.q_size, dim, bias=bias if out_bias is None else out_bias)
+            self.q = Linear(dim, self.q_size, bias=bias)
+            self.kv = Linear(context_dim, 2 * self.kv_size, bias=bias)
+        self.proj = Linear(self.q_size, dim, bias=bias if out_bias is None else out_bias)
 
     def forward(
         self,

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlkit.nn.linear import Linear
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's sigmoid approximation of GELU."""
@@ -48,8 +50,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: str = "gelu", out_dim: int | None = None, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+        self.fc1 = Linear(dim, hidden, bias=bias)
+        self.fc2 = Linear(hidden, out_dim or dim, bias=bias)
         self.act = activation(act)
         self.act_ = INPLACE.get(act, self.act)
 
@@ -65,8 +67,8 @@ class GatedMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
         self.hidden = hidden
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up = Linear(dim, 2 * hidden, bias=bias)
+        self.down = Linear(hidden, dim, bias=bias)
         self.act = activation(act)
         self.act_ = INPLACE.get(act, self.act)
 

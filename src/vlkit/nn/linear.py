@@ -1,0 +1,57 @@
+"""The linear layer vlkit's blocks build: ``nn.Linear`` (same parameters, same keys) that a model can
+switch to oneDNN's matmul for inference on an x86 CPU. There, in fp32, oneDNN runs a language model's
+matmuls about twice as fast as the MKL path ``F.linear`` takes (a decode step's mat-vecs and the
+prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 arithmetic (its own
+summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _onednn_matmul():
+    """oneDNN's linear op where torch was built with it on an x86 CPU (AVX2 or better), else None."""
+    if not torch.backends.mkldnn.is_available() or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    packet = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    return None if packet is None else packet.default
+
+
+_ONEDNN = _onednn_matmul()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN when that is exact to use: fp32 on a CPU with
+    oneDNN, no gradient recorded (the op has no backward) and no autocast (which would cast)."""
+    if (
+        _ONEDNN is not None
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return _ONEDNN(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward goes through :func:`linear` once ``onednn`` is set (see
+    :func:`use_onednn`); off, it is ``nn.Linear`` exactly."""
+
+    onednn = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn:
+            return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn(module: nn.Module, on: bool = True) -> nn.Module:
+    """Set (or clear) ``onednn`` on every :class:`Linear` inside ``module``; returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.onednn = on
+    return module

@@ -1,0 +1,143 @@
+"""The language models' linear layers run inference through oneDNN (vlkit.nn.linear): the same
+results as ``F.linear`` up to rounding, the same parameters and keys, and training (gradients,
+autocast) exactly ``nn.Linear``'s path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlkit
+import vlkit.nn.linear as fast
+from vlkit.lm.llama import LlamaConfig, LlamaLM
+from vlkit.lm.opt import OPTConfig, OPTLM
+from vlkit.nn import Block
+from vlkit.nn.linear import Linear, linear, use_onednn
+from vlkit.train.checkpoint import save_model
+
+needs_onednn = pytest.mark.skipif(fast._ONEDNN is None, reason="torch has no oneDNN linear on this CPU")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls that reach oneDNN."""
+    seen = []
+    real = fast._ONEDNN
+
+    def spy(*args):
+        seen.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(fast, "_ONEDNN", spy)
+    return seen
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "one row": r(1, 1, 48),
+        "batch": r(3, 5, 48),
+        "last position of a longer sequence (a strided view)": r(2, 7, 48)[:, -1:],
+        "transposed": r(48, 4).t(),
+        "1-d": r(48),
+        "no rows": r(0, 1, 48),
+    }
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", list(_inputs()))
+def test_linear_equals_f_linear_through_onednn(name, bias, calls):
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(40, 48, generator=g), (torch.randn(40, generator=g) if bias else None)
+    x = _inputs()[name]
+    with torch.inference_mode():
+        got = linear(x, w, b)
+    want = F.linear(x, w, b)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
+@needs_onednn
+def test_onednn_only_where_exact(calls):
+    """oneDNN for fp32 CPU inference; gradients, autocast, other dtypes and layers left off go the
+    usual way (the oneDNN op has no backward, and autocast would cast)."""
+    layer = Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        layer(x)
+    assert not calls, "a layer with onednn off must be nn.Linear"
+    layer.onednn = True
+    with torch.inference_mode():
+        layer(x)
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 2
+    y = layer(x)
+    assert y.requires_grad and len(calls) == 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.double()(x.double())
+    assert len(calls) == 2
+
+
+def _llama() -> LlamaLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, qkv_bias=True, family="qwen2")
+    return LlamaLM(cfg)
+
+
+def _opt() -> OPTLM:
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32)
+    return OPTLM(cfg)
+
+
+@pytest.mark.parametrize("build", [_llama, _opt], ids=["llama", "opt"])
+def test_language_models_switch_every_linear_on(build):
+    lm = build()
+    linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, Linear) and m.onednn for m in linears)
+    assert not any(m.onednn for m in Block(32, 4).modules() if isinstance(m, Linear)), "the towers keep nn.Linear"
+
+
+@needs_onednn
+@pytest.mark.parametrize("build", [_llama, _opt], ids=["llama", "opt"])
+def test_training_is_nn_linear_exactly_and_inference_agrees(build, calls):
+    lm = build()
+    plain = use_onednn(copy.deepcopy(lm), False)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    out, ref = lm(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.equal(out, ref)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(lm.named_parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert not calls
+    with torch.inference_mode():
+        fast_logits = lm(input_ids=ids).logits
+    assert calls, "inference did not go through oneDNN"
+    torch.testing.assert_close(fast_logits, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_and_a_save_load_round_trip_are_unchanged(tmp_path):
+    lm = _llama().eval()
+    state = lm.state_dict()
+    assert "layers.0.attn.qkv.weight" in state and "lm_head.weight" in state
+    assert all(t.is_contiguous() for t in state.values())
+    save_model(tmp_path / "m", lm, "llama")
+    back = vlkit.load(tmp_path / "m")
+    assert all(m.onednn for m in back.modules() if isinstance(m, Linear)), "a loaded model keeps the fast path"
+    for key, t in back.state_dict().items():
+        assert torch.equal(t, state[key]), key
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(back(input_ids=ids).logits, lm(input_ids=ids).logits)
