@@ -14,7 +14,9 @@ goes first alternates), fp32, greedy, EOS off so every row makes all its new tok
   ``generate`` above what the loaded model held before it;
 - the bandwidth floor: a decode step reads every weight once (the embedding table only a row of
   it, unless tied to the head), so it cannot beat ``weight bytes / bandwidth``, the bandwidth of a
-  large fp32 mat-vec measured here between the rounds.
+  large fp32 mat-vec measured here between the rounds: the faster of ``torch.mv`` (MKL) and, on a
+  CPU, oneDNN's linear (which vlkit's language models use; on AMD CPUs MKL's mat-vec reaches well
+  under the memory bandwidth, so a floor from it alone is one vlkit runs below).
 
 Sizes: ``35m`` (width 512, 8 layers, 8 heads, 4 KV heads, vocabulary 8000, MLP 1536) and ``150m``
 (width 768, 12 layers, 12 heads, vocabulary 32000, MLP 2560), untied heads; ``tiny`` for a smoke run.
@@ -176,16 +178,24 @@ def streamed_bytes(model) -> int:
     return total
 
 
-def matvec_bandwidth(device: torch.device, megabytes: int, seconds: float = 0.5) -> float:
-    """Bytes/s of an fp32 mat-vec on a matrix of ``megabytes`` (bigger than the caches)."""
+def matvec_bandwidth(device: torch.device, megabytes: int, seconds: float = 0.5) -> dict[str, float]:
+    """Bytes/s of an fp32 mat-vec on a matrix of ``megabytes`` (bigger than the caches), by each
+    implementation: ``torch.mv`` (MKL on a CPU) and, on a CPU with it, oneDNN's linear."""
     rows = megabytes * 2**20 // (4 * 4096)
     w, x = torch.randn(rows, 4096, device=device), torch.randn(4096, device=device)
     out = torch.mv(w, x)
-    best = float("inf")
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        best = min(best, timed(lambda: torch.mv(w, x, out=out), device))
-    return w.numel() * 4 / best
+    ways = {"torch.mv": lambda: torch.mv(w, x, out=out)}
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if device.type == "cpu" else None
+    if onednn is not None and torch.backends.mkldnn.is_available():
+        ways["oneDNN"] = lambda: onednn(x[None], w, None, "none", [], "")
+    rates = {}
+    for name, fn in ways.items():
+        best = float("inf")
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            best = min(best, timed(fn, device))
+        rates[name] = w.numel() * 4 / best
+    return rates
 
 
 class PeakRSS:
@@ -255,16 +265,18 @@ def bench(size: str, batches: list[int], args, device: torch.device, folder: Pat
         times = {side: {"prefill": [], "total": []} for side in fns}
         for fn in fns.values():  # warm up: first-call allocations and kernel selection stay out of the rounds
             fn(inputs, 2)
-        bandwidth = 0.0
+        bandwidths: dict[str, float] = {}
         for r in range(args.rounds):
-            bandwidth = max(bandwidth, matvec_bandwidth(device, args.matvec_mb))
+            for name, rate in matvec_bandwidth(device, args.matvec_mb).items():
+                bandwidths[name] = max(bandwidths.get(name, 0.0), rate)
             for side in (("transformers", "vlkit") if r % 2 == 0 else ("vlkit", "transformers")):
                 fn = fns[side]
                 times[side]["prefill"].append(timed(lambda fn=fn: fn(inputs, 1), device))
                 times[side]["total"].append(timed(lambda fn=fn: fn(inputs, args.new), device))
-        floor_step = read / bandwidth
+        floor_step = read / max(bandwidths.values())
+        each = ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in bandwidths.items())
         print(f"  batch {batch}: greedy tokens identical (16 new): {'yes' if same else 'NO'}; mat-vec bandwidth "
-              f"{bandwidth / 1e9:.1f} GB/s (best of the rounds) -> floor {floor_step * 1e3:.2f} ms/step")
+              f"{each} GB/s (best of the rounds) -> floor {floor_step * 1e3:.2f} ms/step")
         rates = {}
         for side, t in times.items():
             prefill = min(t["prefill"])

@@ -23,9 +23,10 @@ needs_onednn = pytest.mark.skipif(fast._ONEDNN is None, reason="torch has no one
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls that reach oneDNN."""
+    """Counts the calls that reach oneDNN, which takes every size here (tiny test weights too)."""
     seen = []
     real = fast._ONEDNN
+    monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0)
 
     def spy(*args):
         seen.append(args[0].shape)
@@ -85,6 +86,20 @@ def test_onednn_only_where_exact(calls):
     with torch.no_grad():
         layer.double()(x.double())
     assert len(calls) == 2
+
+
+@needs_onednn
+def test_small_weights_stay_with_f_linear(monkeypatch):
+    """oneDNN's fixed cost per call loses to MKL below ``ONEDNN_MIN_WEIGHT`` elements."""
+    seen = []
+    real = fast._ONEDNN
+    monkeypatch.setattr(fast, "_ONEDNN", lambda *args: seen.append(1) or real(*args))
+    small, large = torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8 - 1), torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8)
+    with torch.inference_mode():
+        linear(torch.randn(1, small.shape[1]), small)
+        assert not seen
+        linear(torch.randn(1, large.shape[1]), large)
+        assert seen
 
 
 def _llama() -> LlamaLM:

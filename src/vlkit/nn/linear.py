@@ -2,7 +2,9 @@
 switch to oneDNN's matmul for inference on an x86 CPU. There, in fp32, oneDNN runs a language model's
 matmuls about twice as fast as the MKL path ``F.linear`` takes (a decode step's mat-vecs and the
 prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 arithmetic (its own
-summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative)."""
+summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative). Below
+``ONEDNN_MIN_WEIGHT`` elements its fixed cost per call (~11 µs against MKL's ~3) outweighs that,
+so small matrices stay with ``F.linear``."""
 
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ def _onednn_matmul():
 
 _ONEDNN = _onednn_matmul()
 
+ONEDNN_MIN_WEIGHT = 2**17
+"""The smallest weight (elements; 0.5 MB in fp32) worth oneDNN's call: measured break-even ~256x256."""
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN when that is exact to use: fp32 on a CPU with
-    oneDNN, no gradient recorded (the op has no backward) and no autocast (which would cast)."""
+    """``F.linear(x, weight, bias)``, through oneDNN where that is exact and pays: fp32 on a CPU
+    with oneDNN, no gradient recorded (the op has no backward), no autocast (which would cast),
+    a weight of at least ``ONEDNN_MIN_WEIGHT`` elements."""
     if (
         _ONEDNN is not None
+        and weight.numel() >= ONEDNN_MIN_WEIGHT
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
