@@ -97,3 +97,15 @@ def tiny_clip_folder(folder: Path, seed: int = 0, tokenizer: bool = True, proces
     model.processor = ImageProcessor(size=32, crop_size=32) if processor else None
     save_model(Path(folder), model, "clip")
     return Path(folder)
+
+
+def convert(*argv: str) -> int:
+    """Run the ``convert`` subcommand exactly as ``vlkit`` will (via ``add_parser``)."""
+    import argparse
+
+    from vlkit.interop.convert import add_parser
+
+    parser = argparse.ArgumentParser(prog="vlkit")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["convert", *argv])
+    return args.fn(args, [])

@@ -3,7 +3,6 @@ unexpected keys and gives the same embeddings; loaded checkpoints work with ``vl
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -16,22 +15,15 @@ transformers = pytest.importorskip("transformers")
 
 import vlkit  # noqa: E402
 from vlkit.config import apply_overrides, read, to_dict  # noqa: E402
-from vlkit.interop.convert import add_parser  # noqa: E402
 from vlkit.loading import resolve  # noqa: E402
 from vlkit.train.clip import load_recipe, train_clip  # noqa: E402
 
-from _interop_util import clip_bpe, max_diff, perturb  # noqa: E402
+from _interop_util import clip_bpe, convert, max_diff, perturb  # noqa: E402
 
 TOL = 1e-5
 RECIPE = Path(__file__).resolve().parents[1] / "src" / "vlkit" / "recipes" / "clip_shapes.yaml"
 
 
-def convert(*argv: str) -> int:
-    """Run the ``convert`` subcommand exactly as ``vlkit`` will (via ``add_parser``)."""
-    parser = argparse.ArgumentParser(prog="vlkit")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["convert", *argv])
-    return args.fn(args, [])
 
 
 def shapes_clip(tmp_path):

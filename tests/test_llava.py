@@ -5,7 +5,6 @@ input gets named errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -15,13 +14,12 @@ transformers = pytest.importorskip("transformers")
 
 import vlkit  # noqa: E402
 from vlkit.errors import CheckpointError, VlkitError  # noqa: E402
-from vlkit.interop.convert import add_parser  # noqa: E402
 from vlkit.lm import LlamaConfig  # noqa: E402
 from vlkit.models.llava import Llava, LlavaConfig  # noqa: E402
 from vlkit.train.checkpoint import save_model  # noqa: E402
 from vlkit.vision.vit import ViTConfig  # noqa: E402
 
-from _interop_util import perturb  # noqa: E402
+from _interop_util import convert, perturb  # noqa: E402
 from _llava_models import (  # noqa: E402
     IMAGE_SIZE, IMAGE_TOKEN, NEWER, OLDER, PATCH, VOCAB, batch, edit_config, hf_logits, hf_model, rename_keys, save,
     tokens_per_image,
@@ -183,11 +181,6 @@ def test_tokenizer_generation_defaults_and_processor_attach(tmp_path):
         assert copy.generation_config == model.generation_config and copy.processor.size == IMAGE_SIZE
 
 
-def convert(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="vlkit")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["convert", *argv])
-    return args.fn(args, [])
 
 
 def hf_reload(folder):

@@ -15,7 +15,6 @@ import vlkit  # noqa: E402
 from vlkit.errors import CheckpointError, VlkitError  # noqa: E402
 from vlkit.lm import LlamaConfig  # noqa: E402
 from vlkit.models.llava_processor import LlavaAnswerer  # noqa: E402
-from vlkit.text.conversation import render  # noqa: E402
 from vlkit.models.llava_next import AnyResImages, LlavaNext, LlavaNextConfig, LlavaNextProcessor, pool_frames  # noqa: E402
 from vlkit.train.checkpoint import save_model  # noqa: E402
 from vlkit.vision import anyres  # noqa: E402
@@ -247,23 +246,15 @@ def test_processor_expands_and_tiles_as_transformers_does(with_files):
 def test_the_eval_contract_answers_as_transformers_does(with_files):
     """``LlavaAnswerer`` with the LLaVA-NeXT processor gives the answers transformers' processor and greedy
     ``generate`` give for the same rendered prompts."""
+    from test_llava_processor import transformers_answers
+
     hf, model, folder = with_files
     answerer = LlavaAnswerer(model, LlavaNextProcessor.for_model(model, template="llava_v1"))
     images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGES[:3])]
     prompts = ["What is the color of the circle?", "Describe the image.", "How many shapes are there?"]
     ours = answerer.generate(images, prompts, max_new_tokens=6)
-    options = answerer.with_stops({"max_new_tokens": 6})
     ref = hf_full_processor(folder)
-    texts = ["".join(s.text for s in render([{"role": "user", "content": f"<image>\n{p}"}], answerer.processor.tokenizer,
-                                            "llava_v1", add_generation_prompt=True)) for p in prompts]
-    inputs = ref(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-    with torch.no_grad():
-        out = hf.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=options["eos_token_id"],
-                          pad_token_id=ref.tokenizer.pad_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
-    eos = set(options["eos_token_id"])
-    expected = [ref.tokenizer.decode(row[: next((i for i, t in enumerate(row) if t in eos), len(row))],
-                                     skip_special_tokens=True).strip() for row in new]
+    expected = transformers_answers(hf, ref, answerer, images, prompts)
     assert ours == expected
     assert any(ours), "every answer empty: the comparison would say nothing"
 

@@ -229,20 +229,10 @@ def test_the_eval_contract_answers_as_transformers_does(loaded):
     images = random_images()[:3]
     prompts = ["What is the color of the circle?", "Describe the image.", "How many shapes are there?"]
     ours = answerer.generate(images, prompts, max_new_tokens=6)
-    options = answerer.with_stops({"max_new_tokens": 6})
     ref = transformers.LlavaProcessor(image_processor=transformers.AutoImageProcessor.from_pretrained(folder, backend="pil"),
                                       tokenizer=transformers.AutoTokenizer.from_pretrained(folder), patch_size=PATCH,
                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    texts = ["".join(s.text for s in render([{"role": "user", "content": f"<image>\n{p}"}], answerer.processor.tokenizer,
-                                            "llava_v1", add_generation_prompt=True)) for p in prompts]
-    inputs = ref(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-    with torch.no_grad():
-        out = hf.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=options["eos_token_id"],
-                          pad_token_id=ref.tokenizer.pad_token_id)
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
-    eos = set(options["eos_token_id"])
-    expected = [ref.tokenizer.decode(row[: next((i for i, t in enumerate(row) if t in eos), len(row))],
-                                     skip_special_tokens=True).strip() for row in new]
+    expected = transformers_answers(hf, ref, answerer, images, prompts)
     assert ours == expected
     assert any(ours), "every answer empty: the comparison would say nothing"
     samples = [Sample(str(i), p, {}, (lambda im=im: im)) for i, (p, im) in enumerate(zip(prompts, images))]
@@ -301,3 +291,18 @@ def test_bad_input_is_named_by_sample(tmp_path):
     ours.max_length = 40
     with pytest.raises(ConversationError, match="record 9: [0-9]+ tokens \\(16 of them image tokens\\) exceed the model's context of 40"):
         ours.encode(CONVERSATIONS[1], images[:1], sample="record 9")
+
+
+def transformers_answers(hf, ref, answerer, images, prompts, new: int = 6) -> list[str]:
+    """What transformers answers to ``prompts`` rendered as ``answerer`` renders them (llava_v1, left
+    padding), with its processor ``ref`` and greedy ``generate``, cut at the answerer's stops."""
+    options = answerer.with_stops({"max_new_tokens": new})
+    texts = ["".join(s.text for s in render([{"role": "user", "content": f"<image>\n{p}"}], answerer.processor.tokenizer,
+                                            "llava_v1", add_generation_prompt=True)) for p in prompts]
+    inputs = ref(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=new, do_sample=False, eos_token_id=options["eos_token_id"],
+                          pad_token_id=ref.tokenizer.pad_token_id)
+    eos = set(options["eos_token_id"])
+    return [ref.tokenizer.decode(row[: next((i for i, t in enumerate(row) if t in eos), len(row))],
+                                 skip_special_tokens=True).strip() for row in out[:, inputs["input_ids"].shape[1]:].tolist()]

@@ -4,7 +4,6 @@ round-trip; sharded transformers folders and dtypes load."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -13,23 +12,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vlkit  # noqa: E402
-from vlkit.interop.convert import add_parser  # noqa: E402
 from vlkit.lm import LlamaConfig, LlamaLM, OPTConfig, OPTLM  # noqa: E402
 from vlkit.nn.rope import RopeConfig  # noqa: E402
 from vlkit.train.checkpoint import save_model  # noqa: E402
 
-from _interop_util import perturb  # noqa: E402
+from _interop_util import convert, perturb  # noqa: E402
 from _lm_models import hf_logits, hf_model, padded_batch, real, save  # noqa: E402
 from test_lm_parity import VARIANTS  # noqa: E402
 
 TOL = 1e-4
 
 
-def convert(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="vlkit")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["convert", *argv])
-    return args.fn(args, [])
 
 
 def hf_reload(folder):

@@ -1,4 +1,5 @@
-"""Contrastive losses (softmax InfoNCE and sigmoid) with exact distributed gathering.
+"""Contrastive losses (softmax InfoNCE and sigmoid) with exact distributed gathering, and the
+next-token loss of language models and VLMs.
 
 Under ``torch.distributed`` each rank all-gathers the other ranks' features *with gradient*
 and computes only its own rows against the global batch ("local loss"), so the loss and
@@ -10,6 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from vlkit.errors import VlkitError
+
+IGNORE_INDEX = -100
+"""The label of a position no loss is computed at (prompts, images, padding), as transformers uses."""
 
 
 def _distributed() -> bool:
@@ -85,3 +91,12 @@ def siglip_loss(
     cols = torch.arange(n, device=logits.device) + n * _rank()
     z[torch.arange(n, device=logits.device), cols] = 1.0
     return -F.logsigmoid(z * logits).sum() / n
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of each position's logits against the next label, labels of -100
+    skipped, in fp32 (transformers' ``ForCausalLMLoss``)."""
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise VlkitError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])} like input_ids")
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,9 +22,9 @@ from vlkit.errors import VlkitError
 from vlkit.lm.cache import KVCache
 from vlkit.lm.generate import generate as generate_tokens
 from vlkit.lm.llama import LlamaConfig, LlamaLM
+from vlkit.losses import causal_lm_loss
 from vlkit.vision.vit import ViT, ViTConfig
 
-IGNORE_INDEX = -100
 """Label value the loss skips (transformers' and PyTorch's convention)."""
 
 
@@ -85,15 +84,6 @@ class LlavaOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     cache: KVCache | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of each position's logits against the next label, labels of -100
-    skipped, in fp32 (transformers' ``ForCausalLMLoss``)."""
-    if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise VlkitError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])} like input_ids")
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _check_pixels(pixel_values) -> None:

@@ -22,7 +22,8 @@ from torch import nn
 from vlkit.config import NonNegativeInt, OneOf, PositiveInt
 from vlkit.errors import VlkitError
 from vlkit.lm.generate import generate as generate_tokens
-from vlkit.models.llava import Llava, LlavaConfig, LlavaOutput, causal_lm_loss
+from vlkit.losses import causal_lm_loss
+from vlkit.models.llava import Llava, LlavaConfig, LlavaOutput
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.vision import anyres
 from vlkit.vision.preprocess import ImageProcessor

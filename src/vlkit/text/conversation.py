@@ -43,11 +43,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from vlkit.errors import VlkitError
+from vlkit.losses import IGNORE_INDEX
 
 IMAGE_TOKEN = "<image>"
 """The placeholder for an image in a message's text (LLaVA's data convention)."""
-IGNORE_INDEX = -100
-"""The label of a position that is not supervised (PyTorch's cross-entropy ignores it)."""
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
