@@ -170,9 +170,13 @@ class Llava(nn.Module):
             )
         return embeds.masked_scatter(mask[..., None], flat.to(embeds.dtype))
 
-    def inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes=None) -> torch.Tensor:
+    def inputs_embeds(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes=None,
+                      pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """:meth:`embed_inputs` with :meth:`image_features` of ``pixel_values`` (none without images), on
-        the model's device: what ``inputs_embeds`` of :func:`vlkit.lm.generate.stream` takes."""
+        the model's device: what ``inputs_embeds`` of :func:`vlkit.lm.generate.stream` takes. Plain
+        LLaVA takes no videos (LLaVA-NeXT does)."""
+        if pixel_values_videos is not None:
+            raise VlkitError(f"{type(self).__name__} takes no pixel_values_videos; expected images only")
         device = self.lm.embed_tokens.weight.device
         input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
         features = None
@@ -191,11 +195,12 @@ class Llava(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         image_sizes=None,
+        pixel_values_videos: torch.Tensor | None = None,
     ) -> LlavaOutput:
         """transformers' LLaVA call: ``input_ids`` ``[B, L]`` with the image tokens expanded, every
         image of the batch in ``pixel_values``, padding (left or right) in ``attention_mask``;
         positions follow the mask. ``labels`` ``[B, L]`` (-100 where not supervised) give ``.loss``."""
-        embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes)
+        embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes, pixel_values_videos)
         if attention_mask is not None:
             attention_mask = attention_mask.to(embeds.device)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -209,6 +214,7 @@ class Llava(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_sizes=None,
+        pixel_values_videos: torch.Tensor | None = None,
         **options,
     ) -> torch.Tensor:
         """The new tokens ``[B · num_return_sequences, new]`` for a left-padded batch, by
@@ -220,7 +226,7 @@ class Llava(nn.Module):
         if self.tokenizer:
             options.setdefault("tokenizer", self.tokenizer)
         with torch.inference_mode():
-            embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes)
+            embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes, pixel_values_videos)
         return generate_tokens(self.lm, input_ids, attention_mask, embeds, **options)
 
     @staticmethod

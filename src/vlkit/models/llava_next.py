@@ -21,9 +21,7 @@ from torch import nn
 
 from vlkit.config import NonNegativeInt, OneOf, PositiveInt
 from vlkit.errors import VlkitError
-from vlkit.lm.generate import generate as generate_tokens
-from vlkit.losses import causal_lm_loss
-from vlkit.models.llava import Llava, LlavaConfig, LlavaOutput
+from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.vision import anyres
 from vlkit.vision.preprocess import ImageProcessor
@@ -166,29 +164,6 @@ class LlavaNext(Llava):
             raise VlkitError(f"input_ids hold {tokens} video tokens (id {video_id}; per row {mask.sum(1).tolist()}) but the "
                              f"videos give {features.shape[0]} features ({self.num_video_tokens(1)} per frame)")  # fmt: skip
         return embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None, logits_to_keep: int = 0, image_sizes=None,
-                pixel_values_videos: torch.Tensor | None = None) -> LlavaOutput:  # fmt: skip
-        """:meth:`Llava.forward` (transformers' LLaVA-NeXT call) with the videos' frames too."""
-        embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes, pixel_values_videos)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(embeds.device)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                      logits_to_keep=logits_to_keep)
-        return LlavaOutput(out.logits, None if labels is None else causal_lm_loss(out.logits, labels), out.cache)
-
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_sizes=None,
-                 pixel_values_videos: torch.Tensor | None = None, **options) -> torch.Tensor:  # fmt: skip
-        """:meth:`Llava.generate` with the videos' frames too."""
-        options.setdefault("generation_config", self.generation_config)
-        if self.tokenizer:
-            options.setdefault("tokenizer", self.tokenizer)
-        with torch.inference_mode():
-            embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes, pixel_values_videos)
-        return generate_tokens(self.lm, input_ids, attention_mask, embeds, **options)
 
 
 def pool_frames(tokens: torch.Tensor, side: int, stride: int = 2, mode: str = "average") -> torch.Tensor:
