@@ -177,9 +177,10 @@ def cmd_data_pack(args, overrides: list[str]) -> int:
 
 
 def cmd_demo(args, overrides: list[str]) -> int:
-    from vlkit.demo import run_demo
+    from vlkit.demo import PARTS, run_demo
 
-    run_demo(Path(args.out), quick=args.quick, parts=args.parts.split(","), overrides=overrides)
+    parts = args.parts.split(",") if args.parts else list(PARTS)
+    run_demo(Path(args.out), quick=args.quick, parts=parts, overrides=overrides)
     return 0
 
 
@@ -190,7 +191,9 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train and evaluate every system on the shapes world; write a report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a first look in a few minutes (lower quality)")
-    demo.add_argument("--parts", default="clip", help="comma-separated parts to run (clip)")
+    demo.add_argument("--parts", help="comma-separated parts to run, of clip, lm, vlm, blip2, generation (default: all); "
+                      "a part runs the earlier parts it needs unless their folders are in --out already; "
+                      "recipe overrides name their part: --vlm.loop.steps=100")
     demo.set_defaults(fn=cmd_demo, takes_overrides=True)
 
     train = sub.add_parser("train", help="train a model from a recipe; --key=value overrides the recipe", add_help=False,

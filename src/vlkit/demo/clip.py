@@ -1,9 +1,4 @@
-"""``vlkit demo``: train each system on the shapes world, evaluate it, write one report.
-
-Parts run in order (``--parts``); each adds a section to ``report.md`` and a key to
-``metrics.json``. Before a part trains, the demo times a few steps on this machine and
-says how long the part will take.
-"""
+"""The demo's CLIP part: train a CLIP from scratch on the shapes world, then zero-shot and retrieval."""
 
 from __future__ import annotations
 
@@ -21,8 +16,8 @@ from vlkit.eval.report import plot_confusion
 from vlkit.report import draw_loss, draw_retrieval
 from vlkit.train.clip import load_recipe, shapes_world, train_clip
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
-PARTS = ("clip",)
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REQUIRES: tuple[str, ...] = ()
 
 
 def _estimate_step_seconds(recipe) -> float:
@@ -57,7 +52,7 @@ def clip_recipe(quick: bool, overrides: list[str]):
     return load_recipe(data, overrides, RECIPES / "clip_shapes.yaml")
 
 
-def run_clip(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     recipe = clip_recipe(quick, overrides)
     per_step = _estimate_step_seconds(recipe)
     eta = per_step * recipe.loop.steps
@@ -102,25 +97,3 @@ def run_clip(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
         ]
     )
     return metrics, section
-
-
-RUNNERS = {"clip": run_clip}
-
-
-def run_demo(out: Path, quick: bool = False, parts: list[str] | tuple[str, ...] = PARTS, overrides: list[str] = ()) -> dict:
-    unknown = [p for p in parts if p not in RUNNERS]
-    if unknown:
-        raise ValueError(f"unknown demo part(s) {unknown}; expected some of {list(RUNNERS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    metrics, sections = {}, []
-    for part in parts:
-        metrics[part], section = RUNNERS[part](out, quick, list(overrides))
-        sections.append(section)
-    write_json(out / "metrics.json", metrics)
-    mode = "quick mode (a first look; lower quality)" if quick else "full run"
-    header = f"# vlkit demo report\n\n{mode}; parts: {', '.join(parts)}. Metrics are fractions in 0..1.\n\n"
-    (out / "report.md").write_text(header + "\n".join(sections))
-    print(f"wrote {out / 'report.md'} and {out / 'metrics.json'}")
-    print(json.dumps(metrics, indent=2))
-    return metrics

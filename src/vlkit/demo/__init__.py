@@ -1,0 +1,76 @@
+"""``vlkit demo``: train each system on the shapes world, evaluate it, write one report.
+
+Each part is a module here with ``run(out, quick, overrides) -> (metrics, section)`` and
+``REQUIRES``, the earlier parts whose folders under ``out`` it reads. Parts run in the order
+of :data:`PARTS`; a prerequisite missing from ``out`` runs first. Each adds a section to
+``report.md`` and a key to ``metrics.json``, and says up front how long it will take.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlkit.config import read, write_json
+from vlkit.demo import clip
+from vlkit.errors import ConfigError
+
+PARTS = {"clip": clip}
+"""The demo's parts in the order they run."""
+
+
+def _done(out: Path, part: str) -> bool:
+    """A part's model folder is complete once its config is written (folders are written whole)."""
+    return (out / part / "config.json").is_file()
+
+
+def _section(out: Path, part: str) -> Path:
+    """A part's report section, kept so a later ``--parts`` run rebuilds the whole report."""
+    return out / "sections" / f"{part}.md"
+
+
+def plan(out: Path, parts: list[str]) -> list[str]:
+    """The parts asked for plus any prerequisite whose folder ``out`` lacks, in run order."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"unknown demo part(s) {unknown}; expected some of {list(PARTS)}", ("parts",))
+    wanted = set(parts)
+    for name in reversed(list(PARTS)):
+        if name in wanted:
+            wanted |= {r for r in PARTS[name].REQUIRES if not _done(out, r)}
+    return [name for name in PARTS if name in wanted]
+
+
+def route(overrides: list[str], parts: list[str]) -> dict[str, list[str]]:
+    """``--vlm.loop.steps=100`` reaches the vlm part as ``--loop.steps=100``."""
+    routed = {p: [] for p in parts}
+    for item in overrides:
+        part, _, rest = item.removeprefix("--").partition(".")
+        if part not in routed or not rest:
+            raise ConfigError(f"demo override {item!r}: expected --PART.KEY=VALUE with PART one of the parts run, {parts}", (item,))
+        routed[part].append(f"--{rest}")
+    return routed
+
+
+def run_demo(out: Path, quick: bool = False, parts: list[str] | tuple[str, ...] = tuple(PARTS), overrides: list[str] = ()) -> dict:
+    out = Path(out)
+    order = plan(out, list(parts))
+    routed = route(list(overrides), order)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    metrics = read(out / "metrics.json") if (out / "metrics.json").is_file() else {}
+    sections = {}
+    for part in order:
+        metrics[part], sections[part] = PARTS[part].run(out, quick, routed[part])
+        _section(out, part).parent.mkdir(exist_ok=True)
+        _section(out, part).write_text(sections[part])
+    write_json(out / "metrics.json", metrics)
+    mode = "quick mode (a first look; lower quality)" if quick else "full run"
+    kept = [p for p in PARTS if _section(out, p).is_file()]
+    header = f"# vlkit demo report\n\n{mode}; parts run now: {', '.join(order)}. Metrics are fractions in 0..1 unless named otherwise.\n\n"
+    (out / "report.md").write_text(header + "\n".join(_section(out, p).read_text() for p in kept))
+    print(f"wrote {out / 'report.md'} and {out / 'metrics.json'}")
+    print(json.dumps({p: metrics[p] for p in order}, indent=2))
+    return metrics
