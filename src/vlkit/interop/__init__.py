@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_llava, hf_llava_next, hf_opt, hf_siglip, open_clip
+from vlkit.interop import hf_blip2, hf_clip, hf_dinov2, hf_llama, hf_llava, hf_llava_next, hf_opt, hf_siglip, open_clip
 from vlkit.interop.weights import CheckpointError
 
 LOADERS = {
@@ -25,6 +25,7 @@ LOADERS = {
     "llava": hf_llava.load,
     "llava_next": hf_llava_next.load,
     "llava_next_video": hf_llava_next.load,
+    "blip-2": hf_blip2.load,
 }
 """transformers ``model_type`` → loader ``(folder, config, dtype) -> model``."""
 

@@ -1,6 +1,7 @@
 """Model compositions. ``MODELS`` maps a checkpoint's ``model`` field to its config and class."""
 
 from vlkit.lm import LlamaConfig, LlamaLM, OPTConfig, OPTLM
+from vlkit.models.blip2 import Blip2, Blip2Config
 from vlkit.models.clip import CLIP, CLIPConfig
 from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_next import LlavaNext, LlavaNextConfig
@@ -14,6 +15,7 @@ MODELS = {
     "opt": (OPTConfig, OPTLM),
     "llava": (LlavaConfig, Llava),
     "llava_next": (LlavaNextConfig, LlavaNext),
+    "blip2": (Blip2Config, Blip2),
 }
 
-__all__ = ["CLIP", "CLIPConfig", "Llava", "LlavaConfig", "LlavaNext", "LlavaNextConfig", "MODELS", "TextEncoderConfig", "TextTower", "VisionEncoder", "VisionEncoderConfig"]
+__all__ = ["Blip2", "Blip2Config", "CLIP", "CLIPConfig", "Llava", "LlavaConfig", "LlavaNext", "LlavaNextConfig", "MODELS", "TextEncoderConfig", "TextTower", "VisionEncoder", "VisionEncoderConfig"]
