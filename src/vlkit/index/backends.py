@@ -1,0 +1,120 @@
+"""Nearest-neighbour search over L2-normalised embeddings: exact (a matrix product) while the
+index is small, a FAISS graph (HNSW, inner product) beyond ``EXACT_MAX`` vectors.
+
+Exact search reads every vector per query, which stays interactive to about a hundred
+thousand 512-wide vectors; past that, HNSW keeps a query to milliseconds at high recall
+(``benchmarks/bench_index.py`` measures both). FAISS is an optional extra (``vlkit[index]``),
+imported only when an approximate index is built or loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlkit.errors import VlkitError
+
+EXACT_MAX = 100_000
+"""Indexes up to this many vectors are searched exactly; larger ones with FAISS HNSW."""
+KINDS = ("auto", "exact", "hnsw")
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 256
+FAISS_FILE = "faiss.index"
+
+
+def choose_kind(count: int, kind: str = "auto") -> str:
+    """The backend for an index of ``count`` vectors: ``kind`` itself unless it is "auto"."""
+    if kind not in KINDS:
+        raise VlkitError(f"index kind {kind!r}; expected one of {list(KINDS)}")
+    if kind != "auto":
+        return kind
+    return "exact" if count <= EXACT_MAX else "hnsw"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise VlkitError("an approximate photo index needs FAISS: pip install 'vlkit[index]' (faiss-cpu)") from None
+    return faiss
+
+
+class ExactSearch:
+    """Every vector scored against the query: the reference the approximate index is measured by."""
+
+    kind = "exact"
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)``, each ``[Q, min(k, N)]``, best first."""
+        k = min(k, len(self.vectors))
+        scores = queries @ self.vectors.T
+        if k < scores.shape[1]:
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+    def save(self, folder: Path) -> None:
+        """Nothing beyond the embeddings themselves."""
+
+
+class HNSWSearch:
+    """FAISS ``IndexHNSWFlat`` with inner product (cosine on unit vectors)."""
+
+    kind = "hnsw"
+
+    def __init__(self, index, ef_search: int = HNSW_EF_SEARCH):
+        self.index = index
+        self.index.hnsw.efSearch = ef_search
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION) -> "HNSWSearch":
+        faiss = _faiss()
+        index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return cls(index)
+
+    @classmethod
+    def load(cls, path: Path, count: int) -> "HNSWSearch":
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as err:
+            raise VlkitError(f"{path}: not a readable FAISS index ({str(err).splitlines()[0]}); rebuild it with vlkit index") from None
+        if index.ntotal != count:
+            raise VlkitError(f"{path}: holds {index.ntotal} vectors; expected {count}, as many as the index's files")
+        return cls(index)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.index.ntotal)
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        keep = rows >= 0  # HNSW may return fewer than k; FAISS pads with -1
+        if not keep.all():
+            n = int(keep.sum(axis=1).min())
+            scores, rows = scores[:, :n], rows[:, :n]
+        return scores, rows
+
+    def save(self, folder: Path) -> None:
+        _faiss().write_index(self.index, str(folder / FAISS_FILE))
+
+
+def build(vectors: np.ndarray, kind: str):
+    """A searcher of ``kind`` ("exact" or "hnsw") over ``vectors`` ``[N, D]``."""
+    return ExactSearch(vectors) if kind == "exact" else HNSWSearch.build(vectors)
+
+
+def load(folder: Path, vectors: np.ndarray, kind: str):
+    """The searcher an index folder holds: exact over ``vectors``, or its saved FAISS index."""
+    if kind == "exact":
+        return ExactSearch(vectors)
+    if kind == "hnsw":
+        return HNSWSearch.load(folder / FAISS_FILE, len(vectors))
+    raise VlkitError(f"{folder}: index kind {kind!r}; expected 'exact' or 'hnsw'")

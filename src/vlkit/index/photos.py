@@ -1,0 +1,273 @@
+"""A photo index: the embeddings of every image under a folder, kept up to date incrementally.
+
+``vlkit index --model CLIPDIR --images FOLDER --out INDEX`` writes the folder ``INDEX``:
+
+- ``index.json``: the images folder, the model that made the index (:mod:`.identity`), the
+  search backend (``exact`` or ``hnsw``, chosen by size, :mod:`.backends`), counts, and the
+  unreadable files (with their size and modification time, so an unchanged bad file is not
+  read again);
+- ``files.jsonl``: one ``{"path", "size", "mtime_ns"}`` per row of ``embeddings.npy``
+  (paths relative to the images folder, sorted);
+- ``embeddings.npy``: ``[N, D]`` float32, L2-normalised;
+- ``faiss.index``: the HNSW graph, for indexes above ``backends.EXACT_MAX`` vectors.
+
+Re-running on the same folder embeds only files that are new or whose size or modification
+time changed, and drops files that are gone. The folder is written whole by
+:func:`vlkit.files.atomic_folder`, so a crash mid-run leaves the previous index as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlkit.data.images import BadSample, load_image
+from vlkit.data.skips import Skips
+from vlkit.errors import VlkitError
+from vlkit.files import atomic_folder
+from vlkit.index import backends
+from vlkit.index.identity import ModelIdentity, check_same, identify
+from vlkit.precision import autocast
+
+FORMAT = "vlkit-photo-index"
+VERSION = 1
+META_FILE = "index.json"
+FILES_FILE = "files.jsonl"
+VECTORS_FILE = "embeddings.npy"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """An image file as the index last saw it: path relative to the images folder, size, mtime."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def scan(images: Path) -> list[FileStamp]:
+    """Every image file under ``images`` (hidden files and folders passed over), sorted by path."""
+    if not images.is_dir():
+        raise VlkitError(f"--images {images}: no such folder; expected a folder of images")
+    found = []
+    for root, dirs, names in os.walk(images):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            full = Path(root) / name
+            try:
+                st = full.stat()
+            except OSError:  # removed while scanning
+                continue
+            found.append(FileStamp(full.relative_to(images).as_posix(), st.st_size, st.st_mtime_ns))
+    return sorted(found, key=lambda f: f.path)
+
+
+class PhotoIndex:
+    """A loaded index folder: rows ``files[i]`` ↔ ``vectors[i]``, searched by ``backend``."""
+
+    def __init__(self, folder: Path, meta: dict, files: list[FileStamp], vectors: np.ndarray, backend):
+        self.folder = Path(folder)
+        self.meta = meta
+        self.files = files
+        self.vectors = vectors
+        self.backend = backend
+        self.model = ModelIdentity.from_dict(meta["model"], str(self.folder / META_FILE))
+
+    @property
+    def images(self) -> Path:
+        return Path(self.meta["images"])
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "PhotoIndex":
+        folder = Path(folder)
+        meta_path = folder / META_FILE
+        if not meta_path.is_file():
+            what = "no such folder" if not folder.exists() else f"no {META_FILE}"
+            raise VlkitError(f"--index {folder}: {what}; expected a folder written by vlkit index")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise VlkitError(f"{meta_path}: not valid JSON ({err}); expected the index description vlkit index writes") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise VlkitError(f"{meta_path}: not a vlkit photo index (format {meta.get('format') if isinstance(meta, dict) else None!r}; "
+                             f"expected {FORMAT!r})")  # fmt: skip
+        if meta.get("version") != VERSION:
+            raise VlkitError(f"{meta_path}: index version {meta.get('version')!r}; this vlkit reads version {VERSION}")
+        model = ModelIdentity.from_dict(meta.get("model") if isinstance(meta.get("model"), dict) else {}, str(meta_path))
+        files = _read_files(folder / FILES_FILE)
+        vectors = _read_vectors(folder / VECTORS_FILE, len(files), model.width)
+        return cls(folder, meta, files, vectors, backends.load(folder, vectors, meta.get("kind")))
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """For each query row, up to ``k`` ``(path relative to the images folder, score)``, best first."""
+        if not len(self.files):
+            return [[] for _ in range(len(queries))]
+        scores, rows = self.backend.search(np.asarray(queries, dtype=np.float32), k)
+        return [[(self.files[r].path, float(s)) for s, r in zip(srow, rrow)] for srow, rrow in zip(scores, rows)]
+
+    def check_model(self, model, path: str | Path) -> None:
+        """Refuse a query model other than the one that made the index (:func:`.identity.check_same`)."""
+        check_same(self.model, identify(model, path), str(self.folder))
+
+
+def _read_files(path: Path) -> list[FileStamp]:
+    if not path.is_file():
+        raise VlkitError(f"{path}: missing; the index folder is incomplete (rebuild it with vlkit index)")
+    files = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                files.append(FileStamp(str(rec["path"]), int(rec["size"]), int(rec["mtime_ns"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise VlkitError(f"{path}, line {line_no}: {type(err).__name__}: {err}; expected "
+                                 '{"path": ..., "size": ..., "mtime_ns": ...}') from None  # fmt: skip
+    return files
+
+
+def _read_vectors(path: Path, rows: int, width: int) -> np.ndarray:
+    if not path.is_file():
+        raise VlkitError(f"{path}: missing; the index folder is incomplete (rebuild it with vlkit index)")
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise VlkitError(f"{path}: not a readable .npy array ({err})") from None
+    if vectors.dtype != np.float32 or vectors.shape != (rows, width):
+        raise VlkitError(f"{path}: {vectors.dtype} array of shape {vectors.shape}; expected float32 ({rows}, {width}) "
+                         f"to match {FILES_FILE} and the model width")  # fmt: skip
+    return vectors
+
+
+@torch.no_grad()
+def embed_files(model, images: Path, stamps: list[FileStamp], skips: Skips, width: int, batch_size: int = 32,
+                precision: str = "auto", workers: int = 4, progress: bool = True) -> tuple[list[FileStamp], np.ndarray]:  # fmt: skip
+    """``(the files that loaded, their L2-normalised embeddings)``; the others go to ``skips``.
+    Images are decoded and preprocessed by a small thread pool while the model runs."""
+    device = next(model.parameters()).device
+    kept: list[FileStamp] = []
+    out: list[np.ndarray] = []
+
+    def prepare(stamp: FileStamp):
+        try:
+            return model.processor(load_image(images / stamp.path))
+        except BadSample as err:
+            return err
+
+    bar = tqdm(total=len(stamps), desc="embed", unit="img", disable=not progress)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i in range(0, len(stamps), batch_size):
+            chunk = stamps[i : i + batch_size]
+            pixels = []
+            for stamp, item in zip(chunk, pool.map(prepare, chunk)):
+                if isinstance(item, BadSample):
+                    skips.reject(item, "unreadable image", source=stamp.path, record="")
+                else:
+                    pixels.append(item)
+                    kept.append(stamp)
+            if pixels:
+                with autocast(precision, device):
+                    feats = model.encode_image(torch.stack(pixels).to(device))
+                out.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
+            bar.update(len(chunk))
+    bar.close()
+    return kept, (np.concatenate(out) if out else np.zeros((0, width), dtype=np.float32))
+
+
+def build_index(model, model_path: str | Path, images: str | Path, out: str | Path, kind: str = "auto",
+                batch_size: int = 32, precision: str = "auto", progress: bool = True) -> dict:  # fmt: skip
+    """Create or update the index ``out`` of the folder ``images`` with ``model``; returns the summary."""
+    images, out = Path(images).resolve(), Path(out)
+    identity = identify(model, model_path)
+    backends.choose_kind(0, kind)  # check the name before any work
+    old = _previous(out, images, identity)
+    current = scan(images)
+    t0 = time.perf_counter()
+    known = {f.path: i for i, f in enumerate(old.files)} if old else {}
+    old_bad = {(b["path"], b["size"], b["mtime_ns"]): b for b in (old.meta.get("unreadable", []) if old else [])}
+    reuse, todo, still_bad = [], [], []
+    for stamp in current:
+        i = known.get(stamp.path)
+        if i is not None and old.files[i] == stamp:
+            reuse.append(i)
+        elif (stamp.path, stamp.size, stamp.mtime_ns) in old_bad:
+            still_bad.append(old_bad[(stamp.path, stamp.size, stamp.mtime_ns)])
+        else:
+            todo.append(stamp)
+    skips = Skips("skip")
+    new_files, new_vectors = embed_files(model, images, todo, skips, identity.width, batch_size, precision, progress=progress)
+    embed_s = time.perf_counter() - t0
+    sizes = {s.path: s for s in todo}
+    bad = still_bad + [{"path": s.source, "size": sizes[s.source].size, "mtime_ns": sizes[s.source].mtime_ns,
+                        "problem": s.detail} for s in skips.items]  # fmt: skip
+    width = identity.width
+    files = [old.files[i] for i in reuse] + new_files
+    vectors = np.concatenate([old.vectors[reuse] if old else np.zeros((0, width), np.float32), new_vectors])
+    order = sorted(range(len(files)), key=lambda r: files[r].path)
+    files, vectors = [files[r] for r in order], np.ascontiguousarray(vectors[order], dtype=np.float32)
+    chosen = backends.choose_kind(len(files), kind)
+    same_rows = not todo and len(reuse) == (len(old.files) if old else -1)
+    if same_rows and old.kind == chosen:
+        backend = old.backend
+    else:
+        backend = backends.build(vectors, chosen)
+    if kind == "auto":
+        reason = (f"{len(files)} vectors {'<=' if chosen == 'exact' else '>'} {backends.EXACT_MAX}: "
+                  f"{'exact search' if chosen == 'exact' else 'approximate search (FAISS HNSW)'}")  # fmt: skip
+    else:
+        reason = f"--kind {kind}"
+    present = {s.path for s in current}
+    changed = sum(f.path in known for f in new_files)
+    summary = {
+        "images": len(files), "new": len(new_files) - changed, "changed": changed, "unchanged": len(reuse),
+        "removed": sum(p not in present for p in known), "unreadable": len(bad),
+        "unreadable_new": len(skips.items), "kind": chosen, "kind_reason": reason,
+        "embed_seconds": round(embed_s, 3), "images_per_second": round(len(todo) / embed_s, 2) if todo and embed_s > 0 else None,
+    }  # fmt: skip
+    meta = {"format": FORMAT, "version": VERSION, "images": str(images), "model": identity.to_dict(), "kind": chosen,
+            "count": len(files), "unreadable": bad, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "last_run": {k: v for k, v in summary.items() if k not in ("kind", "images")}}  # fmt: skip
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        with open(tmp / FILES_FILE, "w", encoding="utf-8") as f:
+            for stamp in files:
+                f.write(json.dumps({"path": stamp.path, "size": stamp.size, "mtime_ns": stamp.mtime_ns}) + "\n")
+        np.save(tmp / VECTORS_FILE, vectors)
+        backend.save(tmp)
+
+    atomic_folder(out, write)
+    return summary
+
+
+def _previous(out: Path, images: Path, identity: ModelIdentity) -> PhotoIndex | None:
+    """The index already at ``out``, to update; refused when it indexes another folder or model."""
+    if not out.exists():
+        return None
+    if out.is_dir() and not any(out.iterdir()):
+        return None
+    old = PhotoIndex.load(out)
+    if Path(old.meta["images"]) != images:
+        raise VlkitError(f"--out {out}: indexes the folder {old.meta['images']}, not {images}; give another --out "
+                         "(one index per folder)")  # fmt: skip
+    check_same(old.model, identity, str(out))
+    return old

@@ -1,0 +1,237 @@
+"""The photo index (``vlkit index`` / ``vlkit search``): every image under a folder embedded
+(unreadable files skipped and counted), exact search equal to brute force over the model's own
+embeddings, incremental updates that embed only new or changed files and drop deleted ones, a
+crash mid-write that leaves the previous index loadable, FAISS HNSW above the size threshold,
+and a query model other than the one that made the index refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import vlkit
+from vlkit.cli import main
+from vlkit.data.images import load_image
+from vlkit.errors import VlkitError
+from vlkit.index import PhotoIndex, Searcher, backends, build_index
+from vlkit.index import photos as photos_mod
+from vlkit.index.identity import probe_image
+
+from _index_util import shapes_images, tiny_clip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def _embed(model, paths):
+    with torch.no_grad():
+        return F.normalize(model.encode_image(model.processor.batch([load_image(p) for p in paths])), dim=-1).numpy()
+
+
+def _count_embedded(model, monkeypatch) -> list[int]:
+    """Records the batch size of every ``encode_image`` call on a file (not the identity probe)."""
+    seen = []
+    original = model.encode_image
+    probe = model.processor.batch([probe_image()])
+
+    def counting(pixels):
+        if not (len(pixels) == 1 and torch.equal(pixels, probe)):
+            seen.append(len(pixels))
+        return original(pixels)
+
+    monkeypatch.setattr(model, "encode_image", counting)
+    return seen
+
+
+def test_index_and_search_match_brute_force(tmp_path, clip_dir):
+    paths = shapes_images(tmp_path / "photos", n=12)
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "photos" / ".hidden.png").write_bytes(b"skipped silently")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    model = vlkit.load(clip_dir)
+    summary = build_index(model, clip_dir, tmp_path / "photos", tmp_path / "idx", precision="fp32", progress=False)
+    assert (summary["images"], summary["new"], summary["unreadable"]) == (12, 12, 1)
+    assert summary["kind"] == "exact" and "exact" in summary["kind_reason"]
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert [b["path"] for b in meta["unreadable"]] == ["broken.png"] and "corrupt" in meta["unreadable"][0]["problem"]
+
+    idx = PhotoIndex.load(tmp_path / "idx")
+    rel = [p.relative_to(tmp_path / "photos").as_posix() for p in paths]
+    assert [f.path for f in idx.files] == sorted(rel)
+    truth = _embed(model, [tmp_path / "photos" / f.path for f in idx.files])
+    np.testing.assert_allclose(idx.vectors, truth, atol=1e-5)
+
+    searcher = Searcher(idx, model, clip_dir)
+    tokens = model.tokenizer(["a red star"])
+    with torch.no_grad():
+        q = F.normalize(model.encode_text(tokens["input_ids"], tokens["attention_mask"]), dim=-1).numpy()[0]
+    order = np.argsort(-(truth @ q), kind="stable")[:5]
+    hits = searcher.search("a red star", k=5)
+    assert [h.path for h in hits] == [idx.files[i].path for i in order]
+    np.testing.assert_allclose([h.score for h in hits], (truth @ q)[order], atol=1e-5)
+    by_image = searcher.search(image=load_image(paths[3]), k=1)
+    assert by_image[0].path == rel[3] and by_image[0].score == pytest.approx(1.0, abs=1e-5)
+
+    body = searcher.search_json("a red star", k=3)
+    assert body["index"] == {"size": 12, "kind": "exact", "model": "clip"}
+    assert [r["path"] for r in body["results"]] == [h.path for h in hits[:3]]
+    assert all(r["thumbnail"].startswith("data:image/jpeg;base64,") for r in body["results"])
+    data, mime = searcher.image_bytes(rel[0])
+    assert data == paths[0].read_bytes() and mime == "image/png"
+    for bad in ("../clip/config.json", "broken.png", "/etc/passwd"):
+        with pytest.raises(VlkitError, match="not an image of the index"):
+            searcher.image_bytes(bad)
+    for k in (0, 101, 2.5):
+        with pytest.raises(VlkitError, match="expected a whole number from 1 to 100"):
+            searcher.search("a star", k=k)
+    with pytest.raises(VlkitError, match="exactly one"):
+        searcher.search("  ")
+
+
+def test_update_embeds_only_new_or_changed_and_drops_deleted(tmp_path, clip_dir, monkeypatch):
+    photos = tmp_path / "photos"
+    paths = shapes_images(photos, n=10)
+    model = vlkit.load(clip_dir)
+    build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    before = PhotoIndex.load(tmp_path / "idx")
+    seen = _count_embedded(model, monkeypatch)
+
+    again = build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    assert (again["new"], again["changed"], again["unchanged"], again["removed"], sum(seen)) == (0, 0, 10, 0, 0)
+
+    paths[0].unlink()  # deleted
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(paths[1])  # changed in place
+    os.utime(paths[1], ns=(paths[1].stat().st_atime_ns, paths[1].stat().st_mtime_ns + 10**9))
+    new = photos / "c" / "new.png"
+    new.parent.mkdir()
+    Image.new("RGB", (48, 48), (30, 30, 200)).save(new)
+    (photos / "c" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    summary = build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    assert (summary["new"], summary["changed"], summary["unchanged"], summary["removed"], summary["unreadable"]) == (1, 1, 8, 1, 1)
+    assert sum(seen) == 2  # only the changed and the new file went through the model
+
+    after = PhotoIndex.load(tmp_path / "idx")
+    names = [f.path for f in after.files]
+    assert paths[0].relative_to(photos).as_posix() not in names and "c/new.png" in names
+    old_rows = {f.path: before.vectors[i] for i, f in enumerate(before.files)}
+    for i, f in enumerate(after.files):
+        if f.path in old_rows and f.path != paths[1].relative_to(photos).as_posix():
+            np.testing.assert_array_equal(after.vectors[i], old_rows[f.path])
+    fresh = _embed(model, [photos / f.path for f in after.files])
+    np.testing.assert_allclose(after.vectors, fresh, atol=1e-5)  # the changed file's row is its new content
+
+    seen.clear()  # an unchanged unreadable file is remembered, not read again
+    summary = build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    assert (summary["new"], summary["unreadable"], summary["unreadable_new"], sum(seen)) == (0, 1, 0, 0)
+
+
+def test_crash_mid_write_leaves_previous_index_loadable(tmp_path, clip_dir, monkeypatch):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=6)
+    model = vlkit.load(clip_dir)
+    build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    before = PhotoIndex.load(tmp_path / "idx")
+    shapes_images(photos / "more", n=4, seed=1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(photos_mod.np, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    monkeypatch.undo()
+    after = PhotoIndex.load(tmp_path / "idx")
+    assert [f.path for f in after.files] == [f.path for f in before.files]
+    np.testing.assert_array_equal(after.vectors, before.vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "photos"]  # no temporary folder left behind
+
+
+def test_query_model_must_be_the_one_that_made_the_index(tmp_path, clip_dir):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=4)
+    build_index(vlkit.load(clip_dir), clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    import shutil
+
+    shutil.copytree(clip_dir, tmp_path / "moved")  # the same model elsewhere is accepted
+    assert Searcher.open(tmp_path / "idx", tmp_path / "moved").search("a star", k=1)
+    other = tiny_clip(tmp_path / "retrained", seed=1)
+    with pytest.raises(VlkitError, match="made by model 'clip'.*'retrained'.*embeds differently"):
+        Searcher.open(tmp_path / "idx", other)
+    wide = tiny_clip(tmp_path / "wide", embed_dim=16)
+    with pytest.raises(VlkitError, match="8-wide embeddings.*'wide'.*16-wide"):
+        Searcher.open(tmp_path / "idx", wide)
+    with pytest.raises(VlkitError, match="embeds differently"):  # nor may another model update it
+        build_index(vlkit.load(other), other, photos, tmp_path / "idx", precision="fp32", progress=False)
+    with pytest.raises(VlkitError, match="indexes the folder"):
+        build_index(vlkit.load(clip_dir), clip_dir, tmp_path / "moved", tmp_path / "idx", precision="fp32", progress=False)
+
+
+def test_hnsw_above_threshold_is_chosen_reported_and_accurate(tmp_path, clip_dir, monkeypatch):
+    pytest.importorskip("faiss")
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=12)
+    monkeypatch.setattr(backends, "EXACT_MAX", 8)
+    summary = build_index(vlkit.load(clip_dir), clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    assert summary["kind"] == "hnsw" and "12 vectors > 8" in summary["kind_reason"]
+    assert (tmp_path / "idx" / backends.FAISS_FILE).is_file()
+    idx = PhotoIndex.load(tmp_path / "idx")
+    assert idx.kind == "hnsw"
+    exact = backends.ExactSearch(idx.vectors)
+    q = idx.vectors[:5]
+    np.testing.assert_array_equal(idx.backend.search(q, 3)[1], exact.search(q, 3)[1])
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries = x[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
+    truth = exact_rows = backends.ExactSearch(x).search(queries, 10)[1]
+    got = backends.HNSWSearch.build(x).search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact_rows)])
+    assert recall >= 0.95 and truth.shape == got.shape
+
+
+def test_exact_search_orders_and_clamps_k():
+    v = np.eye(4, dtype=np.float32)
+    scores, rows = backends.ExactSearch(v).search(np.array([[0.1, 0.7, 0.2, 0.0]], np.float32), 10)
+    assert rows.tolist() == [[1, 2, 0, 3]] and scores[0].tolist() == pytest.approx([0.7, 0.2, 0.1, 0.0])
+
+
+def test_broken_index_folders_are_named(tmp_path, clip_dir):
+    with pytest.raises(VlkitError, match="no such folder"):
+        PhotoIndex.load(tmp_path / "nope")
+    shapes_images(tmp_path / "photos", n=3)
+    build_index(vlkit.load(clip_dir), clip_dir, tmp_path / "photos", tmp_path / "idx", precision="fp32", progress=False)
+    (tmp_path / "idx" / "files.jsonl").write_text('{"path": "a.png"}\n')
+    with pytest.raises(VlkitError, match=r"files.jsonl, line 1: KeyError"):
+        PhotoIndex.load(tmp_path / "idx")
+    (tmp_path / "idx" / "index.json").write_text("{")
+    with pytest.raises(VlkitError, match="index.json: not valid JSON"):
+        PhotoIndex.load(tmp_path / "idx")
+    with pytest.raises(VlkitError, match="index kind 'ivf'"):
+        backends.choose_kind(5, "ivf")
+
+
+def test_cli_index_and_search(tmp_path, clip_dir, capsys):
+    paths = shapes_images(tmp_path / "photos", n=6)
+    assert main(["index", "--model", str(clip_dir), "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "idx")]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1])["images"] == 6 and "exact search" in out.err
+    assert main(["search", "--index", str(tmp_path / "idx"), "a blue circle", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(str(tmp_path / "photos") in line for line in lines)
+    scores = [float(line.split("\t")[0]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+    assert main(["search", "--index", str(tmp_path / "idx"), "--image", str(paths[2]), "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["path"] == str(paths[2].resolve())
+    assert main(["search", "--index", str(tmp_path / "idx")]) == 2
+    assert "exactly one" in capsys.readouterr().err
+    assert main(["search", "--index", str(tmp_path / "missing"), "x"]) == 2
+    assert "expected a folder written by vlkit index" in capsys.readouterr().err
