@@ -46,6 +46,28 @@ class KVCache:
         """Every layer has written the reserved positions: advance ``length`` over them."""
         self.length = self._end
 
+    @classmethod
+    def joined(cls, parts: list[tuple["KVCache", int]], max_length: int) -> "KVCache":
+        """One cache holding every row of ``parts`` (``(cache, first)``: its filled positions from
+        ``first`` on), right-aligned at the longest so that each row's last token shares a column
+        (the shorter ones padded on the left, as a left-padded batch is), with room for
+        ``max_length`` positions: how rows join a running batch and drop columns no row uses."""
+        kept = [cache.length - first for cache, first in parts]
+        length = max(kept)
+        if length > max_length:
+            raise VlkitError(f"joined caches need {length} positions; max_length={max_length}")
+        ref = parts[0][0].keys
+        layers, _, heads, _, dim = ref.shape
+        out = cls(layers, sum(c.batch for c, _ in parts), heads, max_length, dim, dtype=ref.dtype, device=ref.device)
+        row = 0
+        for (cache, first), n in zip(parts, kept):
+            rows = slice(row, row + cache.batch)
+            out.keys[:, rows, :, length - n : length] = cache.keys[:, :, :, first : cache.length]
+            out.values[:, rows, :, length - n : length] = cache.values[:, :, :, first : cache.length]
+            row += cache.batch
+        out.length = out._end = length
+        return out
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep and reorder batch rows: row ``i`` becomes old row ``index[i]`` (beam search). The
         buffers keep their storage when the batch size stays the same."""

@@ -57,7 +57,7 @@ from vlkit.lm.logits import processors
 from vlkit.lm.stopping import StopStrings, trim_stop_strings
 from vlkit.lm.streaming import TextStream
 
-__all__ = ["GenerationConfig", "decode_new", "generate", "generate_text", "resolve_config", "stream"]
+__all__ = ["GenerationConfig", "decode_new", "generate", "generate_text", "pick_tokens", "resolve_config", "stream"]
 
 
 def resolve_config(lm, generation_config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
@@ -249,6 +249,18 @@ def _history(prompt: _Prompt, new: int, pad: int, device) -> tuple[torch.Tensor,
     return seqs, 0
 
 
+def pick_tokens(logits: torch.Tensor, history: torch.Tensor, process, sample: bool, generator, step: int) -> torch.Tensor:
+    """The next token of each row ``[rows]``: the processors ``process`` applied to the float logits
+    ``[rows, V]`` (``history`` ``[rows, T]`` is what penalties see, ``step`` the new tokens so far),
+    then a draw (``sample``) or the best token. The one choice both loops and a step-wise batch make."""
+    scores = logits.float()
+    for f in process:
+        scores = f(history, scores, step)
+    if sample:
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(-1)
+
+
 def _search_steps(lm, prompt: _Prompt, cfg: GenerationConfig, new: int, pad: int, generator, stopper):
     """Greedy or sampled decoding, one token per row per step: yields ``(tokens, unfinished)``
     after each step and returns the new tokens ``[rows, steps]``."""
@@ -263,13 +275,7 @@ def _search_steps(lm, prompt: _Prompt, cfg: GenerationConfig, new: int, pad: int
     ended = _AllEnded(device)
     logits = decoder.prefill()
     for step in range(new):
-        scores = logits.float()
-        for f in process:
-            scores = f(seqs[:, start : length + step], scores, step)
-        if cfg.do_sample:
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            tokens = scores.argmax(-1)
+        tokens = pick_tokens(logits, seqs[:, start : length + step], process, cfg.do_sample, generator, step)
         if can_end:
             tokens = torch.where(unfinished, tokens, pad)
         seqs[:, length + step] = tokens

@@ -1,0 +1,143 @@
+"""The step-wise decoding batch a server drives (``vlkit.lm.batching.DecodingBatch``): rows that join
+at different steps, with different prompts, lengths and options, leave when they end and give
+the tokens ``generate`` gives each prompt alone; the joined cache keeps every row's own positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlkit.errors import VlkitError
+from vlkit.lm import LlamaConfig, LlamaLM
+from vlkit.lm.batching import DecodingBatch
+from vlkit.lm.cache import KVCache
+from vlkit.lm.generate import generate, resolve_config
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    model = LlamaLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def solo(lm, ids, **options) -> list[int]:
+    return generate(lm, ids, **options)[0].tolist()
+
+
+def run(batch: DecodingBatch, joins: dict[int, list], limit: int = 200) -> dict:
+    """Step the batch; at step ``s`` the rows of ``joins[s]`` (key, ids, options) join, one group
+    each; returns each key's tokens and finish reason."""
+    out: dict = {}
+    for s in range(limit):
+        for key, ids, options in joins.get(s, []):
+            gen = torch.Generator().manual_seed(options.pop("seed")) if "seed" in options else None
+            cfg = resolve_config(batch.lm, None, **options)
+            batch.add([key], [cfg], ids, generators=[gen])
+            out[key] = ([], None)
+        for key, token, finish in batch.step():
+            out[key][0].append(token)
+            out[key] = (out[key][0], finish)
+        if not batch and s > max(joins):
+            break
+    return out
+
+
+def test_rows_joining_at_different_steps_match_solo_generation(lm):
+    eos = 5
+    joins = {
+        0: [("a", prompt(9, 1), dict(max_new_tokens=12))],
+        3: [("b", prompt(4, 2), dict(max_new_tokens=20)), ("c", prompt(15, 3), dict(max_new_tokens=6, eos_token_id=eos))],
+        4: [("d", prompt(30, 4), dict(max_new_tokens=9, repetition_penalty=1.3))],
+        15: [("e", prompt(2, 5), dict(max_new_tokens=7, no_repeat_ngram_size=2))],
+    }
+    expected = {key: solo(lm, ids, **{k: v for k, v in opts.items()}) for group in joins.values() for key, ids, opts in group}
+    got = run(DecodingBatch(lm), {s: [(k, i, dict(o)) for k, i, o in g] for s, g in joins.items()})
+    for key, (tokens, finish) in got.items():
+        want = expected[key]
+        if eos in want and key == "c":
+            want = want[: want.index(eos) + 1]
+        assert tokens == want, key
+        assert finish == ("stop" if tokens[-1] == eos and key == "c" else "length")
+
+
+def test_sampled_rows_with_a_seed_repeat_whatever_joins_beside_them(lm):
+    opts = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.8, seed=7)
+    alone = run(DecodingBatch(lm), {0: [("s", prompt(6, 9), dict(opts))]})["s"][0]
+    crowded = run(DecodingBatch(lm), {0: [("x", prompt(12, 1), dict(max_new_tokens=20))],
+                                      2: [("s", prompt(6, 9), dict(opts)), ("y", prompt(3, 2), dict(opts, seed=1))]})
+    assert crowded["s"][0] == alone
+    assert crowded["y"][0] != alone
+
+
+def test_stop_strings_end_a_row(lm):
+    class Digits:
+        """Decodes id i as the text of i and a space, so a stop string is a number."""
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f"{i} " for i in ids)
+
+    ref = solo(lm, prompt(8, 3), max_new_tokens=16)
+    stop = f"{ref[4]} "
+    got = run(DecodingBatch(lm, Digits()), {0: [("r", prompt(8, 3), dict(max_new_tokens=16, stop_strings=[stop]))]})["r"]
+    assert got == (ref[: ref.index(ref[4]) + 1], "stop")
+
+
+def test_dropped_rows_leave_and_others_go_on(lm):
+    batch = DecodingBatch(lm)
+    for key, seed in (("a", 1), ("b", 2)):
+        batch.add([key], [resolve_config(lm, None, max_new_tokens=10)], prompt(5 + seed, seed))
+    first = batch.step()
+    batch.drop(["a"])
+    assert batch.keys == ["b"]
+    rest = [first[1][1]]
+    while batch:
+        rest += [t for _, t, _ in batch.step()]
+    assert rest == solo(lm, prompt(7, 2), max_new_tokens=10)
+
+
+def test_unused_columns_are_dropped_when_a_group_joins(lm):
+    batch = DecodingBatch(lm)
+    batch.add(["long"], [resolve_config(lm, None, max_new_tokens=3)], prompt(40, 1))
+    batch.add(["short"], [resolve_config(lm, None, max_new_tokens=30)], prompt(3, 2))
+    while "long" in batch.keys:
+        batch.step()
+    batch.add(["late"], [resolve_config(lm, None, max_new_tokens=5)], prompt(4, 3))
+    assert batch.cache.length < 40  # the long prompt's columns went with it
+    tokens = {k: [] for k in batch.keys}
+    while batch:
+        for key, token, _ in batch.step():
+            tokens[key].append(token)
+    assert tokens["late"] == solo(lm, prompt(4, 3), max_new_tokens=5)
+
+
+def test_a_group_that_does_not_fit_is_refused(lm):
+    batch = DecodingBatch(lm)
+    batch.add(["a"], [resolve_config(lm, None, max_new_tokens=60)], prompt(30, 1))
+    assert not batch.fits(40, 10)
+    with pytest.raises(VlkitError, match="do not fit"):
+        batch.add(["b"], [resolve_config(lm, None, max_new_tokens=10)], prompt(40, 2))
+    assert batch.keys == ["a"]
+
+
+def test_joined_cache_right_aligns_rows():
+    a = KVCache(1, 1, 1, 8, 2)
+    b = KVCache(1, 2, 1, 8, 2)
+    a.keys[..., :5, :] = 1.0
+    a.length = 5
+    b.keys[..., :3, :] = 2.0
+    b.length = 3
+    j = KVCache.joined([(a, 1), (b, 0)], 6)
+    assert j.length == 4 and j.batch == 3 and j.max_length == 6
+    assert j.keys[0, 0, 0, :4, 0].tolist() == [1, 1, 1, 1]
+    assert j.keys[0, 1, 0, :4, 0].tolist() == [0, 2, 2, 2]
