@@ -353,7 +353,7 @@ WRONG_TYPES = {  # name: (read the spoiled dataset under root, file, record, mes
     "vqa-answer": (lambda r: read_vqav2(*vqa(r, None, [{**VQA_A, "answers": ["red"]}])), "annotations.json", r"annotations\[0\]", r"answers\[0\] is 'red'; expected \{'answer': str"),
     "vqa-question-type": (lambda r: read_vqav2(*vqa(r, None, [{**VQA_A, "question_type": 4}])), "annotations.json", r"annotations\[0\]", "'question_type' is a JSON integer .*; expected string"),
     "llava-id": (lambda r: read_llava(llava(r, [{**LLAVA_REC, "id": None}])), "llava.json", "record 0", "'id' is a JSON null .*; expected string or integer"),
-    "llava-image": (lambda r: read_llava(llava(r, [{**LLAVA_REC, "image": ["a.png", "b.png"]}])), "llava.json", r"record 0 \(id 'a'\)", r"image path \['a.png', 'b.png'\]; expected a file path"),
+    "llava-image": (lambda r: read_llava(llava(r, [{**LLAVA_REC, "image": {"path": "a.png"}}])), "llava.json", r"record 0 \(id 'a'\)", r"image path \{'path': 'a.png'\}; expected a file path"),
     "llava-conversations": (lambda r: read_llava(llava(r, [{**LLAVA_REC, "conversations": "hi"}])), "llava.json", "record 0", "'conversations' is a JSON string .*; expected array"),
     "llava-turn": (lambda r: read_llava(llava(r, [{**LLAVA_REC, "conversations": [TURNS[0], {"from": "gpt", "value": 5}]}])), "llava.json", r"record 0 \(id 'a'\)", r"turn 1 is .*; expected \{'from': 'gpt', 'value': str\}"),
     "refcoco-ref-id": (lambda r: read_refcoco(refcoco(r, [{**REF, "ref_id": "1"}])), "refs.json", r"refs\[0\]", "'ref_id' is a JSON string .*; expected integer"),

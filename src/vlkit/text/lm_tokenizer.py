@@ -74,6 +74,18 @@ class LMTokenizer:
         if self.chat_template is not None:
             (folder / "chat_template.jinja").write_text(self.chat_template.source, encoding="utf-8")
 
+    def __getstate__(self) -> dict:
+        """Picklable (DataLoader workers under spawn): the compiled chat template travels as its source."""
+        state = dict(self.__dict__)
+        if self.chat_template is not None:
+            state["chat_template"] = (self.chat_template.source, self.chat_template.origin)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["chat_template"] is not None:
+            state["chat_template"] = ChatTemplate(*state["chat_template"])
+        self.__dict__.update(state)
+
     def __len__(self) -> int:
         return self.vocab_size
 

@@ -130,21 +130,41 @@ class StepSampler(torch.utils.data.Sampler):
         return epoch * self.n + (int(self._perm(epoch)[pos]) if self.shuffle else pos)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float, lrs: dict[str, float] | None = None) -> list[dict]:
+    """Decayed and undecayed groups; ``lrs`` maps submodule names to their own learning rate, so
+    each named module gets its two groups (``"name"``: the module) and the rest keep the default."""
+    lrs = lrs or {}
+    for name in lrs:
+        _submodule(model, name, "lrs")
+    groups: dict[tuple[str, bool], list] = {}
+    for key, p in model.named_parameters():
+        owner = next((n for n in lrs if key.startswith(n + ".")), "")
+        groups.setdefault((owner, p.ndim >= 2), []).append(p)
+    out = []
+    for owner in ["", *lrs]:
+        for decayed in (True, False):
+            group = {"params": groups.get((owner, decayed), []), "weight_decay": weight_decay if decayed else 0.0}
+            if owner:
+                group.update(name=owner, lr=lrs[owner])
+            if group["params"] or not owner:
+                out.append(group)
+    return out
+
+
+def _submodule(model: torch.nn.Module, name: str, key: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"{key}: {name!r}: the model has no such submodule", (key,)) from None
 
 
 def freeze(model: torch.nn.Module, names: list[str], frozen: bool = True) -> None:
-    """Stop (or restart) gradients of the named submodules; the optimizer skips them meanwhile."""
+    """Stop (or restart) gradients of the named submodules and put them in eval (or train) mode;
+    the optimizer skips them meanwhile."""
     for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(f"loop.freeze: cannot freeze {name!r}: the model has no such submodule", ("loop.freeze",)) from None
+        module = _submodule(model, name, "loop.freeze")
         module.requires_grad_(not frozen)
+        module.train(not frozen)
 
 
 def _rng_state() -> dict:
@@ -169,8 +189,9 @@ class Progress:
     elapsed: float = 0.0
 
 
-def _optimizer(model: torch.nn.Module, optim: OptimConfig, steps: int):
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+def _optimizer(model: torch.nn.Module, optim: OptimConfig, steps: int, lrs: dict[str, float] | None = None):
+    groups = param_groups(model, optim.weight_decay, lrs)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
     return optimizer, make_scheduler(optimizer, optim.warmup_steps, steps, optim.min_lr_ratio)
 
 
@@ -300,8 +321,12 @@ def fit(
     after_step: Callable[[torch.nn.Module], None] | None = None,
     stop_at: int | None = None,
     recipe: dict | None = None,
+    lrs: dict[str, float] | None = None,
 ) -> dict:
     """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict.
+
+    ``model(**batch)`` returns the loss, or an output with a ``.loss``. ``lrs`` gives named
+    submodules their own peak learning rate (see :func:`param_groups`); the schedule scales each.
 
     ``stop_at`` ends the run early after that step, with a checkpoint, as if it were
     interrupted there: the schedule still spans ``loop.steps``, so ``resume`` continues it.
@@ -317,7 +342,7 @@ def fit(
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
     model.to(device).train()
-    optimizer, scheduler = _optimizer(model, optim, loop.steps)
+    optimizer, scheduler = _optimizer(model, optim, loop.steps, lrs)
     progress = _start(run_dir, resume, model, optimizer, scheduler, recipe, world)
     start, elapsed_before = progress.step, progress.elapsed
     if start > loop.steps:
@@ -365,7 +390,7 @@ def fit(
             if batch:
                 sync = micro == loop.grad_accum - 1 or not world.distributed
                 loss_sum += _backward(wrapped, {k: v.to(device) for k, v in batch.items()}, loop, device, sync)
-                n = batch["pixel_values"].shape[0] * world.world_size
+                n = batch["input_ids" if "input_ids" in batch else "pixel_values"].shape[0] * world.world_size
                 seen += n
                 log.samples(n)
             micro += 1
@@ -393,7 +418,8 @@ def _backward(wrapped: torch.nn.Module, batch: dict, loop: LoopConfig, device: t
     """Forward and backward one micro-batch; DDP syncs gradients only on the last of a step."""
     ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
     with ctx, autocast(loop.precision, device):
-        loss = wrapped(**batch) / loop.grad_accum
+        out = wrapped(**batch)
+        loss = getattr(out, "loss", out) / loop.grad_accum
     with ctx:
         loss.backward()
     return loss.item()

@@ -1,6 +1,6 @@
 """Streaming a JSON array out of a file of any size: the items of the top-level array, or of
 one key's array, decoded one at a time from chunks, with errors naming the file, the item
-and the character offset."""
+and the character offset; optionally each item's byte span, to read it again on its own."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ class _JSONStream:
         self.f, self.path, self.expected, self.chunk_size = f, path, expected, chunk_size
         self.buf, self.pos, self.base, self.eof = "", 0, 0, False
         self.decoder = json.JSONDecoder()
+        self._mark, self._mark_bytes = 0, 0  # a position in buf and its byte offset in the file
+
+    def offset(self) -> int:
+        """The byte offset of the cursor in the file, counted on from the last one asked for
+        (the file is read with ``newline=""``, so each character is its UTF-8 bytes)."""
+        self._mark_bytes += len(self.buf[self._mark : self.pos].encode("utf-8"))
+        self._mark = self.pos
+        return self._mark_bytes
 
     def fail(self, where: str, what: str) -> FormatError:
         """The error for text that is not the JSON expected, naming the file and record."""
@@ -39,6 +47,7 @@ class _JSONStream:
         """Append up to ``size`` more characters to the unread text; False at the end of the file."""
         if self.eof:
             return False
+        self._mark_bytes, self._mark = self.offset(), 0
         self.base, self.buf, self.pos = self.base + self.pos, self.buf[self.pos :], 0  # free what was read first
         try:
             chunk = self.f.read(size)
@@ -95,8 +104,9 @@ class _JSONStream:
             self.fill(size)
             size = max(size, len(self.buf) - self.pos)  # the text held at least doubles per retry: linear time
 
-    def items(self, where: Callable[[int], str]) -> Iterator:
-        """The items of the array whose ``[`` was just consumed, decoded one at a time."""
+    def items(self, where: Callable[[int], str], spans: bool = False) -> Iterator:
+        """The items of the array whose ``[`` was just consumed, decoded one at a time; with
+        ``spans``, ``(item, first byte, end byte)``."""
         if self.peek() == "]":
             self.pos += 1
             return
@@ -104,7 +114,9 @@ class _JSONStream:
         while True:
             if not self.peek():
                 raise self.fail(str(self.path), f"the file ends inside the array, after {i} items")
-            yield self.value(where(i))
+            start = self.offset() if spans else 0
+            item = self.value(where(i))
+            yield (item, start, self.offset()) if spans else item
             if self.take(",]", where(i)) == "]":
                 return
             i += 1
@@ -152,13 +164,37 @@ def iter_json_array(path: str | Path, key: str | None = None, expected: str = "a
         raise FormatError(f"{path}: JSON nested too deeply to read; expected {expected}") from None
 
 
-def _iter_json_array(path: Path, key: str | None, expected: str, chunk_size: int) -> Iterator:
+def iter_json_array_spans(path: str | Path, expected: str = "a JSON array", chunk_size: int = CHUNK_SIZE) -> Iterator:
+    """``(item, start, end)`` for each item of the top-level array, as :func:`iter_json_array`
+    streams them, with the item's byte span in the file (:func:`read_json_span` reads it again)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected {expected}")
+    try:
+        yield from _iter_json_array(path, None, expected, chunk_size, spans=True)
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deeply to read; expected {expected}") from None
+
+
+def read_json_span(path: str | Path, start: int, end: int, where: str, expected: str = "a JSON value"):
+    """The JSON value at bytes ``start:end`` of ``path`` (a span from :func:`iter_json_array_spans`)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise FormatError(f"{where}: cannot be read again at bytes {start}-{end} ({err}); has the file changed? "
+                          f"expected {expected}") from None
+
+
+def _iter_json_array(path: Path, key: str | None, expected: str, chunk_size: int, spans: bool = False) -> Iterator:
     """:func:`iter_json_array` for an existing file (JSON nested past Python's recursion limit raises)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         s = _JSONStream(f, path, expected, chunk_size)
         if key is None:
             s.enter("[", "the top level")
-            yield from s.items(lambda i: f"{path}, item {i}")
+            yield from s.items(lambda i: f"{path}, item {i}", spans)
             if s.peek():
                 raise s.fail(str(path), f"extra data after the top-level array at character {s.base + s.pos}")
             return

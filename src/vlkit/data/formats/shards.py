@@ -85,6 +85,9 @@ def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tu
                 if c.image is None:
                     skips.add("no image", src, f"id {c.id!r}", "a conversation without an image; shards hold image samples")
                     continue
+                if len(c.images) > 1:
+                    skips.add("several images", src, f"id {c.id!r}", f"{len(c.images)} images; shards hold one image per sample")
+                    continue
                 yield f"llava-{c.id}", c.image, {"id": c.id, "conversations": [list(t) for t in c.turns]}
             return
         raise FormatError(f"{src}: not a Karpathy captions JSON or a LLaVA conversation list")

@@ -1,0 +1,224 @@
+"""Tokenised conversations for VLM training: records of images and messages, from a LLaVA JSON
+(streamed) or from memory, become ids, labels (the assistant's turns only) and pixels.
+
+A record is a :class:`ChatSample`. A bad one follows the Skips rule (``on_bad_sample``): an image
+missing or unreadable, a malformed record, a conversation with no assistant turn to learn, or one
+longer than ``max_length`` that cannot be cut without losing an image token or an answer token.
+Under "skip" it becomes a :class:`~vlkit.data.pairs.Skipped` marker naming the file and sample,
+which :class:`ConversationCollate` hands to the loop to count; under "error" it stops.
+
+Batches are bucketed by length, not packed. Within a window of ``bucket_window`` micro-batches
+of a seeded shuffle the samples are sorted by length and cut into micro-batches, whose order is
+shuffled again (transformers' ``group_by_length``): a micro-batch then holds samples of similar
+length, so little of it is padding, while the data order stays random across windows. Packing
+would also remove the padding but needs attention masked per sample (block-diagonal) and
+positions restarting inside a row, which the language models here do not take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlkit.data.formats.common import Skips
+from vlkit.data.formats.llava import index_llava, llava_record
+from vlkit.data.images import BadSample, load_image
+from vlkit.data.pairs import Skipped
+from vlkit.data.skips import Skip, check_rule
+from vlkit.errors import VlkitError
+from vlkit.losses import IGNORE_INDEX
+from vlkit.models.llava_processor import LlavaProcessor, ProcessedSample
+from vlkit.text.conversation import encode_conversation
+
+
+@dataclass
+class ChatSample:
+    """One training record: its ``images`` (PIL images or paths) and ``messages``
+    (``{"role": "user"|"assistant"|"system", "content": str}``, one ``<image>`` placeholder per
+    image in the user turns, in order, ending with the assistant's answer). ``source`` names where
+    it came from in skip and error messages (the file; empty for data made in memory)."""
+
+    id: str
+    images: list = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    source: str = ""
+
+
+class LlavaSource(Sequence):
+    """The good records of a LLaVA JSON, indexed in one streaming pass that keeps only each
+    record's byte span (the file may be larger than memory); a record is read again, and its
+    images found, when asked for. Bad records follow ``skips`` while indexing."""
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None, skips: Skips | None = None,
+                 allow_outside_paths: bool = False):  # fmt: skip
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.allow_outside_paths = allow_outside_paths
+        rows = [(i, start, end) for _, i, start, end in index_llava(self.path, self.image_root, skips, allow_outside_paths)]
+        self.spans = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, k: int) -> ChatSample:
+        i, start, end = (int(v) for v in self.spans[k])
+        conv = llava_record(self.path, i, start, end, self.image_root, self.allow_outside_paths)
+        return ChatSample(conv.id, list(conv.images), conv.messages, str(self.path))
+
+    def record(self, k: int) -> str:
+        """How skip messages name sample ``k``: its place in the file."""
+        return f"record {int(self.spans[k][0])}"
+
+
+class LengthBuckets:
+    """Which samples make micro-batch ``c`` (counted over the whole run): per epoch a seeded
+    permutation, topped up to whole micro-batches from its start, sorted by length within windows
+    of ``window`` micro-batches and cut, the micro-batches then shuffled (``window`` 0: no sorting)."""
+
+    def __init__(self, lengths: np.ndarray | None, n: int, micro: int, window: int, seed: int):
+        self.lengths, self.n, self.micro, self.window, self.seed = lengths, n, micro, window, seed
+        self.per_epoch = -(-n // micro)
+        self._plans: dict[int, np.ndarray] = {}
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """``[micro-batches, micro]`` sample indices of an epoch."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, epoch, 11])
+            perm = rng.permutation(self.n)
+            perm = np.resize(perm, self.per_epoch * self.micro)  # repeats its start to fill the last micro-batch
+            if self.window and self.lengths is not None:
+                span = self.window * self.micro
+                for s in range(0, len(perm), span):
+                    part = perm[s : s + span]
+                    perm[s : s + span] = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches = perm.reshape(self.per_epoch, self.micro)
+            self._plans = {epoch: batches[rng.permutation(self.per_epoch)]}
+        return self._plans[epoch]
+
+    def sample(self, k: int) -> int:
+        """The sample at position ``k`` of the run (micro-batch ``k // micro``)."""
+        c, j = divmod(k, self.micro)
+        epoch, b = divmod(c, self.per_epoch)
+        return int(self.plan(epoch)[b, j])
+
+
+class ConversationDataset(Dataset):
+    """Item ``k`` of the run (the loop's step order, so ``shuffle`` is off here and the order is
+    :class:`LengthBuckets`') → a :class:`ProcessedSample` or a :class:`Skipped` marker.
+
+    ``processor`` gives the template, the image tokens and the pixels; ``max_length`` the context;
+    ``micro_batch`` the loop's micro-batch (buckets are cut to it); ``bucket_window`` 0 turns
+    bucketing off (then no lengths are measured)."""
+
+    shuffle = False
+
+    def __init__(self, source: Sequence[ChatSample], processor: LlavaProcessor, max_length: int, micro_batch: int,
+                 on_bad_sample: str = "error", bucket_window: int = 16, seed: int = 0):  # fmt: skip
+        self.source, self.processor, self.max_length = source, processor, max_length
+        self.on_bad_sample = check_rule(on_bad_sample, "data.on_bad_sample")
+        self.lengths = measure_lengths(source, processor) if bucket_window else None
+        self.buckets = LengthBuckets(self.lengths, len(source), micro_batch, bucket_window, seed)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, k: int) -> ProcessedSample | Skipped:
+        i = self.buckets.sample(k)
+        try:
+            return self.encode(i)
+        except BadSample as err:
+            if self.on_bad_sample == "error":
+                raise
+            return Skipped(Skip(err.where, err.record, getattr(err, "reason", "bad record"), err.problem))
+
+    def encode(self, i: int) -> ProcessedSample:
+        """Sample ``i`` of the source: its images read, tokenised through the template, cut to
+        ``max_length`` where only unsupervised text is lost; a bad one raises :class:`BadChatSample`."""
+        sample = self.source[i]  # a LLaVA record read again: BadRecord if the file changed since indexing
+        where = sample.source or "the in-memory data"
+        record = f"{self.source.record(i) if isinstance(self.source, LlavaSource) else f'sample {i}'} (id {sample.id!r})"
+        images = []
+        for n, image in enumerate(sample.images):
+            if not isinstance(image, (str, Path)):
+                images.append(image)
+                continue
+            try:
+                images.append(load_image(image))
+            except BadSample as err:
+                reason = "missing image" if not Path(image).is_file() else "bad image"
+                raise BadChatSample(where, f"image {n} {err.where}: {err.problem}", record, reason) from None
+        try:
+            out = self.processor.encode(sample.messages, images, sample=f"{where}, {record}")
+        except VlkitError as err:
+            raise BadChatSample(where, str(err).removeprefix(f"{where}, {record}: "), record, "bad conversation") from None
+        return truncate(out, self.max_length, self.processor.image_token_id, where, record)
+
+
+class BadChatSample(BadSample):
+    """A sample that cannot be trained on; ``reason`` is its skip category."""
+
+    def __init__(self, where: str, problem: str, record: str, reason: str):
+        super().__init__(where, problem, record)
+        self.reason = reason
+
+
+def truncate(sample: ProcessedSample, max_length: int, image_token_id: int, where: str = "", record: str = "") -> ProcessedSample:
+    """``sample`` cut to ``max_length`` tokens when every image token and supervised label lies
+    before the cut; else :class:`BadChatSample` ("too long") naming the sample."""
+    if len(sample) <= max_length:
+        return sample
+    needed = [t for t, (idx, label) in enumerate(zip(sample.input_ids, sample.labels))
+              if idx == image_token_id or label != IGNORE_INDEX]  # fmt: skip
+    if needed and needed[-1] >= max_length:
+        images = sum(1 for idx in sample.input_ids if idx == image_token_id)
+        lost = "an image token" if sample.input_ids[needed[-1]] == image_token_id else "an answer token"
+        raise BadChatSample(where, f"{len(sample)} tokens ({images} of them image tokens) exceed max_length {max_length}, "
+                            f"and cutting there would lose {lost} (at position {needed[-1]})", record, "too long")
+    return ProcessedSample(sample.input_ids[:max_length], sample.labels[:max_length], sample.images, sample.num_images,
+                           sample.sample)
+
+
+def measure_lengths(source: Sequence[ChatSample], processor: LlavaProcessor) -> np.ndarray:
+    """Each sample's token count with its images expanded, from its messages alone (images are
+    not read); a sample that cannot be encoded counts 0 (it is skipped or stops when read)."""
+    per_image = processor.num_image_tokens(Image.new("RGB", (1, 1)))
+    lengths = np.zeros(len(source), dtype=np.int64)
+    for i in range(len(source)):
+        sample = source[i]
+        try:
+            enc = encode_conversation(sample.messages, processor.tokenizer, processor.template,
+                                      image_counts=[per_image] * len(sample.images))
+        except VlkitError:
+            continue
+        lengths[i] = len(enc.input_ids)
+    return lengths
+
+
+class ConversationCollate:
+    """Samples → a right-padded training batch (``input_ids``, ``attention_mask``, ``labels``,
+    ``pixel_values`` when any sample has images); skipped samples are left out and listed in
+    ``batch["skipped"]`` for the loop to count."""
+
+    def __init__(self, processor: LlavaProcessor):
+        self.processor = processor
+
+    def __call__(self, items: list) -> dict:
+        skipped = [it.skip for it in items if isinstance(it, Skipped)]
+        samples = [it for it in items if not isinstance(it, Skipped)]
+        batch: dict = {"skipped": skipped}
+        if samples:
+            batch.update(self.processor.collate(samples, "right"))
+        return batch
+
+
+def padding_fraction(batches: Sequence[Sequence[int]]) -> float:
+    """The share of a padded batch's positions that are padding, over ``batches`` of sample lengths."""
+    total = sum(len(b) * max(b) for b in batches if b)
+    return 1 - sum(sum(b) for b in batches) / total if total else 0.0
+
+

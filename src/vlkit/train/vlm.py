@@ -1,0 +1,380 @@
+"""Train a LLaVA-style VLM from a recipe, in LLaVA's two stages, through the one loop.
+
+Stage 1 (align): only the connector trains, on captions rendered by the ``plain`` template; the
+vision tower and the language model are frozen (eval mode, no gradients). Stage 2 (instruct):
+the connector and the language model (fully, by LoRA, or not at all), the tower frozen or at its
+own learning rate, on conversations; ``init_from`` names stage 1's run, whose model must be the
+one this recipe builds. The run folder holds the loop's checkpoints (``vlkit.load(out)`` reads
+the newest) and, at the end, ``model/``: the trained model as a vlkit LLaVA folder (LoRA merged
+into it) and, with LoRA, ``adapter/``: the adapters in peft's layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Sequence
+
+import torch
+
+from vlkit.config import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, build, defaults, from_dict, to_dict, validate
+from vlkit.connectors import CONNECTORS, build_connector
+from vlkit.data.conversations import ChatSample, ConversationCollate, ConversationDataset, LlavaSource
+from vlkit.data.formats.common import Skips
+from vlkit.data.skips import ON_BAD_SAMPLE, SKIPPED_FILE
+from vlkit.errors import CheckpointError, ConfigError, VlkitError
+from vlkit.files import atomic_folder
+from vlkit.lm.llama import LlamaLM
+from vlkit.models.llava import Llava, LlavaConfig
+from vlkit.models.llava_processor import LlavaProcessor
+from vlkit.nn.lora import LoraConfig, add_lora, merge_lora
+from vlkit.text.conversation import image_token_id
+from vlkit.train.checkpoint import save_model
+from vlkit.train.distributed import setup, teardown
+from vlkit.train.loop import LoopConfig, OptimConfig, fit, freeze
+from vlkit.vision.preprocess import ImageProcessor
+from vlkit.vision.vit import ViT, ViTConfig
+
+SHAPES = "shapes"
+"""The one named data source: the shapes world's conversations (:mod:`vlkit.data.shapes_chat`)."""
+MODEL_DIR, ADAPTER_DIR = "model", "adapter"
+
+
+@dataclass
+class VlmModelConfig:
+    """``vision``: a folder ``vlkit.load`` reads whose model is a ViT or has one as ``.vision`` (a
+    vlkit or transformers CLIP, SigLIP, a vision encoder); or, when empty, a random tower of
+    ``vision_config`` (tests, benchmarks). ``lm``: a vlkit or transformers Llama-family folder
+    with a tokenizer that has an ``<image>`` token. The connector and feature selection are
+    :class:`~vlkit.models.llava.LlavaConfig`'s."""
+
+    vision: str = ""
+    vision_config: ViTConfig | None = None
+    lm: str = ""
+    connector: Annotated[str, OneOf(tuple(CONNECTORS))] = "mlp"
+    connector_options: dict = field(default_factory=dict)
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: Annotated[str, OneOf(("default", "full"))] = "default"
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class VlmDataConfig:
+    """``source``: a LLaVA conversation JSON (images under ``image_folder``, default the JSON's
+    folder), or "shapes": the shapes world's conversations with ``shapes`` as the options of
+    ``vlkit.data.shapes_chat.ShapesChatConfig``. ``template``: stage 2's conversation template
+    (null: the tokenizer's chat template, else llava_v1, which is what inference uses); stage 1
+    always uses "plain". ``max_length``: tokens per sample (null: the LM's context); longer samples
+    are cut where no image or answer token is lost, else skipped. ``bucket_window``: micro-batches
+    per length-sorting window (0: random batches)."""
+
+    source: str = ""
+    image_folder: str | None = None
+    shapes: dict = field(default_factory=dict)
+    template: str | None = None
+    max_length: PositiveInt | None = None
+    bucket_window: NonNegativeInt = 16
+    on_bad_sample: Annotated[str, OneOf(ON_BAD_SAMPLE)] = "error"
+    allow_outside_paths: bool = False
+
+    def __post_init__(self):
+        validate(self)
+
+
+LM_MODES = ("full", "lora", "frozen")
+
+
+@dataclass
+class VlmTrainConfig:
+    """What trains, at which peak learning rate (null: ``optim.lr``). ``lm``: "full", "lora" (the
+    ``lora`` section) or "frozen"; ``vision_lr`` null keeps the tower frozen. The connector always trains."""
+
+    connector_lr: PositiveFloat | None = None
+    lm: Annotated[str, OneOf(LM_MODES)] = "frozen"
+    lm_lr: PositiveFloat | None = None
+    vision_lr: PositiveFloat | None = None
+
+
+@dataclass
+class VlmRecipe:
+    stage: Annotated[int, OneOf((1, 2))] = 1
+    init_from: str | None = None
+    model: VlmModelConfig = field(default_factory=VlmModelConfig)
+    data: VlmDataConfig = field(default_factory=VlmDataConfig)
+    train: VlmTrainConfig = field(default_factory=VlmTrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        validate(self)
+        m = self.model
+        if bool(m.vision) == (m.vision_config is not None):
+            raise ConfigError("set exactly one of model.vision (a folder) and model.vision_config (a random tower), got "
+                              f"vision={m.vision!r}, vision_config={'set' if m.vision_config else None}",
+                              ("model.vision", "model.vision_config"))  # fmt: skip
+        if not m.lm:
+            raise ConfigError("model.lm: expected the folder of a language model (with its tokenizer)", ("model.lm",))
+        if not self.data.source:
+            raise ConfigError(f"data.source: expected a LLaVA conversation JSON or {SHAPES!r}", ("data.source",))
+        if self.stage == 1 and (self.train.lm != "frozen" or self.train.vision_lr is not None):
+            raise ConfigError(f"stage 1 trains only the connector; got train.lm={self.train.lm!r}, "
+                              f"train.vision_lr={self.train.vision_lr} (expected 'frozen' and null)", ("train.lm", "train.vision_lr"))  # fmt: skip
+        if self.stage == 1 and self.init_from is not None:
+            raise ConfigError("init_from names stage 1's run for stage 2; stage 1 starts from the tower and the LM",
+                              ("init_from", "stage"))  # fmt: skip
+        if self.loop.unfreeze_at is not None:
+            raise ConfigError("loop.unfreeze_at: VLM training sets what trains by train.lm and train.vision_lr",
+                              ("loop.unfreeze_at",))  # fmt: skip
+
+
+# ---------------------------------------------------------------- the model
+def _vision_tower(cfg: VlmModelConfig) -> tuple[ViT, ImageProcessor]:
+    if cfg.vision_config is not None:
+        size = cfg.vision_config.image_size
+        return ViT(cfg.vision_config), ImageProcessor(size=size, crop_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    from vlkit.loading import load
+
+    loaded = load(cfg.vision)
+    tower = loaded if isinstance(loaded, ViT) else getattr(loaded, "vision", None)
+    if not isinstance(tower, ViT):
+        raise ConfigError(f"model.vision {cfg.vision!r}: a {type(loaded).__name__}, which has no ViT vision tower; expected "
+                          "a CLIP, SigLIP or vision-encoder folder", ("model.vision",))  # fmt: skip
+    processor = getattr(loaded, "processor", None)
+    if not isinstance(processor, ImageProcessor):
+        raise ConfigError(f"model.vision {cfg.vision!r}: no image preprocessing (preprocessor_config.json)", ("model.vision",))
+    return tower, processor
+
+
+def _language_model(cfg: VlmModelConfig) -> LlamaLM:
+    from vlkit.loading import load
+
+    lm = load(cfg.lm)
+    if not isinstance(lm, LlamaLM):
+        raise ConfigError(f"model.lm {cfg.lm!r}: a {type(lm).__name__}; LLaVA takes a Llama-family language model", ("model.lm",))
+    if not getattr(lm, "tokenizer", None):
+        raise ConfigError(f"model.lm {cfg.lm!r}: no tokenizer.json; training needs the LM's tokenizer", ("model.lm",))
+    return lm
+
+
+def build_model(recipe: VlmRecipe) -> Llava:
+    """The LLaVA this recipe describes: the tower and the LM from their folders (or a random
+    tower), a fresh connector (seeded by ``loop.seed``); tokenizer, generation defaults and image
+    preprocessing attached."""
+    m = recipe.model
+    tower, processor = _vision_tower(m)
+    lm = _language_model(m)
+    try:
+        image_id = image_token_id(lm.tokenizer)
+    except VlkitError as err:
+        raise ConfigError(f"model.lm {m.lm!r}: {err}", ("model.lm",)) from None
+    try:
+        cfg = LlavaConfig(vision=tower.cfg, lm=lm.cfg, connector=m.connector, connector_options=dict(m.connector_options),
+                          vision_feature_layer=m.vision_feature_layer,
+                          vision_feature_select_strategy=m.vision_feature_select_strategy, image_token_id=image_id)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}", ("model",)) from None
+    with torch.device("meta"):
+        model = Llava(cfg)
+    model.vision, model.lm = tower, lm
+    torch.manual_seed(recipe.loop.seed)
+    dim = cfg.vision.width * len(cfg.feature_layers)
+    model.connector = build_connector(cfg.connector, dim, cfg.lm.hidden_size, **cfg.connector_options)
+    model.tokenizer, model.generation_config, model.processor = lm.tokenizer, lm.generation_config, processor
+    return model
+
+
+def stage_one_folder(init_from: str | Path) -> Path:
+    """The model folder of a finished run (its ``model/``), a run's newest checkpoint, or a model folder."""
+    from vlkit.loading import resolve
+
+    path = Path(init_from)
+    if (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
+    try:
+        return resolve(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"init_from: {err}; expected stage 1's run folder", ("init_from",)) from None
+
+
+def check_init(folder: Path, cfg: LlavaConfig) -> None:
+    """Stage 1's model config against the one this recipe builds: the first difference is an
+    error naming both values and the recipe key that sets it."""
+    from vlkit.config import read
+
+    raw = read(folder / "config.json")
+    if raw.get("model_type") != "vlkit_llava":
+        raise CheckpointError(f"init_from: {folder / 'config.json'} holds a {raw.get('model_type')!r} model; "
+                              "expected a vlkit LLaVA (stage 1's run)")  # fmt: skip
+    raw.pop("model_type")
+    there = to_dict(from_dict(LlavaConfig, raw, str(folder / "config.json")))
+    here = to_dict(cfg)
+    keys = {"vision": "the tower of model.vision", "lm": "the LM of model.lm", "connector": "model.connector",
+            "connector_options": "model.connector_options", "vision_feature_layer": "model.vision_feature_layer",
+            "vision_feature_select_strategy": "model.vision_feature_select_strategy",
+            "image_token_id": "the tokenizer of model.lm"}  # fmt: skip
+    for key, what in keys.items():
+        a, b = there.get(key), here.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+        raise CheckpointError(f"init_from {folder}: its {key} is {json.dumps(a)} but this recipe builds "
+                              f"{json.dumps(b)} ({what}); stage 2 must build the model stage 1 trained")
+
+
+def load_init(model: Llava, init_from: str) -> Path:
+    """Stage 1's weights into ``model``, once its config is seen to match."""
+    from safetensors.torch import load_file
+
+    folder = stage_one_folder(init_from)
+    check_init(folder, model.cfg)
+    weights = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"init_from {folder}: model.safetensors lacks {missing[:5]} / has {unexpected[:5]} "
+                              "beyond this model's weights")  # fmt: skip
+    return folder
+
+
+# ---------------------------------------------------------------- what trains
+def plan_training(model: Llava, recipe: VlmRecipe) -> tuple[list[str], dict[str, float]]:
+    """``(frozen submodules, learning rate per trained submodule)``; with LoRA, the adapters are
+    added to the LM and its base weights stop taking gradients (the LM stays in train mode)."""
+    t, lr = recipe.train, recipe.optim.lr
+    frozen, lrs = [], {"connector": t.connector_lr or lr}
+    if t.vision_lr is None:
+        frozen.append("vision")
+    else:
+        lrs["vision"] = t.vision_lr
+    if t.lm == "frozen":
+        frozen.append("lm")
+    else:
+        lrs["lm"] = t.lm_lr or lr
+    if t.lm == "lora":
+        model.lm.requires_grad_(False)
+        torch.manual_seed(recipe.loop.seed + 1)
+        add_lora(model.lm, recipe.lora)
+    return frozen, lrs
+
+
+def trainable_counts(model: Llava) -> dict[str, int]:
+    """Parameters that take gradients, per part and in all."""
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters() if p.requires_grad)
+              for name in ("vision", "connector", "lm")}  # fmt: skip
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+# ---------------------------------------------------------------- data
+def build_source(data: VlmDataConfig, skips: Skips) -> Sequence[ChatSample]:
+    if data.source == SHAPES:
+        from vlkit.data.shapes_chat import ShapesChat, ShapesChatConfig
+
+        return ShapesChat(from_dict(ShapesChatConfig, data.shapes, "data.shapes"))
+    path = Path(data.source)
+    if not path.is_file():
+        raise ConfigError(f"data.source {data.source!r}: no such file; expected a LLaVA conversation JSON or {SHAPES!r}",
+                          ("data.source",))  # fmt: skip
+    return LlavaSource(path, data.image_folder, skips, data.allow_outside_paths)
+
+
+def build_processor(model: Llava, recipe: VlmRecipe) -> LlavaProcessor:
+    """Stage 1 renders captions with "plain"; stage 2 with ``data.template``. The image-token count
+    is a number, so the processor pickles into DataLoader workers."""
+    template = "plain" if recipe.stage == 1 else recipe.data.template
+    try:
+        return LlavaProcessor(model.processor, model.tokenizer, model.num_image_tokens(), template)
+    except VlkitError as err:
+        raise ConfigError(f"data.template: {err}", ("data.template",)) from None
+
+
+# ---------------------------------------------------------------- the run
+def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train per the recipe into the run folder ``out``; returns the loop's summary with the
+    trainable parameter counts and, once finished, the ``model`` (and ``adapter``) folders."""
+    out = Path(out)
+    world = setup()
+    try:
+        model = build_model(recipe)
+        if recipe.init_from is not None:
+            source_folder = load_init(model, recipe.init_from)
+            if world.is_main:
+                print(f"stage 2 starts from {source_folder}")
+        frozen, lrs = plan_training(model, recipe)
+        freeze(model, frozen)
+        counts = trainable_counts(model)
+        trained = sum(v for k, v in counts.items() if k != "total")
+        if world.is_main:
+            parts = ", ".join(f"{k} {counts[k]:,}" for k in ("connector", "lm", "vision"))
+            print(f"trainable parameters: {trained:,} of {counts['total']:,} ({parts}; lm: {recipe.train.lm})")
+        skips = Skips(recipe.data.on_bad_sample)
+        source = build_source(recipe.data, skips)
+        if skips.total and world.is_main:
+            print(f"skipped {skips.total} bad records while indexing the data: {skips.examples}")
+        processor = build_processor(model, recipe)
+        max_length = recipe.data.max_length or model.lm.max_length
+        loop = LoopConfig(**{**to_dict(recipe.loop), "freeze": sorted(set(recipe.loop.freeze) | set(frozen))})
+        micro = loop.batch_size // (loop.grad_accum * world.world_size)
+        dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
+                                      recipe.data.bucket_window, loop.seed)  # fmt: skip
+        device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        summary = fit(model, dataset, ConversationCollate(processor), loop, recipe.optim, out, "llava", world=world,
+                      resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs)  # fmt: skip
+        summary.update(trainable=trained, parameters=counts["total"], skipped_records=skips.total)
+        if summary["steps"] == recipe.loop.steps and world.is_main:
+            summary.update(save_final(model, recipe, out))
+        if summary["skipped"] and world.is_main:
+            print(f"skipped {summary['skipped']} bad samples, each listed with its file and reason in {out / SKIPPED_FILE}")
+        return summary
+    finally:
+        teardown(world)
+
+
+def save_final(model: Llava, recipe: VlmRecipe, out: Path) -> dict:
+    """``out/model``: the trained model as a vlkit LLaVA folder (adapters merged into a copy);
+    with LoRA also ``out/adapter`` in peft's layout."""
+    written = {}
+    final = model
+    if recipe.train.lm == "lora":
+        from vlkit.interop.peft import save_adapter
+
+        written["adapter"] = str(save_adapter(model.lm, recipe.lora, out / ADAPTER_DIR, overwrite=True))
+        final = copy.deepcopy(model)
+        merge_lora(final.lm)
+    final = final.cpu().eval()
+    atomic_folder(out / MODEL_DIR, lambda tmp: save_model(tmp, final, "llava"))
+    written["model"] = str(out / MODEL_DIR)
+    return written
+
+
+# ---------------------------------------------------------------- recipes
+def recipe_help() -> str:
+    """Every recipe key with its default and type (the ``train vlm --help`` epilog)."""
+    rows = []
+    for key, value, what in defaults(VlmRecipe):
+        shown = value if isinstance(value, str) else json.dumps(value)
+        rows.append((f"{key}={shown}", what))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join([
+        "recipe overrides:",
+        "  Any recipe key can be set on the command line as --key=value; it overrides the --recipe file,",
+        "  which overrides the defaults below. Values are read as YAML: --loop.steps=200, --train.lm=lora,",
+        "  --train.vision_lr=1e-5, --lora.target_modules=[q_proj,v_proj], --init_from=runs/stage1.",
+        "  model.vision (a folder) or model.vision_config (a random tower: a mapping of ViTConfig keys),",
+        "  model.lm and data.source are required. Stage 1 trains the connector only (train.lm=frozen).",
+        "",
+        "recipe keys and their defaults:",
+        *[f"  --{a:<{width}}  {b}" for a, b in rows],
+    ])  # fmt: skip
+
+
+def load_recipe(data: dict, overrides: list[str] = (), source: str | Path | None = None) -> VlmRecipe:
+    """A recipe from a dict (the contents of the recipe file ``source``) and ``--key=value``
+    overrides; errors name the file too."""
+    return build(VlmRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe")
