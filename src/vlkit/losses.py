@@ -100,3 +100,50 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise VlkitError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])} like input_ids")
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def global_rows(n: int, device=None) -> torch.Tensor:
+    """Where this rank's ``n`` rows sit in a batch gathered by :func:`gather_with_grad`."""
+    return torch.arange(n, device=device) + n * _rank()
+
+
+def max_query_similarity(query_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """``[I, M, E]`` query embeddings × ``[T, E]`` text embeddings → ``[I, T]``: each image's best
+    query for each text (BLIP-2's image-text similarity; cosines when both are L2-normalised)."""
+    return torch.einsum("ime,te->imt", query_features, text_features).max(dim=1).values
+
+
+def qformer_itc_loss(
+    query_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BLIP-2's image-text contrastive loss: symmetric cross entropy over :func:`max_query_similarity`
+    times ``logit_scale`` (1 / temperature), this rank's rows against every rank's (gathered with gradient, so the
+    loss equals one process holding the whole batch). Returns ``(loss, sim_i2t, sim_t2i)``, the
+    similarities ``[B, world·B]`` of this rank's images and texts against all texts and images."""
+    all_queries, all_texts = gather_with_grad(query_features), gather_with_grad(text_features)
+    labels = global_rows(query_features.shape[0], query_features.device)
+    sim_i2t = logit_scale * max_query_similarity(query_features, all_texts)
+    sim_t2i = logit_scale * max_query_similarity(all_queries, text_features).T
+    loss = (F.cross_entropy(sim_i2t, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(sim_t2i, labels, label_smoothing=label_smoothing)) / 2  # fmt: skip
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def hard_negatives(similarity: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column per row ``[B]``, drawn from ``softmax(similarity)`` over the columns that are not
+    ``positives`` (BLIP-2's ITM negatives: likely-looking but wrong). A row whose softmax left all
+    its mass on positives draws uniformly among its negatives."""
+    negatives = ~positives
+    if not bool(negatives.any(dim=1).all()):
+        raise VlkitError("a row has no negative to draw (every column is a positive); ITM needs at least two different pairs in the batch")
+    weights = similarity.float().softmax(dim=1).masked_fill(positives, 0.0)
+    empty = weights.sum(dim=1) == 0
+    weights[empty] = negatives[empty].float()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_loss(logits: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+    """Image-text matching: cross entropy of two-way logits ``[N, 2]`` against ``matched`` ``[N]``
+    (class 1 = the text describes the image)."""
+    return F.cross_entropy(logits.float(), matched.long())
