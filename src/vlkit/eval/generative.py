@@ -6,7 +6,9 @@ A model supports these tasks when it has::
     generate(images: list[PIL.Image.Image], prompts: list[str], max_new_tokens: int) -> list[str]
 
 A loaded vision-language model (LLaVA) meets it through its processor (:func:`answerer`): each
-prompt a user turn after its image, rendered by the model's template, batches left-padded.
+prompt a user turn after its image, rendered by the model's template, batches left-padded. A
+BLIP-2 model is asked its own prompts instead (:func:`blip2_prompt`: "a photo of" for captions,
+"Question: {} Short answer:" for VQA), without a template.
 
 Data per task (``--data``):
 
@@ -339,11 +341,33 @@ def answerer(model, template: str | None = None, **options):
     (:class:`~vlkit.models.llava_processor.LlavaAnswerer`); any other model is returned as it is."""
     if not hasattr(model, "image_features"):
         return model
+    from vlkit.models.blip2 import Blip2
+
+    if isinstance(model, Blip2):
+        from vlkit.models.blip2_processor import Blip2Answerer
+
+        if template is not None:
+            raise VlkitError(f"BLIP-2 takes no conversation template (got {template!r}); it continues plain prompts")
+        return Blip2Answerer(model, prompt_for=blip2_prompt, **options)
     from vlkit.models.llava_next import LlavaNext, LlavaNextProcessor
     from vlkit.models.llava_processor import LlavaAnswerer, LlavaProcessor
 
     processor = (LlavaNextProcessor if isinstance(model, LlavaNext) else LlavaProcessor).for_model(model, template)
     return LlavaAnswerer(model, processor, **options)
+
+
+def blip2_prompt(prompt: str) -> str:
+    """The prompt BLIP-2 is asked in place of one of this module's: the captioning prompt becomes
+    its "a photo of", a VQA prompt its "Question: {} Short answer:"; any other prompt is kept."""
+    from vlkit.models.blip2_processor import CAPTION_PROMPT as BLIP2_CAPTION
+    from vlkit.models.blip2_processor import VQA_PROMPT as BLIP2_VQA
+
+    if prompt == CAPTION_PROMPT:
+        return BLIP2_CAPTION
+    head, _, tail = VQA_PROMPT.partition("{question}")
+    if len(prompt) > len(head) + len(tail) and prompt.startswith(head) and prompt.endswith(tail):
+        return BLIP2_VQA.format(prompt[len(head) : len(prompt) - len(tail)])
+    return prompt
 
 
 def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,

@@ -1,6 +1,6 @@
 """Export vlkit models to transformers (``CLIPModel``, ``SiglipModel``, CLIP one-tower models,
 ``Dinov2Model``, ``LlamaForCausalLM``/``Qwen2ForCausalLM``/``MistralForCausalLM``, ``OPTForCausalLM``,
-``LlavaForConditionalGeneration``)
+``LlavaForConditionalGeneration``, ``Blip2ForConditionalGeneration``)
 and OpenCLIP folders: the loaders' key maps run backwards, and every config
 switch the target cannot express is refused by name rather than exported approximately."""
 
@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 
 from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
-from vlkit.interop import hf_clip, hf_dinov2, hf_llama, hf_llava, hf_opt, hf_siglip, open_clip
+from vlkit.interop import hf_blip2, hf_clip, hf_dinov2, hf_llama, hf_llava, hf_opt, hf_siglip, open_clip
 from vlkit.interop import keymap as km
 from vlkit.interop.lm_files import write_lm_files
 from vlkit.lm import DecoderLM, LlamaLM
+from vlkit.models.blip2 import Blip2
 from vlkit.models.clip import CLIP
 from vlkit.models.llava import Llava
 from vlkit.models.llava_next import LlavaNext
@@ -93,6 +94,8 @@ def hf_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor], str]
                 "transformers LlavaNextForConditionalGeneration")
     if isinstance(model, Llava):
         return _llava_layout(model)
+    if isinstance(model, Blip2):
+        return _blip2_layout(model)
     if isinstance(model, CLIP) and model.cfg.loss == "sigmoid":
         return _siglip_layout(model)
     if isinstance(model, CLIP):
@@ -136,7 +139,7 @@ def hf_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor], str]
         config = dict(architectures=[arch], model_type="clip_text_model", **tcfg, projection_dim=c.embed_dim or c.text.width)
         return config, rules, {}, ""
     raise ValueError(f"cannot export a {type(model).__name__} to transformers; expected CLIP, VisionEncoder, TextTower, "
-                     "a language model or LLaVA")
+                     "a language model, LLaVA or BLIP-2")
 
 
 def _lm_layout(model: DecoderLM):
@@ -206,6 +209,14 @@ def _llava_layout(model: Llava):
     return config, hf_llava.rules(c), extra, "CLIPImageProcessor"  # it reads every resize and crop vlkit's processor writes
 
 
+def _blip2_layout(model: Blip2):
+    """BLIP-2: the loader's rules backwards; preprocessing that resizes to the exact size is BLIP's."""
+    config, problems = hf_blip2.config_to_hf(model)
+    _refuse(problems, "transformers Blip2ForConditionalGeneration")
+    exact = getattr(model.processor, "resize_mode", "exact") == "exact"
+    return config, hf_blip2.rules(model.cfg), {}, "BlipImageProcessor" if exact else "CLIPImageProcessor"
+
+
 def _dinov2_layout(model: VisionEncoder):
     v = model.cfg.vision
     problems = _differences(v, dict(class_token=True, patch_bias=True, pre_norm=False, final_norm="all", pool="cls"), "vision")
@@ -240,7 +251,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _write_tokenizer(model, dst: Path) -> None:
     """``tokenizer.json`` plus a ``tokenizer_config.json`` that transformers' fast tokenizer reads."""
-    if isinstance(model, (DecoderLM, Llava)):
+    if isinstance(model, (DecoderLM, Llava, Blip2)):
         write_lm_files(model, dst)
         return
     tok = getattr(model, "tokenizer", None)

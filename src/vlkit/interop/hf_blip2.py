@@ -16,10 +16,11 @@ from vlkit.connectors.qformer import QFormerConfig
 from vlkit.errors import CheckpointError, VlkitError
 from vlkit.interop import hf_clip, hf_llama, hf_opt, hf_qformer
 from vlkit.interop import keymap as km
-from vlkit.interop.common import attach_processor, hf_vit_sizes, open_weights, require, section
+from vlkit.interop.common import attach_processor, hf_vit_sizes, open_weights, read_json, require, section
 from vlkit.interop.hf_llava import attach_lm_files_to
 from vlkit.interop.weights import WeightReader
 from vlkit.models.blip2 import Blip2, Blip2Config
+from vlkit.vision.preprocess import ImageProcessor
 from vlkit.vision.vit import ViTConfig
 
 VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224,
@@ -28,6 +29,7 @@ VISION_DEFAULTS = dict(hidden_size=1408, intermediate_size=6144, num_hidden_laye
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model")
 RETRIEVAL = "Blip2ForImageTextRetrieval"
 LM_PREFIX = "language_model."
+PROCESSOR_CONFIG = "processor_config.json"
 
 
 def vision_config_from_hf(raw: dict, where: str) -> ViTConfig:
@@ -154,8 +156,23 @@ def load(folder: Path, raw: dict, dtype=None):
     model = km.load_into(lambda: Blip2(cfg), rules(cfg, vision_qkv_bias(raw)), reader, f"transformers {arch or ARCHITECTURES[0]}",
                          _ignorable(cfg), dtype)
     attach_lm_files_to(model, folder)
-    attach_processor(model, folder)
+    attach_image_processor(model, folder, cfg.num_query_tokens)
     return model
+
+
+def attach_image_processor(model, folder: Path, num_queries: int) -> None:
+    """``preprocessor_config.json``, else the ``image_processor`` part of the ``processor_config.json``
+    transformers 5 writes (whose ``num_query_tokens`` must be the model's)."""
+    path = folder / PROCESSOR_CONFIG
+    nested = read_json(path) if path.is_file() else {}
+    if nested.get("num_query_tokens") not in (None, num_queries):
+        raise CheckpointError(f"{path}: num_query_tokens is {nested['num_query_tokens']} but config.json's is {num_queries}; "
+                              "the processor would write a different number of image tokens than the model reads")
+    if not (folder / "preprocessor_config.json").is_file() and isinstance(nested.get("image_processor"), dict):
+        model.processor = ImageProcessor.from_hf(nested["image_processor"])
+        model.processor.alpha_background = 255  # transparency onto white, as transformers converts to RGB
+        return
+    attach_processor(model, folder)
 
 
 def config_to_hf(model: Blip2) -> tuple[dict, list[str]]:
