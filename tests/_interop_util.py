@@ -103,7 +103,7 @@ def convert(*argv: str) -> int:
     """Run the ``convert`` subcommand exactly as ``vlkit`` will (via ``add_parser``)."""
     import argparse
 
-    from vlkit.interop.convert import add_parser
+    from vlkit.convert_cli import add_parser
 
     parser = argparse.ArgumentParser(prog="vlkit")
     add_parser(parser.add_subparsers(dest="command", required=True))

@@ -29,7 +29,7 @@ from vlkit.data.shapes import (
     render,
 )
 from vlkit.errors import VlkitError
-from vlkit.eval.shapes import TEMPLATES
+from vlkit.data.shapes import TEMPLATES
 from vlkit.text.tokenizer import word_level, words_of
 from vlkit.vision.preprocess import ImageProcessor
 

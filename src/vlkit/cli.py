@@ -22,6 +22,9 @@ def positive_int(text: str) -> int:
 
 def cmd_train(args, overrides: list[str]) -> int:
     from vlkit.config import read
+
+    if args.model == "vlm":
+        return cmd_train_vlm(args, overrides)
     from vlkit.train.clip import load_recipe, train_clip
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
@@ -40,6 +43,19 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_train_vlm(args, overrides: list[str]) -> int:
+    from vlkit.config import read
+    from vlkit.train.vlm import load_recipe, train_vlm
+
+    recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
+    summary = train_vlm(recipe, args.out, resume=args.resume)
+    print(json.dumps(summary))
+    if "model" in summary:
+        adapter = f" and the LoRA adapter in peft's layout at {summary['adapter']}" if "adapter" in summary else ""
+        print(f"wrote {args.out}: the model at {summary['model']} (vlkit.load reads it){adapter}; checkpoints, metrics.jsonl, recipe.json")
+    return 0
+
+
 class _TrainHelp(argparse.Action):
     """``train --help``: the usual help, then every recipe key with its default, generated
     from the recipe's dataclasses (imported only when asked, so other commands start fast)."""
@@ -48,7 +64,10 @@ class _TrainHelp(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from vlkit.train.clip import recipe_help
+        if getattr(namespace, "model", None) == "vlm":
+            from vlkit.train.vlm import recipe_help
+        else:
+            from vlkit.train.clip import recipe_help
 
         parser.epilog = recipe_help()
         parser.print_help()
@@ -63,10 +82,19 @@ def cmd_eval(args, overrides: list[str]) -> int:
         options = {"split": args.split, "box_format": args.box_format}
         if args.predictions is None:
             options["max_new_tokens"] = args.max_new_tokens
-    results = run_eval(
-        args.task, args.model, args.data, args.out, args.batch_size, args.precision, args.predictions,
-        on_bad_sample=args.on_bad_sample, **options,
-    )  # fmt: skip
+    if args.endpoint is not None:
+        from vlkit.eval.endpoint import run_endpoint_eval
+
+        if not options or args.predictions is not None or args.model is None:
+            raise ValueError("--endpoint URL evaluates caption, vqa, grounding or mcq with --model NAME (the endpoint's "
+                             "model name), not with --predictions")  # fmt: skip
+        results = run_endpoint_eval(args.task, args.data, args.endpoint, args.model, args.out, args.api_key_env,
+                                    args.concurrency, args.cache, on_bad_sample=args.on_bad_sample, **options)  # fmt: skip
+    else:
+        results = run_eval(
+            args.task, args.model, args.data, args.out, args.batch_size, args.precision, args.predictions,
+            on_bad_sample=args.on_bad_sample, **options,
+        )  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.out:
         out = Path(args.out)
@@ -199,7 +227,8 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a recipe; --key=value overrides the recipe", add_help=False,
                            allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     train.add_argument("-h", "--help", action=_TrainHelp, help="show this help, with every recipe key and its default")
-    train.add_argument("model", choices=["clip", "siglip"], help="siglip: clip with the sigmoid loss (and its temperature and bias)")
+    train.add_argument("model", choices=["clip", "siglip", "vlm"], help="siglip: clip with the sigmoid loss (and its temperature and "
+                       "bias); vlm: a LLaVA-style VLM, stage 1 (align) or 2 (instruct) by the recipe's stage")
     train.add_argument("--recipe", help="YAML or JSON recipe (see recipes/)")
     train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
@@ -220,6 +249,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--on-bad-sample", default="error", choices=["error", "skip"],
                     help="a bad record or image stops the evaluation (error), or is left out and listed in skipped.jsonl (skip)")
     ev.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ev.add_argument("--endpoint", help="evaluate an OpenAI-compatible chat endpoint (e.g. http://127.0.0.1:8000/v1) "
+                    "instead of a local model; --model is then the endpoint's model name")
+    ev.add_argument("--api-key-env", help="with --endpoint: the environment variable holding the API key")
+    ev.add_argument("--concurrency", type=positive_int, default=4, help="with --endpoint: requests in flight at once")
+    ev.add_argument("--cache", help="with --endpoint: answers cache file (default OUT/endpoint_answers.jsonl, or "
+                    "~/.cache/vlkit/); a re-run asks only what it has no answer for")
     ev.set_defaults(fn=cmd_eval)
 
     emb = sub.add_parser("embed", help="embed images or texts to a .npy file")
@@ -232,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     emb.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     emb.set_defaults(fn=cmd_embed)
 
-    from vlkit.interop.convert import add_parser as add_convert
+    from vlkit.convert_cli import add_parser as add_convert
 
     add_convert(sub)
 
@@ -243,6 +278,10 @@ def parser() -> argparse.ArgumentParser:
     from vlkit.vlm_cli import add_parsers as add_vlm_commands
 
     add_vlm_commands(sub, positive_int)
+
+    from vlkit.index.cli import add_parsers as add_index_commands
+
+    add_index_commands(sub, positive_int)
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -1,5 +1,5 @@
-"""``vlkit caption``, ``vlkit vqa`` and ``vlkit ground``: a vision-language model folder (LLaVA)
-answers about image files. ``cli.py`` registers the commands with :func:`add_parsers`
+"""``vlkit caption``, ``vlkit vqa`` and ``vlkit ground``: a vision-language model folder (LLaVA,
+BLIP-2) answers about image files. ``cli.py`` registers the commands with :func:`add_parsers`
 (``vlkit chat --image`` lives in :mod:`vlkit.chat`).
 
 Every answer goes the way ``vlkit eval caption|vqa|grounding`` sends its prompts: through the
@@ -12,7 +12,7 @@ per batch (:func:`vlkit.eval.generative.answerer`), so a command's answer is the
 - ``vqa --image x.png QUESTION...``: an answer per question (batched), a line each.
 - ``ground --image x.png TEXT [--out boxed.png]``: the box of the object ``TEXT`` describes.
   Boxes are text, Qwen-VL's convention: ``[x1, y1, x2, y2]``, integers on a 0-999 grid over the
-  image's width and height (parsed as :func:`vlkit.eval.metrics.boxes.parse_box`'s ``norm1000``).
+  image's width and height (parsed as :func:`vlkit.boxes.parse_box`'s ``norm1000``).
   Prints the reply and the box in pixels, and draws it on a copy of the image. A reply with no
   box, or one that is empty or off the grid, is said so (exit status 1) and nothing is drawn.
 
@@ -41,7 +41,7 @@ def load_vlm(path: str, device: str, command: str):
 
     model = vlkit.load(path, device=device)
     if not is_vlm(model):
-        raise VlkitError(f"{path}: holds a {type(model).__name__}, not a vision-language model (LLaVA); {command} needs one")
+        raise VlkitError(f"{path}: holds a {type(model).__name__}, not a vision-language model (LLaVA, BLIP-2); {command} needs one")
     return model
 
 
@@ -89,7 +89,8 @@ def cmd_vqa(args, overrides: list[str]) -> int:
     vlm, new = _answerer(args, "vqa")
     for i in range(0, len(args.questions), args.batch_size):
         chunk = args.questions[i : i + args.batch_size]
-        for answer in vlm.generate([image] * len(chunk), chunk, max_new_tokens=new):
+        prompts = [vlm.question_prompt(q) for q in chunk] if hasattr(vlm, "question_prompt") else chunk  # BLIP-2's VQA prompt
+        for answer in vlm.generate([image] * len(chunk), prompts, max_new_tokens=new):
             print(answer, flush=True)
     return 0
 
@@ -97,7 +98,7 @@ def cmd_vqa(args, overrides: list[str]) -> int:
 def reply_box(reply: str, width: int, height: int) -> tuple[tuple[int, int, int, int] | None, str]:
     """``(box in whole pixels, "")`` for the first four numbers of ``reply`` read on the 0-999
     grid, or ``(None, why not)``."""
-    from vlkit.eval.metrics.boxes import parse_box
+    from vlkit.boxes import parse_box
 
     expected = f"expected [x1, y1, x2, y2], integers on a 0-{GRID - 1} grid"
     box = parse_box(reply, "norm1000", width, height)
@@ -170,7 +171,7 @@ def add_parsers(subparsers, positive_int) -> None:
     from vlkit.chat import add_generation_arguments
 
     def common(p, batched: bool) -> None:
-        p.add_argument("--model", required=True, help="vision-language model folder (LLaVA; vlkit or transformers layout)")
+        p.add_argument("--model", required=True, help="vision-language model folder (LLaVA, BLIP-2; vlkit or transformers layout)")
         p.add_argument("--template", help="conversation template: plain, llava_v1, chatml or chat_template "
                        "(default: the tokenizer's chat template, else llava_v1)")
         if batched:

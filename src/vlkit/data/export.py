@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from vlkit.data.shapes import CLASS_NAMES, Scene, ShapesWorld
-from vlkit.eval.shapes import TEMPLATES
+from vlkit.data.shapes import TEMPLATES
 from vlkit.files import atomic_folder
 
 MANIFEST = "shapes_export.json"

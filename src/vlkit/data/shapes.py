@@ -416,3 +416,12 @@ def _referring(scene: Scene) -> list[dict]:
         box = [round(v, 2) for v in o.box]
         out += [{"text": e, "box": box, "object": k} for e in exprs]
     return out
+
+
+# Zero-shot prompt templates for the 40 classes (evaluation and the ImageFolder export use them).
+TEMPLATES = ["{c}", "a photo of {c}", "a single {c} on a dark background"]
+
+
+def class_prompts() -> list[str]:
+    """Class names with their article ("an orange star"), for the templates above."""
+    return [f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in CLASS_NAMES]

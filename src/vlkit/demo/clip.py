@@ -10,7 +10,7 @@ import torch
 
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict, write_json
-from vlkit.data.shapes import CLASS_NAMES
+from vlkit.data.shapes import CLASS_NAMES, TEMPLATES
 from vlkit.eval import shapes as shapes_eval
 from vlkit.eval.report import plot_confusion
 from vlkit.report import draw_loss, draw_retrieval
@@ -85,7 +85,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
             *[f"| {k} | {v:.3f} |" for k, v in metrics.items() if k not in ("train_seconds", "samples")],
             "",
             "Zero-shot: 1000 held-out single-object images, 40 classes (color × shape), prompts averaged over "
-            f"{len(shapes_eval.TEMPLATES)} templates. Retrieval: 1000 held-out 1–3-object scenes with one caption "
+            f"{len(TEMPLATES)} templates. Retrieval: 1000 held-out 1–3-object scenes with one caption "
             "each; a retrieved image counts as correct when the caption is true of its scene.",
             "",
             "![loss](figures/clip_loss.png)",

@@ -10,21 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlkit.data.shapes import CLASS_NAMES, ShapesWorld
+from vlkit.data.shapes import TEMPLATES, ShapesWorld, class_prompts
 from vlkit.eval.embed import embed_images, embed_texts
 from vlkit.eval.retrieval import retrieval
 from vlkit.eval.zeroshot import zeroshot
 
 ZEROSHOT_SEED = 1_000_001
 RETRIEVAL_SEED = 1_000_002
-TEMPLATES = ["{c}", "a photo of {c}", "a single {c} on a dark background"]
-
-
-def class_prompts() -> list[str]:
-    """Class names with their article ("an orange star"), for the templates above."""
-    return [f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in CLASS_NAMES]
-
-
 def pixels(model, scenes, batch_size: int = 250):
     """Batches of preprocessed renders of ``scenes``."""
     for i in range(0, len(scenes), batch_size):

@@ -30,6 +30,7 @@ from vlkit.data.formats.captions import INDEX, iter_captions
 from vlkit.data.formats.common import no_records
 from vlkit.data.images import BadSample, load_image
 from vlkit.data.skips import SKIPPED_FILE, Skips
+from vlkit.data.shapes import TEMPLATES, class_prompts
 from vlkit.errors import VlkitError
 from vlkit.eval.embed import embed_images, embed_texts
 from vlkit.eval.retrieval import retrieval
@@ -113,7 +114,7 @@ def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision
 
         singles = shapes.zeroshot_split(_shapes_world(model))
         paths, labels = None, torch.tensor([s.label for s in singles])
-        names, templates = shapes.class_prompts(), shapes.TEMPLATES
+        names, templates = class_prompts(), TEMPLATES
         feats = embed_images(model, shapes.pixels(model, singles, batch_size), precision)
     else:
         from vlkit.data.formats.imagefolder import read_imagefolder

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 from vlkit.data.formats.common import BadRecord, Skips, check_type, check_unique, image_path, no_records, optional, require, write_json
 from vlkit.data.formats.json_stream import iter_json_array
-from vlkit.eval.metrics.text import tokenize_caption
+from vlkit.text.caption import tokenize_caption
 
 
 @dataclass

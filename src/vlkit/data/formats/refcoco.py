@@ -17,7 +17,7 @@ from typing import Iterator
 
 from vlkit.data.formats.common import BadRecord, Skips, check_unique, has_type, image_path, no_records, optional, require, write_json
 from vlkit.data.formats.json_stream import iter_json_array
-from vlkit.eval.metrics.boxes import xywh_to_xyxy
+from vlkit.boxes import xywh_to_xyxy
 
 
 @dataclass

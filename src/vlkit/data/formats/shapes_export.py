@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlkit.data.shapes import CLASS_NAMES, COLOR_NAMES, SHAPES, ShapesWorld
+from vlkit.data.shapes import CLASS_NAMES, COLOR_NAMES, SHAPES, TEMPLATES, ShapesWorld, class_prompts
 from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
 
@@ -152,7 +152,6 @@ def _export_refcoco(world, n, out, split):
 
 def _export_imagefolder(world, n, out, split):
     from vlkit.data.formats.imagefolder import class_folder, write_imagefolder_meta
-    from vlkit.eval.shapes import TEMPLATES, class_prompts
 
     for i in range(n):
         s = world.single(i)

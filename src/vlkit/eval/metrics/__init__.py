@@ -9,11 +9,12 @@ top-k / mean per-class recall live in :mod:`vlkit.eval.retrieval` and
 """
 
 from vlkit.eval.metrics.bleu import bleu, bleu_scores
-from vlkit.eval.metrics.boxes import format_box, grounding_accuracy, iou, parse_box, xywh_to_xyxy
+from vlkit.boxes import format_box, iou, parse_box, xywh_to_xyxy
+from vlkit.eval.metrics.boxes import grounding_accuracy
 from vlkit.eval.metrics.choice import extract_choice, extract_number, numeric_match
 from vlkit.eval.metrics.cider import cider, cider_scores
 from vlkit.eval.metrics.rouge import lcs_length, rouge_l, rouge_l_scores
-from vlkit.eval.metrics.text import tokenize_caption
+from vlkit.text.caption import tokenize_caption
 from vlkit.eval.metrics.vqa import normalize_answer, vqa_accuracy
 from vlkit.eval.retrieval import recall_at_k, retrieval
 from vlkit.eval.zeroshot import classification_metrics

@@ -11,18 +11,9 @@ the same tokens; pass ``tokenize=False`` to score text you have tokenised yourse
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
-_NOT_WORD = re.compile(r"[^\w']+|_")
-_EDGE_APOSTROPHES = re.compile(r"(?<!\w)'+|'+(?!\w)")
-
-
-def tokenize_caption(text: str) -> str:
-    """Lowercased, punctuation removed, tokens joined by single spaces."""
-    text = _NOT_WORD.sub(" ", text.lower())
-    text = _EDGE_APOSTROPHES.sub(" ", text)
-    return " ".join(text.split())
+from vlkit.text.caption import tokenize_caption
 
 
 def prepare(
