@@ -225,7 +225,6 @@ def test_captions_come_from_the_generation_loop_and_equal_a_hand_written_greedy_
             seq.append(nxt)
         want.append(" ".join(str(t) for t in seq[1:]))
     assert model.caption(pixels, max_new_tokens=4) == want
-    assert len(set(want)) == 2  # the images lead to different captions
     beams = model.caption(pixels, max_new_tokens=4, num_beams=2)
     assert len(beams) == len(pixels) and all(isinstance(c, str) for c in beams)
 
@@ -322,9 +321,9 @@ def retrieval_folder(tmp_path_factory):
 
 
 def _load(folder):
-    from vlkit.interop import hf_qformer
+    import vlkit
 
-    return hf_qformer.load_retrieval(folder, json.loads((folder / "config.json").read_text()))
+    return vlkit.load(folder)
 
 
 @torch.no_grad()
@@ -332,6 +331,7 @@ def test_itc_and_itm_scores_match_transformers(retrieval_folder):
     hf, folder = retrieval_folder
     with pytest.warns(UserWarning, match="tokenizer.json"):
         ours = _load(folder)
+    assert isinstance(ours, Blip2QFormer) and ours.itg_head is None
     pixels, ids, mask = batch(b=3)
     want_itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits_per_image
     got_itc = ours.similarity(ours.encode_image(pixels), ours.encode_text(ids, mask))

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from vlkit.connectors.qformer import QFormerConfig
 from vlkit.interop import keymap as km
-from vlkit.interop.common import activation, attach_processor, attach_tokenizer, hf_vit_sizes, open_weights, require, section
+from vlkit.interop.common import activation, attach_tokenizer, open_weights, require
 from vlkit.models.blip2_qformer import Blip2QFormer, Blip2QFormerConfig
-from vlkit.vision.vit import ViTConfig
 
 QFORMER_DEFAULTS = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -23,11 +22,6 @@ QFORMER_DEFAULTS = dict(
     cross_attention_frequency=2, encoder_hidden_size=1408, use_qformer_text_input=False,
 )
 """``Blip2QFormerConfig``'s defaults, for keys a config.json leaves out."""
-VISION_DEFAULTS = dict(
-    hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224, patch_size=14,
-    hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
-)
-"""``Blip2VisionConfig``'s defaults (EVA ViT-g/14 without its last layer)."""
 RETRIEVAL = "transformers Blip2ForImageTextRetrieval"
 
 
@@ -104,71 +98,31 @@ def _layer_rules(cfg: QFormerConfig, i: int, t: str, s: str) -> list[km.Rule]:
     return out
 
 
-def vision_config(v: dict, where: str) -> ViTConfig:
-    """transformers' ``Blip2VisionModel``: class token and patch bias, no LayerNorm before the layers;
-    ``post_layernorm`` normalises every token, but it is the Q-Former's ``image_norm`` that applies
-    it (see :func:`rules`), so the tower's tokens come out un-normed (``final_norm="pooled"``)."""
-    return ViTConfig(**hf_vit_sizes(v, where), class_token=True, patch_bias=True, pre_norm=False, final_norm="pooled", pool="cls")
-
-
-def vision_rules(cfg: ViTConfig, qkv_bias: bool = True, dst: str = "vision", src: str = "vision_model") -> list[km.Rule]:
-    """``Blip2VisionModel`` keys (under ``src``) → vlkit :class:`~vlkit.vision.vit.ViT` (under ``dst``).
-    transformers 5 saves the fused ``self_attn.qkv.bias`` (q | zeros | v); without ``qkv_bias`` it has none."""
-    e = f"{src}.embeddings"
-    out = [
-        km.copy(f"{dst}.patch_embed.weight", f"{e}.patch_embedding.weight"),
-        km.copy(f"{dst}.patch_embed.bias", f"{e}.patch_embedding.bias"),
-        km.copy(f"{dst}.cls_token", f"{e}.class_embedding"),
-        km.copy(f"{dst}.pos_embed", f"{e}.position_embedding"),
-    ]
-    for p in ("weight", "bias"):
-        out.append(km.copy(f"{dst}.norm.{p}", f"{src}.post_layernorm.{p}"))
-    for i in range(cfg.depth):
-        d, s = f"{dst}.transformer.blocks.{i}", f"{src}.encoder.layers.{i}"
-        out.append(km.copy(f"{d}.attn.qkv.weight", f"{s}.self_attn.qkv.weight"))
-        out.append(km.copy(f"{d}.attn.qkv.bias", f"{s}.self_attn.qkv.bias") if qkv_bias else km.zeros(f"{d}.attn.qkv.bias"))
-        for p in ("weight", "bias"):
-            out += [
-                km.copy(f"{d}.norm1.{p}", f"{s}.layer_norm1.{p}"),
-                km.copy(f"{d}.attn.proj.{p}", f"{s}.self_attn.projection.{p}"),
-                km.copy(f"{d}.norm2.{p}", f"{s}.layer_norm2.{p}"),
-                km.copy(f"{d}.mlp.fc1.{p}", f"{s}.mlp.fc1.{p}"),
-                km.copy(f"{d}.mlp.fc2.{p}", f"{s}.mlp.fc2.{p}"),
-            ]
-    return out
-
-
-def retrieval_config(raw: dict, where: str) -> tuple[Blip2QFormerConfig, bool]:
-    """A ``Blip2ForImageTextRetrieval`` config.json → the stage-1 model's config (no ITG head:
-    transformers has none) and whether the vision attention has a q/v bias."""
-    v = section(raw, "vision_config", VISION_DEFAULTS, where)
-    q = section(raw, "qformer_config", {}, where)
-    q.setdefault("encoder_hidden_size", v["hidden_size"])
-    require(q.get("use_qformer_text_input", True), where, "qformer_config.use_qformer_text_input is false; a retrieval model needs the text path")
-    num_queries = raw.get("num_query_tokens", 32)
-    qcfg = model_config({**q, "use_qformer_text_input": True}, where, num_queries=num_queries, image_norm_eps=v["layer_norm_eps"])
-    cfg = Blip2QFormerConfig(vision=vision_config(v, where), qformer=qcfg, embed_dim=raw.get("image_text_hidden_size", 256),
-                             vision_layer=-1, decoder=False)
-    return cfg, bool(v["qkv_bias"])
-
 
 def retrieval_rules(cfg: Blip2QFormerConfig, qkv_bias: bool) -> list[km.Rule]:
-    out = vision_rules(cfg.vision, qkv_bias) + rules(cfg.qformer, target="qformer.")
-    for name in ("vision_projection", "text_projection"):
-        for p in ("weight", "bias"):
-            out.append(km.copy(f"{name.replace('projection', 'proj')}.{p}", f"{name}.{p}"))
-    out += [km.copy("itm_head.weight", "itm_head.weight"), km.copy("itm_head.bias", "itm_head.bias"), km.zeros("logit_scale")]
-    return out
+    """vlkit :class:`Blip2QFormer` ← transformers ``Blip2ForImageTextRetrieval`` keys (the tower's by
+    :func:`vlkit.interop.hf_blip2.vision_rules`); the temperature, which transformers lacks, is 1."""
+    from vlkit.interop import hf_blip2  # it imports this module
+
+    out = hf_blip2.vision_rules(cfg.vision, qkv_bias) + rules(cfg.qformer, target="qformer.")
+    for name in ("vision", "text"):
+        out += [km.copy(f"{name}_proj.{p}", f"{name}_projection.{p}") for p in ("weight", "bias")]
+    return out + [km.copy(f"itm_head.{p}", f"itm_head.{p}") for p in ("weight", "bias")] + [km.zeros("logit_scale")]
 
 
 def load_retrieval(folder: Path, raw: dict, dtype=None) -> Blip2QFormer:
     """A transformers ``Blip2ForImageTextRetrieval`` folder → :class:`Blip2QFormer` (ITC with plain
-    cosines, as transformers scores them; ITM; no captions), with its BERT tokenizer and preprocessing."""
+    cosines, as transformers scores them; ITM; no ITG head, which transformers lacks), with its
+    tokenizer and image preprocessing."""
+    from vlkit.interop import hf_blip2
+
     where = str(folder / "config.json")
-    cfg, qkv_bias = retrieval_config(raw, where)
+    cfg = Blip2QFormerConfig(vision=hf_blip2.vision_config_from_hf(raw, where), qformer=hf_blip2.qformer_config_from_hf(raw, where, text=True),
+                             embed_dim=raw.get("image_text_hidden_size", 256), decoder=False)
     reader = open_weights(folder)
-    model = km.load_into(lambda: Blip2QFormer(cfg), retrieval_rules(cfg, qkv_bias), reader, RETRIEVAL,
+    hf_blip2.check_query_count(reader, cfg.qformer.num_queries, where)
+    model = km.load_into(lambda: Blip2QFormer(cfg), retrieval_rules(cfg, hf_blip2.vision_qkv_bias(raw)), reader, RETRIEVAL,
                          lambda key: key.endswith("position_ids"), dtype)
     attach_tokenizer(model, folder, cfg.qformer.max_positions)
-    attach_processor(model, folder)
+    hf_blip2.attach_image_processor(model, folder, cfg.qformer.num_queries)
     return model

@@ -39,17 +39,18 @@ from vlkit.losses import (
     max_query_similarity,
     qformer_itc_loss,
 )
-from vlkit.models.inputs import check_pixels, check_tokens
+from vlkit.models.blip2 import image_embeds, vision_tower
+from vlkit.models.inputs import check_tokens
 from vlkit.nn.mlp import ACTIVATIONS
-from vlkit.vision.vit import ViT, ViTConfig
+from vlkit.vision.vit import ViTConfig
 
 
 @dataclass
 class Blip2QFormerConfig:
     """Defaults follow BLIP-2 (256-d ITC space, temperature 0.07, ITC label smoothing 0.1).
 
-    ``vision_layer``: which of the tower's hidden states feeds the Q-Former (-1 the last layer, as
-    transformers' folders store it; -2 the second-to-last, as LAVIS runs the full tower).
+    The Q-Former reads the tower's last layer, un-normed (as in :class:`~vlkit.models.blip2.Blip2`;
+    LAVIS's second-to-last layer is a tower with its last layer dropped, as transformers stores it).
     ``decoder``: the ITG language-model head (transformers' retrieval model has none).
     ``dec_token_id``/``eos_token_id``: the Q-Former tokenizer's ``[DEC]`` (ITG's first token) and
     end-of-text ids; training sets them from the tokenizer."""
@@ -57,7 +58,6 @@ class Blip2QFormerConfig:
     vision: ViTConfig = field(default_factory=ViTConfig)
     qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(text=True))
     embed_dim: PositiveInt = 256
-    vision_layer: int = -1
     temperature: PositiveFloat = 0.07
     min_temperature: PositiveFloat = 0.001
     max_temperature: PositiveFloat = 0.5
@@ -72,8 +72,6 @@ class Blip2QFormerConfig:
             raise ValueError("Blip2QFormerConfig.qformer needs its text path (text=true): every stage-1 objective reads text")
         if self.qformer.context_dim != self.vision.width:
             raise ValueError(f"Blip2QFormerConfig.qformer.context_dim {self.qformer.context_dim} differs from the vision width {self.vision.width}")
-        if not -(self.vision.depth + 1) <= self.vision_layer < 0:
-            raise ValueError(f"Blip2QFormerConfig.vision_layer {self.vision_layer}; expected -1 .. -{self.vision.depth + 1} (a hidden state of the tower)")
         if not self.min_temperature <= self.temperature <= self.max_temperature:
             raise ValueError(f"Blip2QFormerConfig.temperature {self.temperature} is outside [{self.min_temperature}, {self.max_temperature}]")
         for key in ("dec_token_id", "eos_token_id"):
@@ -105,7 +103,7 @@ class Blip2QFormer(nn.Module):
         super().__init__()
         self.cfg = cfg
         q = cfg.qformer
-        self.vision = ViT(cfg.vision)
+        self.vision = vision_tower(cfg.vision)
         self.qformer = QFormer(q)
         self.vision_proj = nn.Linear(q.width, cfg.embed_dim)
         self.text_proj = nn.Linear(q.width, cfg.embed_dim)
@@ -119,15 +117,8 @@ class Blip2QFormer(nn.Module):
     # features -------------------------------------------------------------------------------
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The vision tower's ``vision_layer`` hidden state ``[B, N, Dv]``, what the Q-Former reads."""
-        check_pixels(pixel_values, self.cfg.vision.patch_size)
-        size = self.cfg.vision.image_size
-        if tuple(pixel_values.shape[2:]) != (size, size):
-            raise VlkitError(f"pixel_values are {pixel_values.shape[2]}x{pixel_values.shape[3]}; this vision tower takes "
-                             f"{size}x{size} images (use model.processor)")
-        if self.cfg.vision_layer == -1 and self.cfg.vision.final_norm == "pooled":
-            return self.vision(pixel_values).tokens
-        return self.vision(pixel_values, output_hidden_states=True).hidden_states[self.cfg.vision_layer]
+        """The vision tower's last-layer tokens ``[B, N, Dv]``, un-normed: what the Q-Former reads."""
+        return image_embeds(self.vision, pixel_values)
 
     def image_features(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """Normalised ITC embeddings of every query ``[B, M, E]``."""
