@@ -164,6 +164,37 @@ def test_stage2_trains_the_qformer_and_projection_only(tmp_path):
     assert model.qformer.image_norm.weight.grad.abs().sum() > 0  # the features' LayerNorm trains with the frozen tower
 
 
+def test_from_parts_takes_a_trained_tower_and_lm(tmp_path):
+    """The stage-2 starting point: a CLIP-style tower (its final norm dropped) and a Llama LM keep their
+    weights; a fresh Q-Former and projection sit between them and a native folder reloads it."""
+    from vlkit.connectors.qformer import QFormerConfig
+    from vlkit.lm import LlamaConfig, LlamaLM
+    from vlkit.vision.vit import ViT, ViTConfig
+
+    from _interop_util import perturb
+
+    torch.manual_seed(0)
+    tower = perturb(ViT(ViTConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=4)), scale=0.1)
+    lm = perturb(LlamaLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)), scale=0.1)
+    qformer = QFormerConfig(width=32, depth=2, num_heads=4, mlp_dim=48, num_queries=3, context_dim=1)
+    model = Blip2.from_parts(tower, lm, qformer, image_token_id=63)
+    assert model.cfg.qformer.context_dim == 32 and model.cfg.lm_type == "llama" and not hasattr(model.vision.norm, "weight")
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.cat([torch.full((2, 3), 63), torch.randint(1, 60, (2, 5))], 1)
+    with torch.no_grad():
+        assert torch.equal(model.vision.transformer(model.vision.embed(pixels))[0], tower.transformer(tower.embed(pixels))[0])
+        assert torch.equal(model.lm(ids[:, 3:]).logits, lm(ids[:, 3:]).logits)
+    labels = ids.clone()
+    model.train()
+    model(ids, pixels, labels=labels).loss.backward()
+    assert model.language_projection.weight.grad.abs().sum() > 0 and lm.embed_tokens.weight.grad is None
+    save_model(tmp_path / "native", model.eval(), "blip2")
+    again = vlkit.load(tmp_path / "native")
+    with torch.no_grad():
+        assert torch.equal(again(ids, pixels).logits, model(ids, pixels).logits)
+
+
 @torch.no_grad()
 def test_native_folder_round_trips_with_its_files(opt, tmp_path):
     _, _, _, model = opt

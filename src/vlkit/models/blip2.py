@@ -13,6 +13,7 @@ moves it to the front for the generation engine, which changes nothing the model
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -144,6 +145,21 @@ class Blip2(nn.Module):
         self.processor = None
         for part in self.frozen_parts():
             part.requires_grad_(False)
+
+    @classmethod
+    def from_parts(cls, vision: ViT, lm: OPTLM | LlamaLM, qformer: QFormerConfig, image_token_id: int, **options) -> "Blip2":
+        """Stage 2's starting point: a new Q-Former and projection between a trained tower (its final
+        norm dropped) and a trained LM, whose weights, tokenizer and generation defaults are taken.
+        ``qformer.context_dim`` becomes the tower's width; ``options`` are other config fields."""
+        lm_type = next(name for name, (_, lm_cls) in LANGUAGE_MODELS.items() if isinstance(lm, lm_cls))
+        cfg = Blip2Config(vision=vision.cfg, qformer=dataclasses.replace(qformer, context_dim=vision.cfg.width), lm=lm.cfg,
+                          lm_type=lm_type, image_token_id=image_token_id, **options)
+        model = cls(cfg)
+        model.vision.load_state_dict({k: v for k, v in vision.state_dict().items() if not k.startswith("norm.")})
+        model.lm.load_state_dict(lm.state_dict())
+        model.tokenizer = getattr(lm, "tokenizer", None)
+        model.generation_config = getattr(lm, "generation_config", None)
+        return model
 
     def frozen_parts(self) -> list[nn.Module]:
         """The parts the config freezes (vision tower, language model)."""
