@@ -1,0 +1,208 @@
+"""Text-to-image diffusion: training through the loop (exact resume with the EMA), guided and
+seeded sampling, the commands and their bad input, with tiny random CLIPs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import vlkit
+from vlkit.cli import main
+from vlkit.data.shapes import ShapesWorld
+from vlkit.errors import VlkitError
+from vlkit.models.clip import CLIP, CLIPConfig
+from vlkit.models.diffusion import TextToImage
+from vlkit.text.encoder import TextConfig
+from vlkit.train.checkpoint import latest_checkpoint, save_model
+from vlkit.train.clip import shapes_processor, shapes_vocabulary
+from vlkit.train.diffusion import load_recipe, train_diffusion
+from vlkit.text.tokenizer import word_level
+from vlkit.vision.vit import ViTConfig
+
+CONTEXT = 24
+TINY = [
+    "--model.unet.patch=2", "--model.unet.channels=[8,16]", "--model.unet.attention_levels=[1]", "--model.unet.num_heads=2",
+    "--model.unet.norm_groups=4", "--model.schedule.num_train_timesteps=100", "--data.image_size=16", "--loop.steps=3",
+    "--loop.batch_size=4", "--optim.warmup_steps=1", "--loop.precision=fp32", "--loop.log_every=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP with the shapes world's vocabulary, saved as a vlkit model folder."""
+    torch.manual_seed(0)
+    text = TextConfig(vocab_size=1, context_length=CONTEXT, width=16, depth=1, num_heads=2, act="gelu")
+    tok = word_level(shapes_vocabulary(ShapesWorld(16, 1, 2, 0), 200) | {"to", "the", "left", "right"}, CONTEXT)
+    text.vocab_size = tok.vocab_size
+    vision = ViTConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, act="gelu")
+    clip = CLIP(CLIPConfig(vision=vision, text=text, embed_dim=16))
+    clip.tokenizer, clip.processor = tok, shapes_processor(16)
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    save_model(folder, clip, "clip")
+    return folder
+
+
+def train(out: Path, clip_dir: Path, *extra: str) -> int:
+    return main(["train", "diffusion", "--out", str(out), f"--text_encoder={clip_dir}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(clip_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("t2i") / "run"
+    assert train(out, clip_dir) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(run) -> TextToImage:
+    return vlkit.load(run)
+
+
+def test_trained_folder_loads_with_the_frozen_clip_text_tower(run, model, clip_dir):
+    assert isinstance(model, TextToImage)
+    clip = vlkit.load(clip_dir)
+    for k, v in clip.text.state_dict().items():
+        torch.testing.assert_close(model.text.state_dict()[k], v, rtol=0, atol=0)  # frozen: unchanged by training
+    assert model.tokenizer.vocab_size == clip.tokenizer.vocab_size
+    assert model.cfg.text_source == str(clip_dir.resolve())
+    assert int(model.ema_updates) == 3
+    assert any(not torch.equal(e, p) for e, p in zip(model.ema.parameters(), model.unet.parameters()))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+
+def test_resume_is_exact_including_the_ema(clip_dir, tmp_path):
+    recipe = lambda: load_recipe({}, [f"--text_encoder={clip_dir}", *TINY, "--loop.steps=4"])  # noqa: E731
+    train_diffusion(recipe(), tmp_path / "straight")
+    train_diffusion(recipe(), tmp_path / "resumed", stop_at=2)
+    train_diffusion(recipe(), tmp_path / "resumed", resume=True)
+    a = load_file(str(latest_checkpoint(tmp_path / "straight") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "resumed") / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) and "ema_updates" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_ema_update_warms_up_then_decays_at_the_configured_rate(model):
+    m = TextToImage(model.cfg)
+    p, e = next(m.unet.parameters()), next(m.ema.parameters())
+    with torch.no_grad():
+        p.fill_(1.0), e.fill_(0.0)
+    m.update_ema()  # n = 1: decay (1 + 1) / (10 + 1)
+    torch.testing.assert_close(e, torch.full_like(e, 1 - 2 / 11))
+    m.ema_updates.fill_(100_000)
+    with torch.no_grad():
+        e.fill_(0.0)
+    m.update_ema()
+    torch.testing.assert_close(e, torch.full_like(e, 1 - m.cfg.ema_decay))
+
+
+def test_sampling_is_seeded_and_each_image_independent_of_its_batch(model):
+    prompts = ["a red circle", "a blue square to the left of a green star", "a large white diamond"]
+    a = model.generate(prompts, guidance=3.0, steps=4, seed=5)
+    assert a.shape == (3, 3, 16, 16) and a.abs().max() <= 1
+    torch.testing.assert_close(model.generate(prompts, guidance=3.0, steps=4, seed=5), a, rtol=0, atol=0)
+    alone = model.generate([prompts[2]], guidance=3.0, steps=4, seed=7)  # image 2 of seed 5 starts from seed 7's noise
+    torch.testing.assert_close(alone[0], a[2], rtol=1e-5, atol=1e-5)  # also: the longer prompt's padding is masked
+    assert not torch.allclose(model.generate(prompts, guidance=3.0, steps=4, seed=6), a)
+
+
+def test_guidance_mixes_the_unconditional_and_conditional_predictions(model):
+    torch.manual_seed(0)
+    net, x, t = model.ema, torch.randn(2, 3, 16, 16), 40
+    with torch.no_grad():  # a non-zero output layer, so the prediction depends on the input
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens = model.tokenize(["a red circle", "two shapes: a blue star and a white square"])
+    context, mask, pooled = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    ts = torch.full((2,), t)
+    with torch.no_grad():
+        cond = net(x, ts, context, mask, pooled)
+        uncond = net(x, ts, context, mask, pooled, drop=torch.ones(2, dtype=torch.bool))
+        other = net(x, ts, context.flip(0), mask.flip(0), pooled.flip(0), drop=torch.ones(2, dtype=torch.bool))
+        guided = model._guided(net, x, t, context, mask, pooled, 4.0)
+        plain = model._guided(net, x, t, context, mask, pooled, 1.0)
+    torch.testing.assert_close(uncond, other)  # a dropped condition is the null one, whatever the prompt
+    assert not torch.allclose(cond, uncond)
+    torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain, cond)
+
+
+def test_bad_prompts_and_settings_are_named(model):
+    with pytest.raises(VlkitError, match="prompt 1 is empty"):
+        model.generate(["a red circle", "  "], steps=2)
+    with pytest.raises(VlkitError, match="no prompts"):
+        model.generate([], steps=2)
+    with pytest.raises(VlkitError, match="guidance must be at least 0"):
+        model.generate(["a red circle"], guidance=-1, steps=2)
+    with pytest.raises(VlkitError, match="steps must be at least 1"):
+        model.generate(["a red circle"], steps=0)
+    long = " ".join(["a red circle"] * 12)
+    with pytest.warns(UserWarning, match=f"longer than the text tower's {CONTEXT} tokens; truncated"):
+        out = model.generate([long], steps=2)
+    assert out.shape == (1, 3, 16, 16)
+
+
+def test_generate_command_writes_a_grid(run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(run), "a red circle", "a blue star", "-n", "3", "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (3 * 18 + 2, 2 * 18 + 2)  # 3 columns, 2 rows of 16-pixel images, 2 pixels apart
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_command_warns_of_truncation(run, tmp_path, capsys):
+    long = " ".join(["a red circle"] * 12)
+    assert main(["generate", "--model", str(run), long, "-n", "1", "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
+    assert "vlkit: warning: prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["", "-n", "1"], "prompt 0 is empty"),
+        (["a red circle", "--guidance", "-0.5"], "guidance must be at least 0"),
+        (["a red circle", "--out", "grid.txt"], "ending in .png or .jpg"),
+    ],
+)
+def test_generate_command_bad_input(run, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err
+
+
+@pytest.mark.parametrize("flag, value", [("-n", "0"), ("-n", "-2"), ("--steps", "0")])
+def test_generate_command_refuses_counts_below_one(run, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(run), "a red circle", flag, value])
+    assert exc.value.code == 2 and "expected a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_diffusion_model_is_refused(clip_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(clip_dir), "a red circle", "--out", str(tmp_path / "g.png")]) == 2
+    assert "not a text-to-image diffusion model" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nothing"), "a red circle", "--out", str(tmp_path / "g.png")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_training_needs_an_existing_clip(tmp_path, capsys):
+    assert train(tmp_path / "run", tmp_path / "no_clip") == 2
+    assert "text_encoder" in capsys.readouterr().err
+
+
+def test_eval_generation_writes_metrics_and_a_grid(run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "generation", "--model", str(run), "--samples", "4", "--steps", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("color_accuracy", "shape_accuracy", "attribute_accuracy", "relation_both_present"):
+        assert 0 <= results[key] <= 1
+    assert results["attribute_accuracy"] <= min(results["color_accuracy"], results["shape_accuracy"])
+    assert 0 <= results["clip_score"] <= 100
+    assert Image.open(out / "samples.png").size[0] == 8 * 18 + 2
+    assert len((out / "prompts.txt").read_text().splitlines()) == 4 + 40
