@@ -113,13 +113,15 @@ class ConversationDataset(Dataset):
 
     ``processor`` gives the template, the image tokens and the pixels; ``max_length`` the context;
     ``micro_batch`` the loop's micro-batch (buckets are cut to it); ``bucket_window`` 0 turns
-    bucketing off (then no lengths are measured)."""
+    bucketing off (then no lengths are measured). With ``images_only`` (nothing but the connector
+    and the tower trains) a sample without images is left out whatever the rule, and counted as
+    skipped ("no image"): no gradient reaches a trained part through it."""
 
     shuffle = False
 
     def __init__(self, source: Sequence[ChatSample], processor: LlavaProcessor, max_length: int, micro_batch: int,
-                 on_bad_sample: str = "error", bucket_window: int = 16, seed: int = 0):  # fmt: skip
-        self.source, self.processor, self.max_length = source, processor, max_length
+                 on_bad_sample: str = "error", bucket_window: int = 16, seed: int = 0, images_only: bool = False):  # fmt: skip
+        self.source, self.processor, self.max_length, self.images_only = source, processor, max_length, images_only
         self.on_bad_sample = check_rule(on_bad_sample, "data.on_bad_sample")
         self.lengths = measure_lengths(source, processor) if bucket_window else None
         self.buckets = LengthBuckets(self.lengths, len(source), micro_batch, bucket_window, seed)
@@ -132,7 +134,7 @@ class ConversationDataset(Dataset):
         try:
             return self.encode(i)
         except BadSample as err:
-            if self.on_bad_sample == "error":
+            if self.on_bad_sample == "error" and getattr(err, "reason", "") != "no image":
                 raise
             return Skipped(Skip(err.where, err.record, getattr(err, "reason", "bad record"), err.problem))
 
@@ -142,6 +144,9 @@ class ConversationDataset(Dataset):
         sample = self.source[i]  # a LLaVA record read again: BadRecord if the file changed since indexing
         where = sample.source or "the in-memory data"
         record = f"{self.source.record(i) if isinstance(self.source, LlavaSource) else f'sample {i}'} (id {sample.id!r})"
+        if self.images_only and not sample.images:
+            raise BadChatSample(where, "no image; only the connector (and tower) train, which a text-only sample does "
+                                "not reach", record, "no image")  # fmt: skip
         images = []
         for n, image in enumerate(sample.images):
             if not isinstance(image, (str, Path)):
@@ -176,9 +181,10 @@ def truncate(sample: ProcessedSample, max_length: int, image_token_id: int, wher
               if idx == image_token_id or label != IGNORE_INDEX]  # fmt: skip
     if needed and needed[-1] >= max_length:
         images = sum(1 for idx in sample.input_ids if idx == image_token_id)
-        lost = "an image token" if sample.input_ids[needed[-1]] == image_token_id else "an answer token"
+        at = next(t for t in needed if t >= max_length)
+        lost = "an image token" if sample.input_ids[at] == image_token_id else "an answer token"
         raise BadChatSample(where, f"{len(sample)} tokens ({images} of them image tokens) exceed max_length {max_length}, "
-                            f"and cutting there would lose {lost} (at position {needed[-1]})", record, "too long")
+                            f"and cutting there would lose {lost} (at position {at})", record, "too long")
     return ProcessedSample(sample.input_ids[:max_length], sample.labels[:max_length], sample.images, sample.num_images,
                            sample.sample)
 

@@ -166,6 +166,7 @@ def build_model(recipe: VlmRecipe) -> Llava:
     tower), a fresh connector (seeded by ``loop.seed``); tokenizer, generation defaults and image
     preprocessing attached."""
     m = recipe.model
+    torch.manual_seed(recipe.loop.seed)  # a random tower, then the connector, are the same in every run of the recipe
     tower, processor = _vision_tower(m)
     lm = _language_model(m)
     try:
@@ -181,7 +182,6 @@ def build_model(recipe: VlmRecipe) -> Llava:
     with torch.device("meta"):
         model = Llava(cfg)
     model.vision, model.lm = tower, lm
-    torch.manual_seed(recipe.loop.seed)
     dim = cfg.vision.width * len(cfg.feature_layers)
     model.connector = build_connector(cfg.connector, dim, cfg.lm.hidden_size, **cfg.connector_options)
     model.tokenizer, model.generation_config, model.processor = lm.tokenizer, lm.generation_config, processor
@@ -322,7 +322,7 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         loop = LoopConfig(**{**to_dict(recipe.loop), "freeze": sorted(set(recipe.loop.freeze) | set(frozen))})
         micro = loop.batch_size // (loop.grad_accum * world.world_size)
         dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
-                                      recipe.data.bucket_window, loop.seed)  # fmt: skip
+                                      recipe.data.bucket_window, loop.seed, images_only=recipe.train.lm == "frozen")  # fmt: skip
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, ConversationCollate(processor), loop, recipe.optim, out, "llava", world=world,
                       resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs)  # fmt: skip

@@ -1,0 +1,216 @@
+"""Conversation data for VLM training: LLaVA JSON with several images per sample, labels on the
+answers only, truncation and skips named by file and sample, length bucketing, pickling for
+spawned DataLoader workers."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from _vlm_train_util import RECORDS, TOKENS_PER_IMAGE, image, llava_folder, tokenizer_folder
+from vlkit.data.conversations import (
+    ChatSample,
+    ConversationCollate,
+    ConversationDataset,
+    LengthBuckets,
+    LlavaSource,
+    padding_fraction,
+)
+from vlkit.data.formats.common import BadRecord, FormatError, Skips
+from vlkit.data.formats.llava import Conversation, index_llava, llava_record, read_llava
+from vlkit.data.images import BadSample
+from vlkit.data.pairs import Skipped
+from vlkit.losses import IGNORE_INDEX
+from vlkit.models.llava_processor import LlavaProcessor
+from vlkit.text.lm_tokenizer import LMTokenizer
+from vlkit.vision.preprocess import ImageProcessor
+
+PIXELS = ImageProcessor(size=32, crop_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return LMTokenizer.from_folder(tokenizer_folder(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture
+def processor(tokenizer):
+    return LlavaProcessor(PIXELS, tokenizer, TOKENS_PER_IMAGE)  # the tokenizer's chat template (ChatML)
+
+
+def dataset(source, processor, max_length=512, micro=2, rule="error", window=0):
+    return ConversationDataset(source, processor, max_length, micro, rule, window)
+
+
+# ---------------------------------------------------------------- the LLaVA JSON reader
+def test_llava_records_may_hold_several_images_with_placeholders_kept_in_place(tmp_path):
+    convs = read_llava(llava_folder(tmp_path))
+    one, two, text, three = convs
+    assert one.image == tmp_path / "images/a.png" and one.images == [one.image]
+    assert one.turns == [("What color is the circle?", "The circle is red.")]  # the one-image view as before
+    assert two.images == [tmp_path / "images/a.png", tmp_path / "images/b.png"] and two.image == two.images[0]
+    assert two.messages[0] == {"role": "user", "content": "Compare <image> and <image> please."}
+    assert [m["role"] for m in two.messages] == ["user", "assistant"] * 2
+    assert three.images == [tmp_path / f"images/{n}.png" for n in "bca"]
+    assert three.messages[2]["content"] == "And here? <image>"
+    assert text.images == [] and text.image is None
+    written = two.to_json(tmp_path)
+    assert written["image"] == ["images/a.png", "images/b.png"]
+    assert written["conversations"][0]["value"] == "Compare <image> and <image> please."
+    old = Conversation("x", tmp_path / "a.png", [("q", "a")])  # built as shapes_export builds one
+    assert old.to_json(tmp_path)["conversations"][0]["value"] == "<image>\nq" and old.messages[0]["content"] == "<image>\nq"
+
+
+@pytest.mark.parametrize("image, turns, message", [
+    (["a.png", "b.png"], [("<image> one", "x")], r"record 0 \(id 'r'\): 1 '<image>' placeholders; expected 2, one per image"),
+    ([], [("<image>", "x")], r"record 0 \(id 'r'\): 'image' is an empty list"),
+    ("a.png", [("<image>", "x <image>")], r"record 0 \(id 'r'\): turn 1: an '<image>' placeholder in a gpt turn"),
+    (["a.png", 4], [("<image><image>", "x")], r"record 0 \(id 'r'\), image 1: image path 4; expected a file path"),
+])
+def test_bad_image_lists_are_named(tmp_path, image, turns, message):
+    conv = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": "r", "image": image, "conversations": conv}]))
+    with pytest.raises(BadRecord, match=rf"d\.json, {message}"):
+        read_llava(path)
+
+
+def test_records_are_read_again_from_their_byte_spans(tmp_path):
+    path = llava_folder(tmp_path)
+    text = path.read_text().replace("circle", "círcle ☺")  # multi-byte characters before later records
+    path.write_text(text.replace("\n", "\r\n"), newline="")
+    rows = list(index_llava(path))
+    assert [c.id for c, *_ in rows] == [r["id"] for r in RECORDS]
+    for conv, i, start, end in rows:
+        assert llava_record(path, i, start, end) == conv
+    source = LlavaSource(path)
+    assert len(source) == 4 and source[1].images == rows[1][0].images and source[1].source == str(path)
+    assert source[0].messages[0]["content"] == "<image>\nWhat color is the círcle ☺?"
+
+
+# ---------------------------------------------------------------- tokenised samples
+def test_several_images_expand_in_place_and_only_answers_are_supervised(tmp_path, processor, tokenizer):
+    data = dataset(LlavaSource(llava_folder(tmp_path)), processor)
+    sample = data.encode(1)  # "two": two images, two turns
+    image_id = processor.image_token_id
+    ids, labels = sample.input_ids, sample.labels
+    assert ids.count(image_id) == 2 * TOKENS_PER_IMAGE
+    collapsed = [t for k, t in enumerate(ids) if t != image_id or ids[k - 1] != image_id]
+    assert "<|im_start|>user\nCompare <image> and <image> please.<|im_end|>" in tokenizer.decode(collapsed)
+    supervised = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(ids, labels))
+    assert tokenizer.decode(supervised) == "The first is red, the second blue.<|im_end|>There are two shapes.<|im_end|>"
+    assert all(labels[k] == IGNORE_INDEX for k, t in enumerate(ids) if t == image_id)
+    expected = torch.stack([PIXELS(image(0)), PIXELS(image(1))])
+    assert torch.equal(sample.images["pixel_values"], expected)  # a.png then b.png, the list's order
+    three = data.encode(3)
+    assert torch.equal(three.images["pixel_values"], torch.stack([PIXELS(image(k)) for k in (1, 2, 0)]))
+    batch = ConversationCollate(processor)([data.encode(0), sample])
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape == (2, len(sample))
+    assert batch["attention_mask"][0].sum() == len(data.encode(0)) and batch["skipped"] == []
+
+
+def test_a_long_sample_is_cut_only_past_its_last_answer_token(tmp_path, processor, tokenizer):
+    source = LlavaSource(llava_folder(tmp_path))
+    full = dataset(source, processor).encode(0)
+    last = max(k for k, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    assert last < len(full) - 1  # the ChatML turn's closing newline is not supervised
+    cut = dataset(source, processor, max_length=last + 1).encode(0)
+    assert cut.input_ids == full.input_ids[: last + 1] and cut.labels == full.labels[: last + 1]
+    with pytest.raises(BadSample, match=rf"data\.json, record 0 \(id 'one'\): {len(full)} tokens \({TOKENS_PER_IMAGE} of them "
+                                        rf"image tokens\) exceed max_length {last}, and cutting there would lose an answer token"):
+        dataset(source, processor, max_length=last).encode(0)
+    with pytest.raises(BadSample, match="would lose an image token"):
+        dataset(source, processor, max_length=TOKENS_PER_IMAGE // 2).encode(0)
+    item = dataset(source, processor, max_length=last, rule="skip")[0]
+    assert isinstance(item, Skipped) and item.skip.reason == "too long" and item.skip.record == "record 0 (id 'one')"
+
+
+def test_bad_samples_are_skipped_and_named_or_stop(tmp_path, processor):
+    recs = [RECORDS[0], {**RECORDS[1], "image": ["images/a.png", "images/gone.png"]},
+            {"id": "half", "conversations": [{"from": "human", "value": "Describe the image."}]}]
+    path = llava_folder(tmp_path, recs)
+    skips = Skips("skip")
+    source = LlavaSource(path, skips=skips)  # the record with no answer is a bad record of the file
+    assert len(source) == 2 and skips.total == 1 and "record 2 (id 'half'): 1 turns; expected human/gpt pairs" in str(skips.items[0])
+    with pytest.raises(BadRecord, match=r"record 2 \(id 'half'\): 1 turns"):
+        LlavaSource(path)
+    item = dataset(source, processor, rule="skip")[1]
+    assert isinstance(item, Skipped) and item.skip.reason == "missing image"
+    assert (item.skip.source, item.skip.record) == (str(path), "record 1 (id 'two')")
+    assert "image 1" in item.skip.detail and "gone.png: file not found" in item.skip.detail
+    with pytest.raises(BadSample, match=r"data\.json, record 1 \(id 'two'\): image 1 .*gone\.png: file not found"):
+        dataset(source, processor)[1]
+    batch = ConversationCollate(processor)([dataset(source, processor, rule="skip")[k] for k in (0, 1)])
+    assert [s.reason for s in batch["skipped"]] == ["missing image"] and batch["input_ids"].shape[0] == 1
+    memory = [ChatSample("q", [], [{"role": "user", "content": "Describe the image."}], "made in memory")]
+    item = dataset(memory, processor, rule="skip")[0]
+    assert item.skip.reason == "bad conversation" and item.skip.source == "made in memory"
+    assert item.skip.record == "sample 0 (id 'q')" and "no answer" in item.skip.detail
+    with pytest.raises(BadSample, match=r"made in memory, sample 0 \(id 'q'\): ends with a user turn and no answer"):
+        dataset(memory, processor)[0]
+
+
+# ---------------------------------------------------------------- bucketing
+def chat(i: int, words: int) -> ChatSample:
+    return ChatSample(f"s{i}", [], [{"role": "user", "content": "How many shapes are there?"},
+                                    {"role": "assistant", "content": " ".join(["red"] * words)}])
+
+
+def test_length_buckets_keep_padding_small_and_cover_every_sample(processor):
+    rng = np.random.default_rng(0)
+    source = [chat(i, int(w)) for i, w in enumerate(rng.integers(1, 60, 96))]
+    micro = 4
+    bucketed = dataset(source, processor, micro=micro, window=8)
+    shuffled = dataset(source, processor, micro=micro, window=0)
+
+    def padding(data) -> float:
+        batches = [[len(data[k]) for k in range(c * micro, (c + 1) * micro)] for c in range(len(source) // micro)]
+        return padding_fraction(batches)
+
+    assert padding(shuffled) > 0.15  # measured: 0.20 in random batches, 0.04 bucketed (window 8)
+    assert padding(bucketed) < 0.25 * padding(shuffled)
+    plan = bucketed.buckets.plan(0)
+    assert sorted(plan.ravel().tolist()) == list(range(96))  # each sample once per epoch
+    assert not np.array_equal(plan, bucketed.buckets.plan(1))  # a new order each epoch
+    again = dataset(source, processor, micro=micro, window=8)
+    assert [again.buckets.sample(k) for k in range(200)] == [bucketed.buckets.sample(k) for k in range(200)]
+
+
+def test_an_epoch_tops_up_its_last_micro_batch():
+    buckets = LengthBuckets(np.arange(10), 10, 4, 2, seed=0)
+    plan = buckets.plan(0)
+    assert plan.shape == (3, 4) and set(plan.ravel().tolist()) == set(range(10))
+    assert [buckets.sample(k) for k in range(12, 24)] == plan_list(buckets.plan(1))
+
+
+def plan_list(plan) -> list[int]:
+    return plan.ravel().tolist()
+
+
+# ---------------------------------------------------------------- workers under spawn
+def test_tokenizer_and_dataset_survive_a_spawn_pickle_round_trip(tmp_path, tokenizer, processor):
+    again = pickle.loads(ForkingPickler.dumps(tokenizer))
+    messages = [{"role": "user", "content": "What color is the circle?"}]
+    assert again.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)
+    assert again.encode("a red <image> circle") == tokenizer.encode("a red <image> circle")
+    data = dataset(LlavaSource(llava_folder(tmp_path)), processor, window=4)
+    loader = DataLoader(data, batch_size=2, collate_fn=ConversationCollate(processor), num_workers=1,
+                        multiprocessing_context="spawn")
+    first = next(iter(loader))
+    expected = ConversationCollate(processor)([data[0], data[1]])
+    assert torch.equal(first["input_ids"], expected["input_ids"]) and torch.equal(first["labels"], expected["labels"])
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json: missing"):
+        LlavaSource(tmp_path / "nope.json")
+    (tmp_path / "e.json").write_text("[]")
+    with pytest.raises(FormatError, match="e.json: no records"):
+        LlavaSource(tmp_path / "e.json")

@@ -1,0 +1,209 @@
+"""`vlkit train vlm`: what trains in each stage (frozen parts unchanged and in eval mode, learning
+rates per part), stage 2 from stage 1 (and the error when they differ), exact resume, skips
+counted, LoRA merged on export, and the command line end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlkit
+import vlkit.train.vlm as vlm
+from _vlm_train_util import RECORDS, VISION, clip_folder, llava_folder, lm_folder, recipe
+from vlkit.cli import main
+from vlkit.data.images import BadSample
+from vlkit.errors import CheckpointError, ConfigError
+from vlkit.train.loop import _optimizer
+from vlkit.train.vlm import build_model, load_init, load_recipe, plan_training, train_vlm
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    return {"lm": lm_folder(root / "lmf"), "data": llava_folder(root / "data", repeat=2), "root": root}
+
+
+@pytest.fixture(scope="module")
+def stage1(parts):
+    out = parts["root"] / "stage1"
+    summary = train_vlm(load_recipe(recipe(parts["lm"], parts["data"], stage=1, steps=3)), out)
+    return out, summary
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def latest(run) -> dict[str, torch.Tensor]:
+    return weights(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
+
+
+def watch_modes(monkeypatch) -> list[tuple[str, bool, bool]]:
+    """Records, at every forward of the tower and the LM during training, (part, training mode, any gradient)."""
+    seen, build = [], vlm.build_model
+
+    def built(recipe):
+        model = build(recipe)
+        for name, called in (("vision", model.vision.transformer.blocks[0]), ("lm", model.lm)):  # Llava runs the tower block by block
+            part = getattr(model, name)
+            called.register_forward_pre_hook(lambda m, args, name=name, part=part: seen.append(
+                (name, part.training and all(m.training for m in part.modules()), any(p.requires_grad for p in part.parameters()))))
+        return model
+
+    monkeypatch.setattr(vlm, "build_model", built)
+    return seen
+
+
+def test_stage1_trains_only_the_connector_with_the_rest_frozen_in_eval_mode(parts, monkeypatch, capsys, tmp_path):
+    seen = watch_modes(monkeypatch)
+    r = load_recipe(recipe(parts["lm"], parts["data"], stage=1, steps=2))
+    before = {k: v.clone() for k, v in build_model(r).state_dict().items()}
+    summary = train_vlm(r, tmp_path / "run")
+    after = latest(tmp_path / "run")
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"connector"}
+    connector = sum(v.numel() for k, v in before.items() if k.startswith("connector."))
+    assert summary["trainable"] == connector
+    assert f"trainable parameters: {connector:,} of {summary['parameters']:,}" in capsys.readouterr().out
+    assert seen and all(not training and not grad for _, training, grad in seen)
+    assert {name for name, *_ in seen} == {"vision", "lm"}
+    model = vlkit.load(tmp_path / "run" / "model")
+    assert all(torch.equal(v, after[k]) for k, v in model.state_dict().items())
+    assert model.tokenizer.token_to_id("<image>") == model.cfg.image_token_id and model.processor.size == 32
+
+
+def test_each_part_gets_its_learning_rate(parts):
+    r = load_recipe(recipe(parts["lm"], parts["data"], stage=2, train={"connector_lr": 3e-3, "lm_lr": 2e-4, "vision_lr": 1e-5}))
+    model = build_model(r)
+    frozen, lrs = plan_training(model, r)
+    assert frozen == [] and lrs == {"connector": 3e-3, "vision": 1e-5, "lm": 2e-4}
+    optimizer, _ = _optimizer(model, r.optim, 10, lrs)
+    by_name = {}
+    for group in optimizer.param_groups:
+        by_name.setdefault(group.get("name", ""), []).append(group)
+    for name, lr in lrs.items():
+        ids = {id(p) for g in by_name[name] for p in g["params"]}
+        assert ids == {id(p) for p in getattr(model, name).parameters()}
+        assert all(g["initial_lr"] == lr for g in by_name[name])
+        assert {g["weight_decay"] for g in by_name[name]} == {r.optim.weight_decay, 0.0}
+    assert [p for g in by_name[""] for p in g["params"]] == []
+
+
+def test_stage2_starts_from_stage1_and_refuses_a_different_model(parts, stage1):
+    out, _ = stage1
+    r = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out)))
+    model = build_model(r)
+    assert load_init(model, r.init_from) == out / "model"
+    trained = weights(out / "model")
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    linear = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out), model={"connector": "linear"}))
+    with pytest.raises(CheckpointError, match=r'stage1/model: its connector is "mlp" but this recipe builds "linear" \(model.connector\)'):
+        load_init(build_model(linear), str(out))
+    wider = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out),
+                               model={"vision_config": {**VISION, "width": 64}}))
+    with pytest.raises(CheckpointError, match=r"its vision.width is 32 but this recipe builds 64 \(the tower of model.vision\)"):
+        load_init(build_model(wider), str(out))
+    layer = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out), model={"vision_feature_layer": -1}))
+    with pytest.raises(CheckpointError, match=r"its vision_feature_layer is -2 but this recipe builds -1"):
+        train_vlm(layer, parts["root"] / "never")
+    with pytest.raises(ConfigError, match="init_from: .*nowhere: no such folder"):
+        load_init(model, str(parts["root"] / "nowhere"))
+
+
+def test_stage1_refuses_training_more_than_the_connector(parts):
+    with pytest.raises(ConfigError, match="stage 1 trains only the connector; got train.lm='full'"):
+        load_recipe(recipe(parts["lm"], parts["data"], stage=1, train={"lm": "full"}))
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1, tmp_path):
+    out, _ = stage1
+    r = recipe(parts["lm"], parts["data"], stage=2, steps=4, init_from=str(out), data={"bucket_window": 2},
+               train={"vision_lr": 1e-4}, loop={"save_every": 1})
+    straight = train_vlm(load_recipe(r), tmp_path / "straight")
+    stopped = train_vlm(load_recipe(r), tmp_path / "resumed", stop_at=2)
+    assert stopped["steps"] == 2 and "model" not in stopped
+    resumed = train_vlm(load_recipe(r), tmp_path / "resumed", resume=True)
+    assert resumed["steps"] == straight["steps"] == 4
+    a, b = latest(tmp_path / "straight"), latest(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["vision.patch_embed.weight"], weights(out / "model")["vision.patch_embed.weight"])
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+
+
+def test_bad_samples_are_counted_or_stop_the_run(parts, tmp_path):
+    recs = [*RECORDS, {**RECORDS[0], "id": "lost", "image": "images/gone.png"}]
+    data = llava_folder(tmp_path / "data", recs)
+    r = recipe(parts["lm"], data, stage=1, steps=3, data={"on_bad_sample": "skip", "bucket_window": 0})
+    summary = train_vlm(load_recipe(r), tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert summary["skipped"] == len(lines) >= 1
+    assert {(s["source"], s["record"], s["reason"]) for s in lines} == {
+        (str(data), "record 4 (id 'lost')", "missing image"),
+        (str(data), "record 2 (id 'text')", "no image"),  # stage 1 trains the connector only: text alone reaches nothing
+    }
+    r["data"]["on_bad_sample"] = "error"
+    with pytest.raises(BadSample, match=r"data\.json, record 4 \(id 'lost'\): image 0 .*gone\.png: file not found"):
+        train_vlm(load_recipe(r), tmp_path / "stops")
+
+
+def test_lora_trains_adapters_only_and_exports_them_merged_and_in_peft_layout(parts, stage1, tmp_path):
+    out, _ = stage1
+    r = load_recipe(recipe(parts["lm"], parts["data"], stage=2, steps=3, init_from=str(out),
+                           train={"lm": "lora"}, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
+    summary = train_vlm(r, tmp_path / "lora")
+    state = latest(tmp_path / "lora")
+    start = weights(out / "model")
+    lora_keys = [k for k in state if "lora_" in k]
+    assert lora_keys and all(k.startswith("lm.") for k in lora_keys)
+    base = [k for k in state if k.startswith("lm.") and "lora_" not in k]
+    assert all(torch.equal(state[k], start[k]) for k in base)  # the LM's own weights stay as stage 1 left them
+    assert any(not torch.equal(state[k], start[k]) for k in state if k.startswith("connector."))
+    assert summary["trainable"] == sum(state[k].numel() for k in lora_keys) + sum(
+        v.numel() for k, v in state.items() if k.startswith("connector."))
+    adapter = tmp_path / "lora" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    merged = vlkit.load(tmp_path / "lora" / "model")
+    trained = build_model(r)
+    plan_training(trained, r)
+    trained.load_state_dict(state)
+    trained.eval()
+    ids = torch.tensor([[1, 2] + [merged.cfg.image_token_id] * 16 + [5, 6, 7]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids, pixels).logits, trained(ids, pixels).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids, pixels).logits, vlkit.load(out / "model")(ids, pixels).logits, atol=1e-3)
+
+
+def test_the_command_line_trains_both_stages_from_a_clip_folder(parts, tmp_path, capsys):
+    tower = clip_folder(tmp_path / "clip")
+    recipe_file = tmp_path / "stage1.yaml"
+    r = recipe(parts["lm"], parts["data"], stage=1, steps=2)
+    r["model"] = {"vision": str(tower), "lm": str(parts["lm"]), "connector": "linear"}
+    recipe_file.write_text(json.dumps(r))
+    assert main(["train", "vlm", "--recipe", str(recipe_file), "--out", str(tmp_path / "s1"), "--loop.steps=3"]) == 0
+    assert json.loads((tmp_path / "s1" / "recipe.json").read_text())["loop"]["steps"] == 3
+    assert main(["train", "vlm", "--recipe", str(recipe_file), "--out", str(tmp_path / "s2"), "--stage=2",
+                 f"--init_from={tmp_path / 's1'}", "--train.lm=full", "--data.template=llava_v1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"the model at {tmp_path / 's2' / 'model'} (vlkit.load reads it)" in printed
+    model = vlkit.load(tmp_path / "s2" / "model")
+    clip = vlkit.load(tower)
+    assert torch.equal(model.vision.patch_embed.weight, clip.vision.patch_embed.weight)
+    assert model.cfg.connector == "linear"
+    rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+
+
+def test_help_lists_the_recipe_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "vlm", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("--stage=1", "--init_from=null", "--model.vision=", "--model.lm=", "--train.lm=frozen", "--train.vision_lr=null",
+                "--lora.r=8", "--lora.target_modules=", "--data.max_length=null", "--data.bucket_window=16", "--loop.steps=1000"):
+        assert key in text
