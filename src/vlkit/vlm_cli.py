@@ -41,7 +41,7 @@ def load_vlm(path: str, device: str, command: str):
 
     model = vlkit.load(path, device=device)
     if not is_vlm(model):
-        raise VlkitError(f"{path}: holds a {type(model).__name__}, not a vision-language model (LLaVA, BLIP-2); {command} needs one")
+        raise VlkitError(f"{path}: holds a {type(model).__name__}, not a vision-language model (LLaVA); {command} needs one")
     return model
 
 
