@@ -253,7 +253,7 @@ def test_answerer_answers_with_blip2_prompts_as_transformers_decodes(opt):
         vlm.generate([images(1)[0], None], ["a", "b"])
 
 
-def test_caption_vqa_and_eval_commands_take_a_blip2_folder(opt, tmp_path, capsys):
+def test_caption_vqa_and_eval_commands_take_a_blip2_folder_and_chat_refuses_it(opt, tmp_path, capsys):
     from vlkit.cli import main
     from vlkit.data.formats.shapes_export import export
     from vlkit.data.shapes import ShapesWorld
@@ -272,6 +272,8 @@ def test_caption_vqa_and_eval_commands_take_a_blip2_folder(opt, tmp_path, capsys
     answers = capsys.readouterr().out.rstrip("\n").split("\n")
     asked = [Blip2Answerer.question_prompt(q) for q in ("what is it?", "how many?")]
     assert answers == vlm.generate([images(1)[0]] * 2, asked, max_new_tokens=NEW)
+    assert main(["chat", "--model", str(folder), "--image", paths[0], "--prompt", "hi"]) == 2
+    assert "Blip2 answers single prompts, not conversations; use vlkit caption or vlkit vqa" in capsys.readouterr().err
     for task, fmt in (("caption", "coco"), ("vqa", "vqav2")):
         data = tmp_path / fmt
         export(ShapesWorld(image_size=64, max_objects=2, seed=3), 2, data, fmt)

@@ -48,6 +48,8 @@ class ChatSession:
             from vlkit.eval.generative import answerer
 
             vlm = answerer(model, template)
+            if not hasattr(vlm, "with_stops"):  # BLIP-2 continues one prompt; it has no conversation template
+                raise VlkitError(f"{type(model).__name__} answers single prompts, not conversations; use vlkit caption or vlkit vqa")
             self.processor, self.tokenizer, self.templated = vlm.processor, vlm.processor.tokenizer, True
             self.options = vlm.with_stops(self.options)  # the template's end of turn stops an answer too
         else:
