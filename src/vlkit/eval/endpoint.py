@@ -1,0 +1,266 @@
+"""``vlkit eval caption|vqa|grounding|mcq --endpoint URL --model NAME``: evaluate any
+OpenAI-compatible chat endpoint (GPT-4o, Claude or Gemini through their OpenAI-compatible APIs,
+a vLLM server, ``vlkit serve``) with the same samples, prompts and metrics as a local model.
+
+Each sample is one user message: its image as a ``data:`` URL (PNG) and the task's prompt.
+Requests run ``concurrency`` at a time; a 429, a 5xx, a timeout or a dropped connection is
+retried with exponential backoff (honouring ``Retry-After``); any other error stops the run
+with the server's message. Every answer is appended to a cache file as soon as it arrives,
+keyed by the endpoint, the model and a hash of the exact request, so a run that is interrupted
+(or re-run) sends only the requests it has no answer for. The key of ``--api-key-env`` is sent
+as a bearer token and never written anywhere.
+
+The HTTP client is the standard library's: one POST per sample needs no new dependency.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlkit.data.images import BadSample
+from vlkit.data.skips import Skips
+from vlkit.errors import VlkitError
+from vlkit.eval.generative import Sample, _write, load_samples, score
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+CACHE_NAME = "endpoint_answers.jsonl"
+
+
+class EndpointError(VlkitError):
+    """The endpoint refused a request (or kept failing after every retry); names the sample and status."""
+
+
+def chat_url(endpoint: str) -> str:
+    """The chat-completions URL of ``endpoint``: an OpenAI base URL (``…/v1``) or the full route."""
+    if not endpoint.startswith(("http://", "https://")):
+        raise VlkitError(f"--endpoint {endpoint!r}; expected an http(s) URL such as http://127.0.0.1:8000/v1")
+    url = endpoint.rstrip("/")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def image_data_url(image) -> str:
+    """A PIL image as a lossless PNG ``data:`` URL."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def request_body(model: str, prompt: str, image_url: str | None, max_tokens: int) -> dict:
+    content = ([{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []) + [{"type": "text", "text": prompt}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0}
+
+
+def answer_text(reply, where: str) -> str:
+    """``choices[0].message.content`` of a chat completion (a string, or a list of text parts)."""
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise EndpointError(f"{where}: the reply has no choices[0].message.content; got {json.dumps(reply)[:300]}") from None
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+class AnswerCache:
+    """An append-only JSONL of ``{"key", "id", "answer"}``: answers survive an interrupted run.
+    A line torn by a crash mid-write (the last one) is dropped; any other bad line is an error."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        if not self.path.is_file():
+            return
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.split("\n")
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                self.records[str(rec["key"])] = {"key": str(rec["key"]), "id": rec.get("id"), "answer": str(rec["answer"])}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                if n == len(lines):  # no newline after it: torn by a crash mid-write
+                    self._rewrite()
+                    break
+                raise VlkitError(f"{self.path}, line {n}: not a cache record; expected "
+                                 '{"key": ..., "id": ..., "answer": ...} (delete the file to start over)') from None  # fmt: skip
+
+    def _rewrite(self) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            for rec in self.records.values():
+                f.write(json.dumps(rec) + "\n")
+
+    def get(self, key: str) -> str | None:
+        rec = self.records.get(key)
+        return None if rec is None else rec["answer"]
+
+    def put(self, key: str, sample_id: str, answer: str) -> None:
+        with self._lock:
+            self.records[key] = {"key": key, "id": sample_id, "answer": answer}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "id": sample_id, "answer": answer}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+@dataclass
+class Endpoint:
+    """One OpenAI-compatible chat endpoint; ``ask`` sends one request with retries."""
+
+    url: str
+    model: str
+    api_key: str | None = None
+    max_retries: int = 6
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    timeout_s: float = 120.0
+
+    def __post_init__(self):
+        self.url = chat_url(self.url)
+
+    def cache_key(self, body: dict) -> str:
+        blob = json.dumps({"url": self.url, "body": body}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _post(self, body: dict) -> tuple[int, dict | None, str, str | None]:
+        """``(status, JSON reply or None, raw text, Retry-After)``; 0 for a network failure."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, json.dumps(body).encode("utf-8"), headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                status, raw, retry_after = resp.status, resp.read(), resp.headers.get("Retry-After")
+        except urllib.error.HTTPError as err:
+            status, raw, retry_after = err.code, err.read(), err.headers.get("Retry-After")
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+            return 0, None, f"{type(err).__name__}: {getattr(err, 'reason', err)}", None
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            return status, json.loads(text), text, retry_after
+        except json.JSONDecodeError:
+            return status, None, text, retry_after
+
+    def ask(self, body: dict, sample_id: str) -> str:
+        """The answer text for one request, retrying 429/5xx/network failures with backoff."""
+        where = f"{self.url}, sample {sample_id!r}"
+        for attempt in range(self.max_retries + 1):
+            status, reply, text, retry_after = self._post(body)
+            if status == 200 and reply is not None:
+                return answer_text(reply, where)
+            retryable = status == 0 or status in RETRY_STATUS
+            if not retryable or attempt == self.max_retries:
+                error = reply.get("error") if isinstance(reply, dict) else None
+                message = error.get("message") if isinstance(error, dict) else None
+                tries = f" after {attempt + 1} attempts" if retryable else ""
+                raise EndpointError(f"{where}: HTTP {status or 'connection failure'}{tries}: {message or text[:300]}")
+            time.sleep(self._delay(attempt, retry_after))
+        raise AssertionError("unreachable")
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(max(float(retry_after), 0.0), self.max_backoff_s)
+            except ValueError:
+                pass
+        return min(self.backoff_s * 2**attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
+
+
+def default_cache(out: str | Path | None) -> Path:
+    """The cache file: in the output folder, else in the user's cache folder."""
+    if out is not None:
+        return Path(out) / CACHE_NAME
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vlkit" / CACHE_NAME
+
+
+def api_key_from_env(var: str | None) -> str | None:
+    if var is None:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise VlkitError(f"--api-key-env {var}: the environment variable {var} is not set (or empty); export it with the API key")
+    return key
+
+
+def endpoint_predictions(endpoint: Endpoint, samples: list[Sample], cache: AnswerCache, max_new_tokens: int,
+                         concurrency: int = 4, skips: Skips | None = None, progress: bool = True) -> tuple[dict[str, str], dict]:  # fmt: skip
+    """``({sample id: answer}, counts)``: cached answers reused, the rest asked ``concurrency`` at a time.
+    A sample whose image cannot be loaded stops, or with ``Skips("skip")`` is left out and recorded."""
+    from tqdm import tqdm
+
+    skips = skips if skips is not None else Skips()
+    if concurrency < 1:
+        raise VlkitError(f"--concurrency {concurrency}; expected a whole number of at least 1")
+    answers: dict[str, str] = {}
+    todo: list[tuple[Sample, dict, str]] = []
+    for s in samples:
+        try:
+            url = image_data_url(s.image()) if s.image is not None else None
+        except BadSample as err:
+            skips.reject(err, "bad image")
+            continue
+        body = request_body(endpoint.model, s.prompt, url, max_new_tokens)
+        key = endpoint.cache_key(body)
+        if (hit := cache.get(key)) is not None:
+            answers[s.id] = hit
+        else:
+            todo.append((s, body, key))
+    counts = {"cached": len(answers), "requested": len(todo)}
+    bar = tqdm(total=len(todo), desc="endpoint", unit="sample", disable=not progress)
+
+    def ask(sample: Sample, body: dict, key: str) -> str:
+        answer = endpoint.ask(body, sample.id)
+        cache.put(key, sample.id, answer)  # at once, so a request in flight when the run stops is not paid twice
+        return answer
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = {pool.submit(ask, s, body, key): s for s, body, key in todo}
+        try:
+            for fut in as_completed(futures):
+                answers[futures[fut].id] = fut.result()
+                bar.update(1)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    return answers, counts
+
+
+def run_endpoint_eval(task: str, data: str | Path, endpoint: str, model: str, out: str | Path | None = None,
+                      api_key_env: str | None = None, concurrency: int = 4, cache: str | Path | None = None,
+                      split: str | None = None, box_format: str = "pixels", max_new_tokens: int = 32,
+                      on_bad_sample: str = "error") -> dict:  # fmt: skip
+    """Ask the endpoint every sample of ``task`` in ``data``, score the answers, write the report to ``out``."""
+    client = Endpoint(endpoint, model, api_key_from_env(api_key_env))
+    skips = Skips(on_bad_sample)
+    samples = load_samples(task, data, split, skips)
+    cache_file = Path(cache) if cache is not None else default_cache(out)
+    preds, counts = endpoint_predictions(client, samples, AnswerCache(cache_file), max_new_tokens, concurrency, skips)
+    scored = [s for s in samples if s.id in preds]
+    if not scored:
+        raise VlkitError(f"{data}: every sample's image was bad and skipped (first: {skips.items[0]}); nothing to score")
+    results, rows = score(task, scored, preds, client.url, box_format)
+    results = {**results, "data": str(data), "endpoint": client.url, "model": model,
+               "requests": {**counts, "cache": str(cache_file)}, "skipped": skips.to_dict()}  # fmt: skip
+    if out is not None:
+        _write(Path(out), results, rows, scored, skips)
+    return results
