@@ -1,0 +1,319 @@
+"""The FastAPI app of ``vlkit serve``: OpenAI's chat completions (streamed as server-sent events
+or whole), embeddings and model list under ``/v1`` (behind the API key when one is set), the
+photo search the web page uses, ``/health``, and the web page itself at ``/``.
+
+API::
+
+    from vlkit.serve import ServeSettings, create_app, load_models
+    app = create_app(load_models(["runs/demo/vlm", "runs/demo/clip"]), ServeSettings(api_key="..."))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from vlkit.errors import VlkitError
+from vlkit.lm.generate import resolve_config
+from vlkit.serve import errors, schemas
+from vlkit.serve.engine import Engine, Job
+from vlkit.serve.errors import ApiError
+from vlkit.serve.images import ImageFetcher, data_url_bytes
+from vlkit.serve.models import ChatModel, EmbeddingModel
+from vlkit.serve.security import add_guards, api_key_check
+from vlkit.serve.settings import ServeSettings
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(models: dict, settings: ServeSettings | None = None, searcher=None) -> FastAPI:
+    """The app serving ``models`` (by name, from :func:`vlkit.serve.models.load_models`); each chat
+    model gets an engine thread while the app runs (started and stopped with it). ``searcher`` (a
+    :class:`vlkit.index.Searcher`) answers the photo search."""
+    settings = settings or ServeSettings()
+    routes = Routes(models, settings, searcher)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for name, m in models.items():
+            if isinstance(m, ChatModel):
+                routes.engines[name] = Engine(m, settings.max_batch)
+        yield
+        for engine in routes.engines.values():
+            await run_in_threadpool(engine.close)
+        routes.engines.clear()
+
+    app = FastAPI(title="vlkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    errors.install(app)
+    add_guards(app, settings)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(settings))])
+    v1.add_api_route("/chat/completions", routes.chat, methods=["POST"])
+    v1.add_api_route("/embeddings", routes.embeddings, methods=["POST"])
+    v1.add_api_route("/models", routes.list_models, methods=["GET"])
+    v1.add_api_route("/models/{name:path}", routes.get_model, methods=["GET"])
+    v1.add_api_route("/search", routes.search, methods=["POST"])
+    v1.add_api_route("/search/image", routes.search_image, methods=["GET"])
+    app.include_router(v1)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    if (STATIC / "index.html").is_file():
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
+    app.state.models, app.state.settings = models, settings
+    return app
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Routes:
+    """The handlers, sharing the models, the settings and one image fetcher."""
+
+    def __init__(self, models: dict, settings: ServeSettings, searcher=None):
+        self.models, self.settings, self.searcher = models, settings, searcher
+        self.fetcher = ImageFetcher(settings)
+        self.embed_lock = threading.Lock()
+        self.engines: dict[str, Engine] = {}
+
+    def _model(self, name: str, kind: str):
+        model = self.models.get(name)
+        if model is None:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {sorted(self.models)}", "model_not_found",
+                           "model")
+        if model.kind != kind:
+            what = {"chat": "chat completions", "embedding": "embeddings"}[kind]
+            raise ApiError(400, f"the model {name!r} is a {model.kind} model; {what} need a {kind} model "
+                           f"({sorted(n for n, m in self.models.items() if m.kind == kind)})", "wrong_model_kind", "model")
+        return model
+
+    # ------------------------------------------------------------ chat
+    def _generation(self, served: ChatModel, req: schemas.ChatRequest, prompt_len: int):
+        """The request's generation config (checked) and sampling generator; the answer's length
+        is the request's, capped by the server and by the model's context."""
+        room = served.max_positions - prompt_len
+        if room < 1:
+            raise ApiError(400, f"the prompt is {prompt_len} tokens; model {served.name!r} has a context of "
+                           f"{served.max_positions}, which leaves no room for an answer", "context_length_exceeded", "messages")
+        asked = req.max_completion_tokens or req.max_tokens
+        default = served.generation_config.max_new_tokens if served.generation_config else None
+        options = dict(served.options)
+        options.update(max_new_tokens=min(asked or default or self.settings.default_max_tokens, self.settings.max_tokens_cap,
+                                          room), max_length=None, num_beams=1, num_return_sequences=1)  # fmt: skip
+        if req.temperature == 0:
+            options["do_sample"] = False
+        elif req.temperature is not None:
+            options.update(do_sample=True, temperature=req.temperature)
+        if req.top_p is not None:
+            options["top_p"] = req.top_p
+            options["do_sample"] = options.get("do_sample", True) if req.temperature != 0 else False
+        if req.stop:
+            options["stop_strings"] = (options.get("stop_strings") or []) + ([req.stop] if isinstance(req.stop, str) else req.stop)
+        try:
+            cfg = resolve_config(served.lm, served.generation_config, **options)
+        except VlkitError as err:
+            raise ApiError(400, str(err), "invalid_value") from None
+        generator = None
+        if req.seed is not None and cfg.do_sample:
+            device = next(served.model.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(req.seed % 2**63)
+        return cfg, generator
+
+    async def chat(self, req: schemas.ChatRequest, request: Request):
+        served = self._model(req.model, "chat")
+        if req.tools:
+            raise ApiError(400, "tools are not supported by this server", "unsupported_parameter", "tools")
+        if req.n > self.settings.max_n:
+            raise ApiError(400, f"n={req.n}; this server answers at most {self.settings.max_n} choices per request",
+                           "invalid_value", "n")
+        prompt = await run_in_threadpool(served.prompt, req.messages, self.fetcher, self.settings)
+        cfg, generator = self._generation(served, req, len(prompt.ids))
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(event):
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:  # the loop has closed: nobody waits
+                pass
+
+        job = Job(prompt, cfg, req.n, deliver, generator, strip=served.vlm)
+        self.engines[served.name].submit(job)
+        cid, created = schemas.completion_id(), schemas.now()
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(self._stream(job, inbox, cid, served.name, created, len(prompt.ids), usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return await self._whole(job, inbox, request, cid, served.name, created, len(prompt.ids))
+
+    async def _whole(self, job: Job, inbox: asyncio.Queue, request: Request, cid, name, created, prompt_tokens):
+        texts, finishes, tokens = [""] * job.n, [None] * job.n, 0
+        try:
+            while any(f is None for f in finishes):
+                try:
+                    event = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                if event[0] == "delta":
+                    texts[event[1]] += event[2]
+                elif event[0] == "end":
+                    finishes[event[1]], tokens = event[2], tokens + event[3]
+                else:
+                    raise ApiError(500, event[1], "generation_failed")
+        finally:
+            job.cancel()
+        return JSONResponse(schemas.completion(cid, name, created, list(zip(texts, finishes)), prompt_tokens, tokens))
+
+    async def _stream(self, job: Job, inbox: asyncio.Queue, cid, name, created, prompt_tokens, include_usage):
+        open_choices, tokens = job.n, 0
+        try:
+            for i in range(job.n):
+                yield _sse(schemas.chunk(cid, name, created, i, {"role": "assistant", "content": ""}))
+            while open_choices:
+                event = await inbox.get()
+                if event[0] == "delta":
+                    yield _sse(schemas.chunk(cid, name, created, event[1], {"content": event[2]}))
+                elif event[0] == "end":
+                    yield _sse(schemas.chunk(cid, name, created, event[1], {}, event[2]))
+                    open_choices, tokens = open_choices - 1, tokens + event[3]
+                else:
+                    yield _sse(errors.body(500, event[1], "generation_failed"))
+                    break
+            if include_usage:
+                yield _sse(schemas.chunk(cid, name, created, usage_counts=schemas.usage(prompt_tokens, tokens)))
+            yield _sse("[DONE]")
+        finally:
+            job.cancel()  # a client that went away: its rows leave at the next step
+
+    # ------------------------------------------------------------ embeddings
+    def embeddings(self, req: schemas.EmbeddingRequest):
+        served = self._model(req.model, "embedding")
+        items = _embedding_items(req.input)
+        with self.embed_lock, torch.inference_mode():
+            vectors, tokens = self._embed(served, items)
+        if req.dimensions is not None and req.dimensions != vectors.shape[1]:
+            raise ApiError(400, f"dimensions={req.dimensions}; model {served.name!r} gives {vectors.shape[1]}-dimensional "
+                           "embeddings", "invalid_value", "dimensions")
+        data = []
+        for i, v in enumerate(vectors.numpy()):
+            value = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        return {"object": "list", "data": data, "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def _embed(self, served: EmbeddingModel, items: list) -> tuple[torch.Tensor, int]:
+        """L2-normalised embeddings in input order and the text tokens read."""
+        from vlkit.eval.embed import embed_images, embed_texts
+
+        model = served.model
+        out: list = [None] * len(items)
+        texts = [(i, x) for i, x in enumerate(items) if isinstance(x, str) and not _is_image(x)]
+        images = [(i, x) for i, x in enumerate(items) if isinstance(x, str) and _is_image(x)]
+        ids = [(i, x) for i, x in enumerate(items) if isinstance(x, list)]
+        tokens = 0
+        if texts:
+            feats = embed_texts(model, [t for _, t in texts])
+            tokens += int(model.tokenizer([t for _, t in texts])["attention_mask"].sum())
+            for (i, _), f in zip(texts, feats):
+                out[i] = f
+        if images:
+            pil = [self.fetcher.decode(data_url_bytes(u, f"input[{i}]"), f"input[{i}]") for i, u in images]
+            for (i, _), f in zip(images, embed_images(model, model.processor.batch(pil))):
+                out[i] = f
+        if ids:
+            feats = self._embed_ids(model, [x for _, x in ids])
+            tokens += sum(len(x) for _, x in ids)
+            for (i, _), f in zip(ids, feats):
+                out[i] = f
+        return torch.stack(out), tokens
+
+    @staticmethod
+    def _embed_ids(model, rows: list[list[int]]) -> torch.Tensor:
+        """Token-id inputs, taken as the model's tokenizer makes them (its BOS and EOS included)."""
+        import torch.nn.functional as F
+
+        vocab = model.cfg.text.vocab_size
+        context = model.cfg.text.context_length
+        for i, row in enumerate(rows):
+            if not row or len(row) > context or max(row) >= vocab:
+                raise ApiError(400, f"input[{i}]: {len(row)} token ids in [0, {max(row, default=0)}]; expected 1 to {context} "
+                               f"ids below {vocab} (the model's context and vocabulary)", "invalid_value", "input")
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        device = next(model.parameters()).device
+        return F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1).cpu()
+
+    # ------------------------------------------------------------ models, health
+    def _card(self, m) -> dict:
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "vlkit", "kind": m.kind}
+
+    def list_models(self):
+        return {"object": "list", "data": [self._card(m) for m in self.models.values()]}
+
+    def get_model(self, name: str):
+        if name not in self.models:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {sorted(self.models)}", "model_not_found",
+                           "model")
+        return self._card(self.models[name])
+
+    def health(self):
+        out = {}
+        for name, m in self.models.items():
+            out[name] = {"kind": m.kind}
+            engine = self.engines.get(name)
+            if engine is not None:
+                out[name].update(running=engine.running, waiting=len(engine.waiting) + engine.inbox.qsize(), **engine.stats)
+        return {"status": "ok", "models": out, "index": None if self.searcher is None else str(self.searcher.index.folder)}
+
+    # ------------------------------------------------------------ photo search
+    def _searcher(self):
+        if self.searcher is None:
+            raise ApiError(404, "no photo index is served; start the server with --index INDEX", "no_index")
+        return self.searcher
+
+    def search(self, req: schemas.SearchRequest):
+        searcher = self._searcher()
+        query, image = req.query, None
+        if _is_image(query):
+            query, image = None, self.fetcher.decode(data_url_bytes(req.query, "query"), "query")
+        with self.embed_lock, torch.inference_mode():
+            try:
+                return searcher.search_json(query, image, req.k)
+            except VlkitError as err:
+                raise ApiError(400, str(err), "invalid_value") from None
+
+    def search_image(self, path: str):
+        try:
+            data, media = self._searcher().image_bytes(path)
+        except VlkitError as err:
+            raise ApiError(404, str(err), "image_not_found", "path") from None
+        return Response(data, media_type=media)
+
+
+def _is_image(text: str) -> bool:
+    return text[:11].lower() == "data:image/"
+
+
+def _embedding_items(value) -> list:
+    """OpenAI's input forms → a list of texts (or image data URLs) and token-id lists."""
+    if isinstance(value, str):
+        items = [value]
+    elif value and all(isinstance(v, int) for v in value):
+        items = [list(value)]
+    else:
+        items = list(value)
+    if not items or any(isinstance(v, str) and not v for v in items):
+        raise ApiError(400, "input is empty; expected a non-empty text, list of texts or token ids", "invalid_value", "input")
+    return items

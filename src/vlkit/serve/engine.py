@@ -1,0 +1,194 @@
+"""The background engine of one chat model: a thread that owns the model and runs one
+:class:`~vlkit.lm.batching.DecodingBatch`. Requests that wait join it between decode steps (as
+many as fit, in arrival order, prefilled together in one left-padded group, images through the
+vision tower together); a finished answer leaves at once; a cancelled one (its client went away)
+is dropped at the next step. Text is decoded here, per answer, as it streams."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vlkit.lm.batching import DecodingBatch
+from vlkit.lm.generate import GenerationConfig
+from vlkit.lm.streaming import TextStream
+from vlkit.text.lm_tokenizer import left_pad
+
+log = logging.getLogger("vlkit.serve")
+
+
+class Stripped:
+    """A VLM's answer without the whitespace that starts and ends it (as ``vlkit chat`` shows it),
+    streamed: trailing whitespace is held until more text follows."""
+
+    def __init__(self):
+        self.started, self.held = False, ""
+
+    def push(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        body = piece.rstrip()
+        if not body:
+            self.held += piece
+            return ""
+        out, self.held = self.held + body, piece[len(body):]
+        return out
+
+
+@dataclass
+class Job:
+    """One request: ``n`` answers to one prompt. ``deliver(event)`` is called from the engine
+    thread with ``("delta", index, text)``, ``("end", index, finish_reason, tokens)`` or
+    ``("error", message)``; it must not block."""
+
+    prompt: object  # vlkit.serve.models.Prompt
+    config: GenerationConfig
+    n: int
+    deliver: Callable[[tuple], None]
+    generator: torch.Generator | None = None
+    strip: bool = False
+    cancelled: bool = False
+    streams: list = field(default_factory=list)
+    open_rows: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """Runs ``model`` (a :class:`vlkit.serve.models.ChatModel`) on a thread; :meth:`submit` queues
+    a :class:`Job`. ``max_batch`` bounds the rows decoded together."""
+
+    def __init__(self, model, max_batch: int = 16):
+        self.model, self.max_batch = model, max_batch
+        self.batch = DecodingBatch(model.lm, model.tokenizer)
+        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.waiting: list[Job] = []
+        self.jobs: dict[int, Job] = {}
+        self.stats = {"requests": 0, "steps": 0, "rows_stepped": 0, "max_rows": 0, "cancelled": 0}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"vlkit-engine-{model.name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(job)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._take(block=not self.batch and not self.waiting)
+                self._drop_cancelled()
+                self._admit()
+                if self.batch:
+                    self._step()
+            except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the server
+                log.exception("engine step failed")
+                self._fail_all(f"generation failed ({type(err).__name__}: {err})")
+
+    def _take(self, block: bool) -> None:
+        try:
+            self.waiting.append(self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait())
+            while True:
+                self.waiting.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        """Forget the requests whose clients went away: waiting ones, and running rows."""
+        kept = [j for j in self.waiting if not j.cancelled]
+        self.stats["cancelled"] += len(self.waiting) - len(kept)
+        self.waiting = kept
+        gone = [k for k in self.batch.keys if self.jobs[k[0]].cancelled]
+        if gone:
+            self.batch.drop(gone)
+            jobs = {k[0] for k in gone}
+            self.stats["cancelled"] += len(jobs)
+            for job_id in jobs:
+                self.jobs.pop(job_id, None)
+
+    def _admit(self) -> None:
+        """Move waiting jobs into the batch, in arrival order, while they fit."""
+        group, rows = [], len(self.batch)
+        for job in self.waiting:
+            width = max([len(j.prompt.ids) for j in group] + [len(job.prompt.ids)])
+            new = max(j.config.max_new_tokens for j in group + [job])
+            if rows + job.n > self.max_batch or not self.batch.fits(width, new):
+                break
+            group.append(job)
+            rows += job.n
+        if not group:
+            return
+        self.waiting = self.waiting[len(group):]
+        try:
+            self._prefill(group)
+        except Exception as err:  # noqa: BLE001 - the group's requests fail; the running rows go on
+            log.exception("prefill failed")
+            for job in group:
+                job.deliver(("error", f"generation failed ({type(err).__name__}: {err})"))
+
+    def _prefill(self, group: list[Job]) -> None:
+        model, device = self.model, self.batch.device
+        if model.vlm:
+            batch = model.processor.collate([j.prompt.sample for j in group], "left")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                embeds = model.model.inputs_embeds(batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"))
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+        else:
+            padded = left_pad([j.prompt.ids for j in group], model.tokenizer.padding_id())
+            ids, mask, embeds = padded["input_ids"].to(device), padded["attention_mask"].to(device), None
+        counts = torch.tensor([j.n for j in group], device=device)
+        repeat = lambda t: None if t is None else t.repeat_interleave(counts, dim=0)  # noqa: E731
+        keys, configs, generators = [], [], []
+        for job in group:
+            self.jobs[id(job)] = job
+            job.open_rows = job.n
+            job.streams = [(TextStream(model.tokenizer, job.config.stops), Stripped() if job.strip else None)
+                           for _ in range(job.n)]  # fmt: skip
+            for i in range(job.n):
+                keys.append((id(job), i))
+                configs.append(job.config)
+                generators.append(job.generator)
+        self.batch.add(keys, configs, repeat(ids), repeat(mask), repeat(embeds), generators)
+        self.stats["requests"] += len(group)
+
+    def _step(self) -> None:
+        events = self.batch.step()
+        self.stats["steps"] += 1
+        self.stats["rows_stepped"] += len(events)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(events))
+        for (job_id, index), token, finish in events:
+            job = self.jobs[job_id]
+            text, strip = job.streams[index]
+            piece = "" if token in job.config.eos_ids else text.push(token)
+            if finish is not None:
+                piece += text.finish()
+            if strip is not None:
+                piece = strip.push(piece)
+            if piece:
+                job.deliver(("delta", index, piece))
+            if finish is not None:
+                job.deliver(("end", index, finish, len(text.ids) + (token in job.config.eos_ids)))
+                job.open_rows -= 1
+                if job.open_rows == 0:
+                    self.jobs.pop(job_id, None)
+
+    def _fail_all(self, message: str) -> None:
+        for job in {id(j): j for j in self.jobs.values()}.values():
+            job.deliver(("error", message))
+        self.jobs.clear()
+        self.batch.drop(self.batch.keys)

@@ -1,0 +1,312 @@
+"""``vlkit serve``'s OpenAI API driven by the official ``openai`` client against a real uvicorn
+server on 127.0.0.1: chat (plain, streamed, with images, n, stop, seed, usage) answers as
+``vlkit chat`` does, embeddings equal ``vlkit.eval.embed``'s, the model list, and every kind of bad
+input gets OpenAI's error JSON with its status while the server keeps serving. Concurrent
+requests are batched (and answer as they do alone); a client that leaves mid-stream frees its rows."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlkit.chat import ChatSession  # noqa: E402
+from vlkit.eval.embed import embed_images, embed_texts  # noqa: E402
+from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
+from vlkit.serve.server import serving  # noqa: E402
+
+from _serve_util import NEW, clip_folder, data_url, image_message, lm_folder, picture, png, vlm_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return load_models([f"vlm={vlm_folder(root / 'vlm')}", f"clip={clip_folder(root / 'clip')}",
+                        f"lm={lm_folder(root / 'lm')}"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def url(models):
+    with serving(create_app(models, ServeSettings(max_tokens_cap=24))) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def reference(models, text: str, images=(), new: int = NEW, name: str = "vlm") -> str:
+    """``vlkit chat``'s answer to one user turn (greedy, ``new`` tokens at most)."""
+    session = ChatSession(models[name].model, options={"max_new_tokens": new}, images=list(images))
+    return "".join(session.reply(text))
+
+
+def ask(client, messages, **kw):
+    return client.chat.completions.create(model=kw.pop("model", "vlm"), messages=messages, max_tokens=kw.pop("max_tokens", NEW),
+                                          temperature=kw.pop("temperature", 0), **kw)  # fmt: skip
+
+
+def test_plain_chat_answers_as_vlkit_chat(client, models):
+    r = ask(client, [{"role": "user", "content": "Hello, how are you?"}])
+    assert r.object == "chat.completion" and r.model == "vlm" and len(r.choices) == 1
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == reference(models, "Hello, how are you?")
+    assert choice.finish_reason in ("stop", "length")
+    processor = models["vlm"].processor
+    prompt = processor.encode([{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(prompt.input_ids)
+    assert 1 <= r.usage.completion_tokens <= NEW
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chunks_join_to_the_whole_answer(client, models):
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    whole = ask(client, messages).choices[0].message.content
+    stream = ask(client, messages, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole == reference(models, messages[0]["content"])
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_stream_ends_with_done(url):
+    body = {"model": "vlm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_chat_with_images_sees_them(client, models):
+    red, blue = picture("red"), picture("blue", (40, 70))
+    r = ask(client, image_message("What is in the picture?", data_url(red)))
+    assert r.choices[0].message.content == reference(models, "What is in the picture?", [red])
+    two = ask(client, image_message("What is in the picture?", data_url(red), data_url(blue)))
+    assert two.choices[0].message.content == reference(models, "What is in the picture?", [red, blue])
+    per_image = models["vlm"].model.num_image_tokens()
+    assert two.usage.prompt_tokens - r.usage.prompt_tokens == per_image + 1  # the image's tokens and its newline
+    jpeg = ask(client, image_message("What is in the picture?", data_url(_jpeg(red), "image/jpeg")))
+    assert jpeg.choices[0].message.content  # JPEG decodes too
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_text_language_model_chats_too(client, models):
+    r = ask(client, [{"role": "user", "content": "Hello"}], model="lm")
+    session = ChatSession(models["lm"].model, options={"max_new_tokens": NEW})
+    assert r.choices[0].message.content == "".join(session.reply("Hello"))
+
+
+def test_n_seed_and_stop(client, models):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    a = ask(client, messages, n=3, temperature=1.0, seed=11, max_tokens=12)
+    b = ask(client, messages, n=3, temperature=1.0, seed=11, max_tokens=12)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1  # the n answers are drawn, not copied
+    whole = ask(client, messages, max_tokens=16).choices[0].message.content
+    words = whole.split()
+    if len(words) >= 3:
+        stop = words[2]
+        cut = ask(client, messages, max_tokens=16, stop=[stop])
+        assert cut.choices[0].message.content == whole[: whole.index(stop)].strip()
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_is_capped(client):
+    r = ask(client, [{"role": "user", "content": "Count to a thousand."}], max_tokens=1000)
+    assert r.usage.completion_tokens <= 24  # the server's --max-tokens-cap
+
+
+def test_embeddings_equal_the_library(client, models):
+    clip = models["clip"].model
+    texts = ["a red circle", "a blue star", "green square"]
+    r = client.embeddings.create(model="clip", input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in r.data])
+    assert np.allclose(got, embed_texts(clip, texts).numpy(), atol=1e-5)
+    assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens > 0
+    default = client.embeddings.create(model="clip", input="a red circle")  # the client asks for base64
+    assert np.allclose(default.data[0].embedding, got[0], atol=1e-6)
+    img = picture("red")
+    mixed = client.embeddings.create(model="clip", input=["a blue star", data_url(img)], encoding_format="float")
+    want = embed_images(clip, clip.processor.batch([img])).numpy()[0]
+    assert np.allclose(mixed.data[1].embedding, want, atol=1e-5)
+    assert np.allclose(mixed.data[0].embedding, got[1], atol=1e-5)
+    ids = clip.tokenizer(["a red circle"])["input_ids"][0].tolist()
+    tokens = client.embeddings.create(model="clip", input=[ids], encoding_format="float")
+    assert np.allclose(tokens.data[0].embedding, got[0], atol=1e-5)
+
+
+def test_embeddings_base64_is_little_endian_float32(url, models):
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": "clip", "input": "a red circle", "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(vec, embed_texts(models["clip"].model, ["a red circle"]).numpy()[0], atol=1e-6)
+
+
+def test_models_and_health(client, url):
+    assert sorted(m.id for m in client.models.list()) == ["clip", "lm", "vlm"]
+    assert client.models.retrieve("clip").id == "clip"
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["models"]["vlm"]["kind"] == "chat"
+
+
+# ---------------------------------------------------------------- bad input
+def _post(url, body, raw: bytes | None = None, path="/v1/chat/completions"):
+    if raw is not None:
+        return httpx.post(f"{url}{path}", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+
+def _error(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_malformed_json_is_400(url):
+    _error(_post(url, None, raw=b'{"model": "vlm", "messages": [}'), 400)
+    _error(_post(url, None, raw=b'{"model": "clip", "input": '), 400)
+
+
+def test_bad_fields_are_422_naming_them(client, url):
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens"):
+        ask(client, [{"role": "user", "content": "hi"}], max_tokens=0)
+    with pytest.raises(openai.UnprocessableEntityError):
+        ask(client, [{"role": "user", "content": "hi"}], max_tokens=-3)
+    assert "messages" in _error(_post(url, {"model": "vlm", "messages": []}), 422)["message"]
+    _error(_post(url, {"model": "vlm", "messages": [{"role": "robot", "content": "hi"}]}), 422)
+    _error(_post(url, {"model": "vlm", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}), 422)
+    _error(_post(url, {"model": "vlm", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}), 422)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        ask(client, [{"role": "user", "content": "hi"}], model="nope")
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_wrong_kind_of_model_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="embedding model"):
+        ask(client, [{"role": "user", "content": "hi"}], model="clip")
+    with pytest.raises(openai.BadRequestError, match="chat model"):
+        client.embeddings.create(model="vlm", input="x")
+
+
+def test_bad_images_are_400(client):
+    msg = "What is this?"
+    with pytest.raises(openai.BadRequestError, match="not an image"):
+        ask(client, image_message(msg, data_url(b"this is plain text, not a picture")))
+    with pytest.raises(openai.BadRequestError, match="base64"):
+        ask(client, image_message(msg, "data:image/png;base64,@@@not-base64@@@"))
+    with pytest.raises(openai.BadRequestError, match="image type"):
+        ask(client, image_message(msg, "data:text/plain;base64,aGVsbG8="))
+    truncated = png(picture())[:60]
+    with pytest.raises(openai.BadRequestError):
+        ask(client, image_message(msg, data_url(truncated)))
+    with pytest.raises(openai.BadRequestError, match="takes no images"):
+        ask(client, image_message(msg, data_url(picture())), model="lm")
+    with pytest.raises(openai.BadRequestError, match="not an image"):
+        client.embeddings.create(model="clip", input=[data_url(b"nope")])
+
+
+def test_more_images_than_the_model_takes_is_400(client):
+    url = data_url(picture())
+    with pytest.raises(openai.BadRequestError, match="at most 8"):
+        ask(client, image_message("Compare.", *[url] * 9))
+
+
+def test_decompression_bomb_is_413(client):
+    bomb = Image.new("1", (8000, 8000))  # 64M pixels: small as a PNG, huge decoded
+    with pytest.raises(openai.APIStatusError) as err:
+        ask(client, image_message("What is this?", data_url(png(bomb))))
+    assert err.value.status_code == 413 and "pixels" in str(err.value)
+
+
+def test_prompt_longer_than_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(client, [{"role": "user", "content": "word " * 400}])
+
+
+def test_the_server_keeps_serving_after_errors(client, models):
+    test_malformed_json_is_400(str(client.base_url).removesuffix("/v1/"))
+    r = ask(client, [{"role": "user", "content": "Hello, how are you?"}])
+    assert r.choices[0].message.content == reference(models, "Hello, how are you?")
+
+
+# ---------------------------------------------------------------- batching
+def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url):
+    prompts = [f"Question number {i}: what do you see?" for i in range(8)]
+    alone = [ask(client, [{"role": "user", "content": p}]).choices[0].message.content for p in prompts]
+    before = httpx.get(f"{url}/health").json()["models"]["vlm"]
+    answers: dict[int, str] = {}
+
+    def one(i):
+        answers[i] = ask(client, [{"role": "user", "content": prompts[i]}]).choices[0].message.content
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [answers.get(i) for i in range(8)] == alone
+    after = httpx.get(f"{url}/health").json()["models"]["vlm"]
+    assert after["max_rows"] > 1  # rows were decoded together
+    steps = after["steps"] - before["steps"]
+    rows = after["rows_stepped"] - before["rows_stepped"]
+    assert rows > steps  # on average more than one row per decode step
+
+
+def test_a_client_leaving_mid_stream_frees_its_rows(models):
+    """Three clients hang up after the first chunk of an answer that would run 200 tokens: each is
+    dropped (counted as cancelled) long before that, and the server answers the next request."""
+    with serving(create_app(models, ServeSettings(max_tokens_cap=200))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        long = next(m for m in ([{"role": "user", "content": f"Count to {n}."}] for n in range(100, 120))
+                    if ask(client, m, max_tokens=200).usage.completion_tokens == 200)  # greedy, no EOS in 200 tokens
+        before = httpx.get(f"{url}/health").json()["models"]["vlm"]
+        body = {"model": "vlm", "messages": long, "max_tokens": 200, "stream": True, "temperature": 0}
+        for _ in range(3):
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                next(r.iter_lines())  # read one chunk, then hang up
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = httpx.get(f"{url}/health").json()["models"]["vlm"]
+            if stats["running"] == 0 and stats["waiting"] == 0:
+                break
+            time.sleep(0.05)
+        assert stats["running"] == 0 and stats["cancelled"] == 3, stats
+        assert stats["rows_stepped"] - before["rows_stepped"] < 3 * 200
+        r = ask(client, [{"role": "user", "content": "Hello, how are you?"}])
+        assert r.choices[0].message.content == reference(models, "Hello, how are you?")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad_leak():
+    yield
+    assert torch.is_grad_enabled()
