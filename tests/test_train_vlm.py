@@ -154,7 +154,8 @@ def test_bad_samples_are_counted_or_stop_the_run(parts, tmp_path):
 def test_lora_trains_adapters_only_and_exports_them_merged_and_in_peft_layout(parts, stage1, tmp_path):
     out, _ = stage1
     r = load_recipe(recipe(parts["lm"], parts["data"], stage=2, steps=3, init_from=str(out),
-                           train={"lm": "lora"}, lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
+                           train={"lm": "lora", "lm_lr": 0.05},  # large, so the adapters move the logits measurably
+                           lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}))
     summary = train_vlm(r, tmp_path / "lora")
     state = latest(tmp_path / "lora")
     start = weights(out / "model")
@@ -177,6 +178,20 @@ def test_lora_trains_adapters_only_and_exports_them_merged_and_in_peft_layout(pa
     with torch.no_grad():
         assert torch.allclose(merged(ids, pixels).logits, trained(ids, pixels).logits, atol=1e-5)
         assert not torch.allclose(merged(ids, pixels).logits, vlkit.load(out / "model")(ids, pixels).logits, atol=1e-3)
+    # the adapter applies, in peft, to the transformers export of the LM it was trained on (stage 1 left it as loaded)
+    import peft
+    import transformers
+
+    from _interop_util import convert
+
+    assert convert("--to", "hf", str(parts["lm"]), str(tmp_path / "lm-hf")) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm-hf").eval()
+    text = torch.tensor([[1, 5, 9, 40, 7, 2]])
+    with torch.no_grad():
+        ours, before = merged.lm(input_ids=text).logits, hf(input_ids=text).logits
+        assert (before - ours).abs().max() > 0.05  # the adapters changed the LM's answers
+        tuned = peft.PeftModel.from_pretrained(hf, adapter).eval()  # (adapts hf in place)
+        assert (tuned(input_ids=text).logits - ours).abs().max() < 1e-4
 
 
 def test_the_command_line_trains_both_stages_from_a_clip_folder(parts, tmp_path, capsys):
