@@ -83,6 +83,7 @@ class ShapesJudge:
             raise VlkitError(f"the scorer must be a CLIP with both towers, got a {type(clip).__name__}")
         self.clip = clip
         self.classes = classifier_weights(clip, class_prompts(), TEMPLATES)
+        self._pairs = None
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image], batch_size: int = 200) -> torch.Tensor:
@@ -100,15 +101,16 @@ class ShapesJudge:
     @torch.no_grad()
     def present(self, feats: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
         """``[N]`` whether both objects of each pair read back from the image, slot by slot."""
-        names = [_article(c) for c in CLASS_NAMES]
+        if self._pairs is None:  # "X and Y" for every two classes: [40, 40, D]
+            names = [_article(c) for c in CLASS_NAMES]
+            texts = [f"{x} and {y}" for x in names for y in names]
+            self._pairs = self.clip.embed_texts(texts).view(len(names), len(names), -1)
         out = []
         for f, (a, b) in zip(feats, pairs):
-            first = self.clip.embed_texts([f"{x} and {names[b]}" for x in names]) @ f
-            second = self.clip.embed_texts([f"{names[a]} and {x}" for x in names]) @ f
+            first, second = self._pairs[:, b] @ f, self._pairs[a, :] @ f
             first[b], second[a] = -math.inf, -math.inf  # the scene's two objects differ
             out.append(bool(first.argmax() == a and second.argmax() == b))
         return torch.tensor(out)
-
 
 def evaluate(model, judge: ShapesJudge, n_single: int = 200, n_relation: int = 40, guidance: float = 4.0, steps: int = 25,
              seed: int = 0, progress: bool = False) -> dict:  # fmt: skip
@@ -141,21 +143,27 @@ def evaluate(model, judge: ShapesJudge, n_single: int = 200, n_relation: int = 4
 
 
 def reference_check(judge: ShapesJudge, n: int = 200) -> dict:
-    """The judge on rendered (not generated) held-out scenes: the ceiling each metric can reach,
-    and, for presence, how often a one-object scene is wrongly judged to hold both objects."""
+    """The judge on rendered (not generated) held-out scenes, under the names :func:`evaluate`
+    uses: the ceiling each metric can reach. ``one_object_both_present``: how often a one-object
+    scene is wrongly judged to hold two named objects."""
     world = ShapesWorld(64, 1, 1, EVAL_SEED)
-    singles = [world.single(i, label) for i, (_, label) in enumerate(single_prompts(n))]
+    prompts = single_prompts(n)
+    singles = [world.single(i, label) for i, (_, label) in enumerate(prompts)]
     feats = judge.embed([s.render() for s in singles])
-    pred = judge.classify(feats)
-    labels = torch.tensor([s.label for s in singles])
-    pairs = [(s.label, (s.label + 7) % len(CLASS_NAMES)) for s in singles]
-    two = [ShapesWorld(64, 2, 2, EVAL_SEED + 1).scene(i) for i in range(n)]
+    pred, labels = judge.classify(feats), torch.tensor([s.label for s in singles])
+    color = (pred // len(SHAPES)) == (labels // len(SHAPES))
+    shape = (pred % len(SHAPES)) == (labels % len(SHAPES))
+    wrong_pairs = [(s.label, (s.label + 7) % len(CLASS_NAMES)) for s in singles]
+    pairs_world = ShapesWorld(64, 2, 2, EVAL_SEED + 1)
+    two = [s for i in range(n) if len((s := pairs_world.scene(i)).objects) == 2]
     two_feats = judge.embed([s.render() for s in two])
-    two_pairs = [(s.objects[0].label, s.objects[1].label) for s in two]
     return {
-        "rendered_attribute_accuracy": (pred == labels).float().mean().item(),
-        "rendered_two_object_both_present": judge.present(two_feats, two_pairs).float().mean().item(),
-        "rendered_one_object_both_present": judge.present(feats, pairs).float().mean().item(),
+        "clip_score": judge.clip_scores(feats, [p for p, _ in prompts]).mean().item(),
+        "color_accuracy": color.float().mean().item(),
+        "shape_accuracy": shape.float().mean().item(),
+        "attribute_accuracy": (color & shape).float().mean().item(),
+        "relation_both_present": judge.present(two_feats, [(s.objects[0].label, s.objects[1].label) for s in two]).float().mean().item(),
+        "one_object_both_present": judge.present(feats, wrong_pairs).float().mean().item(),
     }
 
 
