@@ -187,11 +187,32 @@ def test_an_epoch_tops_up_its_last_micro_batch():
     buckets = LengthBuckets(np.arange(10), 10, 4, 2, seed=0)
     plan = buckets.plan(0)
     assert plan.shape == (3, 4) and set(plan.ravel().tolist()) == set(range(10))
-    assert [buckets.sample(k) for k in range(12, 24)] == plan_list(buckets.plan(1))
+    assert [buckets.sample(k) for k in range(12, 24)] == [10 + i for i in buckets.plan(1).ravel().tolist()]
 
 
-def plan_list(plan) -> list[int]:
-    return plan.ravel().tolist()
+class ByEpoch:
+    """A procedural source: sample ``i`` of epoch ``e`` is asked for as ``e · len + i`` and answers differently."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> ChatSample:
+        self.asked.append(index)
+        return ChatSample(f"s{index}", [], [{"role": "user", "content": "How many shapes are there?"},
+                                            {"role": "assistant", "content": f"{index // 3} shapes"}])
+
+
+def test_a_procedural_source_is_asked_by_epoch_and_a_list_modulo_its_length(processor):
+    source = ByEpoch()
+    data = dataset(source, processor, micro=1)
+    [data[k] for k in range(6)]
+    assert sorted(source.asked[:3]) == [0, 1, 2] and sorted(source.asked[3:]) == [3, 4, 5]
+    listed = dataset([chat(i, i + 1) for i in range(3)], processor, micro=1)
+    epochs = [sorted(len(listed[k]) for k in range(e * 3, e * 3 + 3)) for e in (0, 1)]
+    assert epochs[0] == epochs[1] and len(set(epochs[0])) == 3  # the same three samples again
 
 
 # ---------------------------------------------------------------- workers under spawn

@@ -66,13 +66,14 @@ class LlavaSource(Sequence):
         return len(self.spans)
 
     def __getitem__(self, k: int) -> ChatSample:
-        i, start, end = (int(v) for v in self.spans[k])
+        """Record ``k`` (modulo the count: the same record every epoch)."""
+        i, start, end = (int(v) for v in self.spans[k % len(self.spans)])
         conv = llava_record(self.path, i, start, end, self.image_root, self.allow_outside_paths)
         return ChatSample(conv.id, list(conv.images), conv.messages, str(self.path))
 
     def record(self, k: int) -> str:
         """How skip messages name sample ``k``: its place in the file."""
-        return f"record {int(self.spans[k][0])}"
+        return f"record {int(self.spans[k % len(self.spans)][0])}"
 
 
 class LengthBuckets:
@@ -101,10 +102,10 @@ class LengthBuckets:
         return self._plans[epoch]
 
     def sample(self, k: int) -> int:
-        """The sample at position ``k`` of the run (micro-batch ``k // micro``)."""
+        """The sample at position ``k`` of the run (micro-batch ``k // micro``), as ``epoch · n + index``."""
         c, j = divmod(k, self.micro)
         epoch, b = divmod(c, self.per_epoch)
-        return int(self.plan(epoch)[b, j])
+        return epoch * self.n + int(self.plan(epoch)[b, j])
 
 
 class ConversationDataset(Dataset):
@@ -130,18 +131,20 @@ class ConversationDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, k: int) -> ProcessedSample | Skipped:
-        i = self.buckets.sample(k)
         try:
-            return self.encode(i)
+            return self.encode(self.buckets.sample(k))
         except BadSample as err:
             if self.on_bad_sample == "error" and getattr(err, "reason", "") != "no image":
                 raise
             return Skipped(Skip(err.where, err.record, getattr(err, "reason", "bad record"), err.problem))
 
-    def encode(self, i: int) -> ProcessedSample:
-        """Sample ``i`` of the source: its images read, tokenised through the template, cut to
-        ``max_length`` where only unsupervised text is lost; a bad one raises :class:`BadChatSample`."""
-        sample = self.source[i]  # a LLaVA record read again: BadRecord if the file changed since indexing
+    def encode(self, index: int) -> ProcessedSample:
+        """Sample ``index`` (``epoch · n + i``) of the source: its images read, tokenised through the
+        template, cut to ``max_length`` where only unsupervised text is lost; a bad one raises
+        :class:`BadChatSample`. A source may vary a sample by epoch (a list or tuple is taken modulo
+        its length); a LLaVA record is read again (BadRecord if the file changed since indexing)."""
+        i = index % len(self.source)
+        sample = self.source[i if isinstance(self.source, (list, tuple)) else index]
         where = sample.source or "the in-memory data"
         record = f"{self.source.record(i) if isinstance(self.source, LlavaSource) else f'sample {i}'} (id {sample.id!r})"
         if self.images_only and not sample.images:
