@@ -1,0 +1,185 @@
+"""Each of ``vlkit serve``'s security rules, against a real server on 127.0.0.1: the API key on every
+``/v1`` route, the body size limit, the image pixel limit, the ``max_tokens`` cap, local paths only
+under ``--image-root`` (no ``..`` or symbolic link out), no URL fetched unless enabled (then bounded
+in bytes and time), and no CORS unless an origin is named."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
+import httpx  # noqa: E402
+
+from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
+from vlkit.serve.server import serving  # noqa: E402
+
+from _serve_util import clip_folder, data_url, image_message, picture, png, vlm_folder  # noqa: E402
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return load_models([f"vlm={vlm_folder(root / 'vlm')}", f"clip={clip_folder(root / 'clip')}"])
+
+
+def client(url: str, key: str = "unused"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ask(c, messages=HI, **kw):
+    return c.chat.completions.create(model="vlm", messages=messages, max_tokens=kw.pop("max_tokens", 4), temperature=0, **kw)
+
+
+def test_api_key_guards_every_v1_route(models):
+    with serving(create_app(models, ServeSettings(api_key="s3cret"))) as url:
+        for key in ("unused", "s3cret-not", "S3CRET"):
+            c = client(url, key)
+            with pytest.raises(openai.AuthenticationError):
+                ask(c)
+            with pytest.raises(openai.AuthenticationError):
+                c.embeddings.create(model="clip", input="a red circle")
+            with pytest.raises(openai.AuthenticationError):
+                c.models.list()
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "vlm", "messages": HI})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = client(url, "s3cret")
+        assert ask(ok).choices[0].message.content is not None
+        assert ok.embeddings.create(model="clip", input="a red circle").data
+        assert [m.id for m in ok.models.list()] == ["vlm", "clip"]
+        assert httpx.get(f"{url}/health").status_code == 200  # the health check is open
+
+
+def test_body_size_limit_is_413(models):
+    with serving(create_app(models, ServeSettings(max_body_bytes=20_000))) as url:
+        c = client(url)
+        big = data_url(png(picture(size=(300, 300))).ljust(30_000, b"\0"))
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(c, image_message("What?", big))
+        assert err.value.status_code == 413
+        chunked = httpx.post(f"{url}/v1/embeddings", content=iter([b'{"model": "clip", "input": "', b"a" * 25_000, b'"}']),
+                             headers={"content-type": "application/json"})  # fmt: skip
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert ask(c).choices  # still serving
+
+
+def test_image_pixel_limit_is_413(models):
+    with serving(create_app(models, ServeSettings(max_image_pixels=100 * 100))) as url:
+        c = client(url)
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(c, image_message("What?", data_url(picture(size=(101, 100)))))
+        assert err.value.status_code == 413 and "10100 pixels" in str(err.value)
+        with pytest.raises(openai.APIStatusError) as err:
+            c.embeddings.create(model="clip", input=[data_url(picture(size=(200, 200)))])
+        assert err.value.status_code == 413
+        assert ask(c, image_message("What?", data_url(picture(size=(100, 100))))).choices
+
+
+def test_max_tokens_is_capped_by_the_server(models):
+    with serving(create_app(models, ServeSettings(max_tokens_cap=3))) as url:
+        r = ask(client(url), max_tokens=100)
+        assert r.usage.completion_tokens <= 3
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    picture("red").save(root / "sub" / "red.png")
+    picture("blue").save(tmp_path / "outside.png")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    return root
+
+
+def test_local_paths_only_under_the_image_root(models, image_root):
+    outside = image_root.parent / "outside.png"
+    with serving(create_app(models, ServeSettings())) as url:
+        with pytest.raises(openai.BadRequestError, match="--image-root"):
+            ask(client(url), image_message("What?", str(image_root / "sub" / "red.png")))
+    with serving(create_app(models, ServeSettings(image_root=image_root))) as url:
+        c = client(url)
+        inside = ask(c, image_message("What?", "sub/red.png")).choices[0].message.content
+        assert ask(c, image_message("What?", str(image_root / "sub" / "red.png"))).choices[0].message.content == inside
+        assert ask(c, image_message("What?", (image_root / "sub" / "red.png").as_uri())).choices[0].message.content == inside
+        assert inside == ask(c, image_message("What?", data_url(picture("red")))).choices[0].message.content
+        for bad in ("../outside.png", str(outside), outside.as_uri(), "sub/../../outside.png", "link.png"):
+            with pytest.raises(openai.BadRequestError, match="outside the image root"):
+                ask(c, image_message("What?", bad))
+        with pytest.raises(openai.BadRequestError, match="no such image"):
+            ask(c, image_message("What?", "sub/missing.png"))
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    """/red.png: an image; /big.png: too many bytes; /slow.png: answers after 3 s."""
+
+    def do_GET(self):
+        if self.path == "/slow.png":
+            time.sleep(3)
+        body = png(picture("red")) if self.path != "/big.png" else png(picture("red")).ljust(50_000, b"\0")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def image_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_url_is_fetched_unless_enabled_then_bounded(models):
+    with image_server() as images:
+        with serving(create_app(models, ServeSettings())) as url:
+            with pytest.raises(openai.BadRequestError, match="fetches no URLs"):
+                ask(client(url), image_message("What?", f"{images}/red.png"))
+        settings = ServeSettings(allow_remote_images=True, remote_image_bytes=20_000, remote_timeout_s=0.5)
+        with serving(create_app(models, settings)) as url:
+            c = client(url)
+            fetched = ask(c, image_message("What?", f"{images}/red.png")).choices[0].message.content
+            assert fetched == ask(c, image_message("What?", data_url(picture("red")))).choices[0].message.content
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(c, image_message("What?", f"{images}/big.png"))
+            assert err.value.status_code == 413
+            with pytest.raises(openai.BadRequestError, match="took over"):
+                ask(c, image_message("What?", f"{images}/slow.png"))
+            with pytest.raises(openai.BadRequestError, match="scheme"):
+                ask(c, image_message("What?", "ftp://127.0.0.1/red.png"))
+
+
+def test_no_cors_unless_an_origin_is_named(models):
+    origin = "http://localhost:5173"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with serving(create_app(models, ServeSettings())) as url:
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": origin})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in httpx.options(f"{url}/v1/chat/completions", headers=preflight).headers
+    with serving(create_app(models, ServeSettings(cors_origins=(origin,)))) as url:
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": origin})
+        assert r.headers["access-control-allow-origin"] == origin
+        pre = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
+        other = httpx.get(f"{url}/v1/models", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
