@@ -65,6 +65,8 @@ def cmd_train_diffusion(args, overrides: list[str]) -> int:
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     summary = train_diffusion(recipe, args.out, resume=args.resume)
+    if summary["checkpoint"] is None:  # not the main rank under torchrun: that one reports
+        return 0
     print(json.dumps(summary))
     print(f"wrote {args.out}: {summary['checkpoint']} (model + EMA weights and training state), metrics.jsonl, recipe.json; "
           f'vlkit generate --model {args.out} "a red circle" draws from it')  # fmt: skip
