@@ -189,7 +189,7 @@ def test_eval_generation_writes_metrics_and_a_grid(run, tmp_path, capsys):
 @pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
 def test_sampling_with_an_oracle_denoiser_returns_the_data_point(model, monkeypatch, prediction):
     """With the exact prediction for a one-image data set, DDIM from pure noise lands on that image:
-    the sampling loop walks the timesteps in order and steps with the right ones."""
+    each step reads the prediction at the timestep it was made for, and the last reaches ᾱ = 1."""
     cfg = copy.deepcopy(model.cfg)
     cfg.schedule.prediction_type = prediction
     m = TextToImage(cfg)
