@@ -33,7 +33,7 @@ from vlkit.data.skips import SKIPPED_FILE, Skips
 from vlkit.data.shapes import TEMPLATES, class_prompts
 from vlkit.errors import VlkitError
 from vlkit.eval.embed import embed_images, embed_texts
-from vlkit.eval.retrieval import retrieval
+from vlkit.eval.retrieval import image_tokens, itc_itm_retrieval, retrieval
 from vlkit.eval.zeroshot import classification_metrics, classifier_weights
 
 DATA_NAMES = {"shapes": "the bundled shapes world, generated on the fly"}
@@ -82,13 +82,14 @@ def _image_batches(model, paths: list[Path], batch_size: int, skips: Skips, kept
             yield model.processor.batch(images)
 
 
-def _embed_image_files(model, paths: list[Path], batch_size: int, precision: str, skips: Skips, source) -> tuple[torch.Tensor, list[int]]:
+def _embed_image_files(model, paths: list[Path], batch_size: int, precision: str, skips: Skips, source,
+                       embed=embed_images) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
     """``(features of the images that load, their indices)``; an error when none does."""
     kept: list[int] = []
     bad_before = skips.total
     batches = _image_batches(model, paths, batch_size, skips, kept)
     try:
-        feats = embed_images(model, batches, precision, progress=True, total=(len(paths) + batch_size - 1) // batch_size)
+        feats = embed(model, batches, precision, progress=True, total=(len(paths) + batch_size - 1) // batch_size)
     except VlkitError:
         if skips.total - bad_before < len(paths):
             raise
@@ -172,6 +173,8 @@ def caption_gallery(root: Path, skips: Skips | None = None) -> tuple[list[Path],
 def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precision: str, skips: Skips | None = None) -> dict:
     skips = skips if skips is not None else Skips()
     counts: dict = {}
+    blip2 = hasattr(model, "itm_scores")  # BLIP-2 stage 1: ITC ranks, ITM re-scores the top k (both read image tokens)
+    embed = image_tokens if blip2 else embed_images
     if data == "shapes":
         from vlkit.eval import shapes
 
@@ -179,10 +182,10 @@ def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precisio
         names = [f"shapes:{i}" for i in range(len(scenes))]
         texts = [c.text for c in captions]
         positives = shapes.truth_matrix(scenes, captions)
-        image_feats = embed_images(model, shapes.pixels(model, scenes, batch_size), precision)
+        image_feats = embed(model, shapes.pixels(model, scenes, batch_size), precision)
     else:
         paths, per_image, counts = caption_gallery(Path(data), skips)
-        image_feats, kept = _embed_image_files(model, paths, batch_size, precision, skips, Path(data) / INDEX)
+        image_feats, kept = _embed_image_files(model, paths, batch_size, precision, skips, Path(data) / INDEX, embed)
         names = [str(paths[i]) for i in kept]
         per_image = [per_image[i] for i in kept]
         texts = [t for caps in per_image for t in caps]
@@ -195,12 +198,15 @@ def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precisio
             positives[sorted(owners[t]), q] = True
         counts = {"images": len(names), "captions": len(texts), **counts,
                   "captions_shared_by_several_images": sum(len(v) > 1 for v in owners.values())}  # fmt: skip
-    text_feats = embed_texts(model, texts, batch_size, precision, progress=data != "shapes")
-    results = retrieval(image_feats, text_feats, positives)
+    if blip2:
+        results, text_to_image = itc_itm_retrieval(model, image_feats, texts, positives, batch_size=batch_size)
+    else:
+        text_feats = embed_texts(model, texts, batch_size, precision, progress=data != "shapes")
+        results, text_to_image = retrieval(image_feats, text_feats, positives), text_feats @ image_feats.T
     if counts:
         results["counts"] = counts
     if out is not None:
-        top = (text_feats @ image_feats.T).topk(min(5, len(names)), dim=1).indices.tolist()
+        top = text_to_image.topk(min(5, len(names)), dim=1).indices.tolist()
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for q, ranked in enumerate(top):
                 hit = bool(positives[ranked[0], q])
