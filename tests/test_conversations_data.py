@@ -132,6 +132,17 @@ def test_a_long_sample_is_cut_only_past_its_last_answer_token(tmp_path, processo
     assert isinstance(item, Skipped) and item.skip.reason == "too long" and item.skip.record == "record 0 (id 'one')"
 
 
+def test_text_only_samples_are_left_out_when_only_the_connector_trains(tmp_path, processor):
+    source = LlavaSource(llava_folder(tmp_path))
+    assert source.image_counts.tolist() == [1, 2, 0, 3]
+    data = ConversationDataset(source, processor, 512, 1, images_only=True, bucket_window=0)
+    assert len(data) == 3 and data.left_out == 1
+    assert sorted(len(data[k].images["pixel_values"]) for k in range(3)) == [1, 2, 3]
+    memory = [ChatSample("t", [], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a red circle"}])]
+    item = ConversationDataset(memory, processor, 512, 1, images_only=True, bucket_window=0)[0]  # even under "error"
+    assert isinstance(item, Skipped) and item.skip.reason == "no image"
+
+
 def test_bad_samples_are_skipped_and_named_or_stop(tmp_path, processor):
     recs = [RECORDS[0], {**RECORDS[1], "image": ["images/a.png", "images/gone.png"]},
             {"id": "half", "conversations": [{"from": "human", "value": "Describe the image."}]}]

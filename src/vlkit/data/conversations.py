@@ -52,15 +52,18 @@ class ChatSample:
 class LlavaSource(Sequence):
     """The good records of a LLaVA JSON, indexed in one streaming pass that keeps only each
     record's byte span (the file may be larger than memory); a record is read again, and its
-    images found, when asked for. Bad records follow ``skips`` while indexing."""
+    images found, when asked for. Bad records follow ``skips`` while indexing. ``image_counts``:
+    each record's number of images."""
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None, skips: Skips | None = None,
                  allow_outside_paths: bool = False):  # fmt: skip
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.allow_outside_paths = allow_outside_paths
-        rows = [(i, start, end) for _, i, start, end in index_llava(self.path, self.image_root, skips, allow_outside_paths)]
-        self.spans = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        rows = [(i, start, end, len(conv.images))
+                for conv, i, start, end in index_llava(self.path, self.image_root, skips, allow_outside_paths)]
+        table = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+        self.spans, self.image_counts = table[:, :3], table[:, 3]
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -115,8 +118,10 @@ class ConversationDataset(Dataset):
     ``processor`` gives the template, the image tokens and the pixels; ``max_length`` the context;
     ``micro_batch`` the loop's micro-batch (buckets are cut to it); ``bucket_window`` 0 turns
     bucketing off (then no lengths are measured). With ``images_only`` (nothing but the connector
-    and the tower trains) a sample without images is left out whatever the rule, and counted as
-    skipped ("no image"): no gradient reaches a trained part through it."""
+    and the tower trains) a sample without images is left out: nothing trained is reached through
+    it. A LLaVA file's text-only records are left out up front (``left_out`` counts them, and no
+    micro-batch is emptied by them, which under DDP would leave a rank without a backward); other
+    sources' are skipped when read, whatever the rule, and counted as "no image"."""
 
     shuffle = False
 
@@ -124,15 +129,23 @@ class ConversationDataset(Dataset):
                  on_bad_sample: str = "error", bucket_window: int = 16, seed: int = 0, images_only: bool = False):  # fmt: skip
         self.source, self.processor, self.max_length, self.images_only = source, processor, max_length, images_only
         self.on_bad_sample = check_rule(on_bad_sample, "data.on_bad_sample")
-        self.lengths = measure_lengths(source, processor) if bucket_window else None
-        self.buckets = LengthBuckets(self.lengths, len(source), micro_batch, bucket_window, seed)
+        self.usable = np.arange(len(source))
+        if images_only and isinstance(source, LlavaSource):
+            self.usable = np.flatnonzero(source.image_counts > 0)
+            if not len(self.usable):
+                raise VlkitError(f"{source.path}: no record has an image, and only the connector (and tower) train, "
+                                 "which text alone does not reach")  # fmt: skip
+        self.left_out = len(source) - len(self.usable)
+        self.lengths = measure_lengths(source, processor, self.usable) if bucket_window else None
+        self.buckets = LengthBuckets(self.lengths, len(self.usable), micro_batch, bucket_window, seed)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.usable)
 
     def __getitem__(self, k: int) -> ProcessedSample | Skipped:
+        epoch, j = divmod(self.buckets.sample(k), len(self.usable))
         try:
-            return self.encode(self.buckets.sample(k))
+            return self.encode(epoch * len(self.source) + int(self.usable[j]))
         except BadSample as err:
             if self.on_bad_sample == "error" and getattr(err, "reason", "") != "no image":
                 raise
@@ -192,19 +205,21 @@ def truncate(sample: ProcessedSample, max_length: int, image_token_id: int, wher
                            sample.sample)
 
 
-def measure_lengths(source: Sequence[ChatSample], processor: LlavaProcessor) -> np.ndarray:
-    """Each sample's token count with its images expanded, from its messages alone (images are
-    not read); a sample that cannot be encoded counts 0 (it is skipped or stops when read)."""
+def measure_lengths(source: Sequence[ChatSample], processor: LlavaProcessor, indices: Sequence[int] | None = None) -> np.ndarray:
+    """The token count of each sample (of ``indices``, default all) with its images expanded, from
+    its messages alone (images are not read); one that cannot be encoded counts 0 (it is skipped
+    or stops when read)."""
     per_image = processor.num_image_tokens(Image.new("RGB", (1, 1)))
-    lengths = np.zeros(len(source), dtype=np.int64)
-    for i in range(len(source)):
-        sample = source[i]
+    indices = range(len(source)) if indices is None else indices
+    lengths = np.zeros(len(indices), dtype=np.int64)
+    for n, i in enumerate(indices):
+        sample = source[int(i)]
         try:
             enc = encode_conversation(sample.messages, processor.tokenizer, processor.template,
                                       image_counts=[per_image] * len(sample.images))
         except VlkitError:
             continue
-        lengths[i] = len(enc.input_ids)
+        lengths[n] = len(enc.input_ids)
     return lengths
 
 

@@ -308,6 +308,7 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
                 print(f"stage 2 starts from {source_folder}")
         frozen, lrs = plan_training(model, recipe)
         freeze(model, frozen)
+        model.ddp_find_unused_parameters = True  # a batch without images leaves the connector (and tower) out
         counts = trainable_counts(model)
         trained = sum(v for k, v in counts.items() if k != "total")
         if world.is_main:
@@ -323,6 +324,8 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         micro = loop.batch_size // (loop.grad_accum * world.world_size)
         dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
                                       recipe.data.bucket_window, loop.seed, images_only=recipe.train.lm == "frozen")  # fmt: skip
+        if dataset.left_out and world.is_main:
+            print(f"left out {dataset.left_out} records without images: only the connector (and tower) train")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, ConversationCollate(processor), loop, recipe.optim, out, "llava", world=world,
                       resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs)  # fmt: skip
