@@ -71,11 +71,13 @@ def load_state(folder: Path) -> dict:
         raise CheckpointError(f"{folder}: damaged training state ({err})") from None
 
 
-def save_model(folder: Path, model, model_type: str) -> None:
-    """Write the model folder's files (config, weights, tokenizer, preprocessing) into ``folder``."""
+def save_model(folder: Path, model, model_type: str, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model folder's files (config, weights, tokenizer, preprocessing) into ``folder``;
+    ``weights``: the model's whole state dict where ``model.state_dict()`` holds only shards (FSDP)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "config.json", {"model_type": f"vlkit_{model_type}", **to_dict(model.cfg)})
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if getattr(model, "tokenizer", None):  # None, or Missing from the folder it was loaded from
         model.tokenizer.save(folder)
@@ -94,8 +96,10 @@ def _step_folders(root: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in root.glob("step_*") if (m := STEP.fullmatch(p.name)) and p.is_dir()}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, prune older ones.
+def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_state: dict, keep: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, prune older ones
+    (``weights`` as :func:`save_model` takes them).
 
     Checkpoints of a later step than ``step`` belong to an earlier run that this (fresh) run
     replaces, and go too; so do the temporary folders of a save that was killed."""
@@ -110,7 +114,7 @@ def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_s
     target = root / f"step_{step:08d}"
 
     def write(tmp: Path) -> None:
-        save_model(tmp, model, model_type)
+        save_model(tmp, model, model_type, weights)
         save_state(tmp / "training_state", training_state)
 
     atomic_folder(target, write)
