@@ -36,7 +36,7 @@ from vlkit.data.skips import SKIPPED_FILE, Skip
 from vlkit.errors import CheckpointError, ConfigError, VlkitError
 from vlkit.precision import PRECISIONS, autocast
 from vlkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, weight_mismatches
-from vlkit.train.distributed import World
+from vlkit.train.distributed import PARALLEL, World, full_state, is_sharded, load_full_state, local_gradients, shard
 from vlkit.train.schedule import make_scheduler
 
 
@@ -66,13 +66,16 @@ class LoopConfig:
     """``batch_size`` is the global batch per optimizer step (split over ranks and
     ``grad_accum`` micro-batches); ``freeze`` names submodules to keep fixed (LiT: ["vision"]),
     for the whole run or, with ``unfreeze_at``, until that step. ``save_every`` 0 saves only
-    at the end."""
+    at the end. ``parallel``: under torchrun, "ddp" replicates the model on every rank, "fsdp"
+    shards it (FSDP2, per transformer block) for models that do not fit one device; checkpoints
+    are the same either way."""
 
     steps: PositiveInt = 1000
     batch_size: PositiveInt = 256
     grad_accum: PositiveInt = 1
     precision: Annotated[str, OneOf(PRECISIONS)] = "auto"
     grad_checkpointing: bool = False
+    parallel: Annotated[str, OneOf(PARALLEL)] = "ddp"
     freeze: list[str] = field(default_factory=list)
     unfreeze_at: PositiveInt | None = None
     seed: NonNegativeInt = 0
@@ -221,9 +224,8 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
     from safetensors.torch import load_file
 
     try:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         state = load_state(ckpt / "training_state")
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(model, optimizer, load_file(str(ckpt / "model.safetensors")), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         return Progress(int(state["step"]), int(state["skipped"]), float(state["elapsed"]))
@@ -250,9 +252,9 @@ def _recipe_change(recipe_file: Path, recipe: dict | None) -> str:
     return f"The recipe differs from {recipe_file} in {', '.join(changed[:6])}{more}. "
 
 
-def _training_state(optimizer, scheduler, progress: Progress) -> dict:
+def _training_state(optimizer_state: dict, scheduler, progress: Progress) -> dict:
     return {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(),
         "step": progress.step,
@@ -262,8 +264,8 @@ def _training_state(optimizer, scheduler, progress: Progress) -> dict:
 
 
 def _wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel under torchrun; the model itself otherwise."""
-    if not world.distributed:
+    """DistributedDataParallel under torchrun; the model itself otherwise (or when FSDP has sharded it)."""
+    if not world.distributed or is_sharded(model):
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -342,6 +344,8 @@ def fit(
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
     model.to(device).train()
+    if loop.parallel == "fsdp" and world.distributed:
+        shard(model)
     optimizer, scheduler = _optimizer(model, optim, loop.steps, lrs)
     progress = _start(run_dir, resume, model, optimizer, scheduler, recipe, world)
     start, elapsed_before = progress.step, progress.elapsed
@@ -377,10 +381,13 @@ def fit(
 
     def save() -> Path | None:
         check_trained()
+        weights, optimizer_state = full_state(model, optimizer)  # every rank: FSDP gathers onto the main one
+        saved = None
         if world.is_main:
-            state = _training_state(optimizer, scheduler, progress)
-            return save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints)
-        return None
+            state = _training_state(optimizer_state, scheduler, progress)
+            saved = save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints, weights)
+        world.barrier()  # no rank reads the run folder (a resume, a next stage) before the checkpoint is there
+        return saved
 
     try:
         for batch in loader:
@@ -415,12 +422,11 @@ def fit(
 
 
 def _backward(wrapped: torch.nn.Module, batch: dict, loop: LoopConfig, device: torch.device, sync: bool) -> float:
-    """Forward and backward one micro-batch; DDP syncs gradients only on the last of a step."""
-    ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-    with ctx, autocast(loop.precision, device):
-        out = wrapped(**batch)
-        loss = getattr(out, "loss", out) / loop.grad_accum
-    with ctx:
+    """Forward and backward one micro-batch; DDP and FSDP sync gradients only on the last of a step."""
+    with contextlib.nullcontext() if sync else local_gradients(wrapped):
+        with autocast(loop.precision, device):
+            out = wrapped(**batch)
+            loss = getattr(out, "loss", out) / loop.grad_accum
         loss.backward()
     return loss.item()
 
