@@ -64,9 +64,10 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     v1.add_api_route("/search/image", routes.search_image, methods=["GET"])
     app.include_router(v1)
     app.add_api_route("/health", routes.health, methods=["GET"])
-    if (STATIC / "index.html").is_file():
+    if (STATIC / "index.html").is_file():  # the web page: / is index.html, its files beside it (or under /static)
         from fastapi.staticfiles import StaticFiles
 
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     app.state.models, app.state.settings = models, settings
     return app
@@ -257,7 +258,10 @@ class Routes:
 
     # ------------------------------------------------------------ models, health
     def _card(self, m) -> dict:
-        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "vlkit", "kind": m.kind}
+        """OpenAI's model object; ``kind`` ("chat" or "embedding") and ``vlkit_kind`` ("chat" or
+        "embeddings") are vlkit's extension, which tells the web page which models chat."""
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "vlkit", "kind": m.kind,
+                "vlkit_kind": "chat" if m.kind == "chat" else "embeddings"}
 
     def list_models(self):
         return {"object": "list", "data": [self._card(m) for m in self.models.values()]}
@@ -284,13 +288,12 @@ class Routes:
         return self.searcher
 
     def search(self, req: schemas.SearchRequest):
+        """The index's best ``k`` images for a text or an image query, with thumbnails."""
         searcher = self._searcher()
-        query, image = req.query, None
-        if _is_image(query):
-            query, image = None, self.fetcher.decode(data_url_bytes(req.query, "query"), "query")
+        image = None if req.image is None else self.fetcher.decode(data_url_bytes(req.image, "image"), "image")
         with self.embed_lock, torch.inference_mode():
             try:
-                return searcher.search_json(query, image, req.k)
+                return searcher.search_json(req.query, image, req.k)
             except VlkitError as err:
                 raise ApiError(400, str(err), "invalid_value") from None
 

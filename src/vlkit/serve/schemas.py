@@ -88,10 +88,12 @@ class EmbeddingRequest(_Body):
 
 
 class SearchRequest(_Body):
-    """The photo search the web page sends: a text query (or an image ``data:`` URL), ``k`` results."""
+    """The photo search the web page sends: a text ``query`` or an ``image`` (a ``data:`` URL),
+    ``k`` results."""
 
-    query: str = Field(min_length=1)
-    k: int = Field(12, ge=1, le=200)
+    query: str | None = None
+    image: str | None = None
+    k: int = 10
 
 
 def completion_id() -> str:

@@ -1,0 +1,203 @@
+"""Load on ``vlkit serve``: N concurrent ``openai`` clients for T seconds against a VLM served on
+127.0.0.1, then one client for T seconds (one request at a time): requests/s, tokens/s,
+p50/p95 latency and errors of each, and the ratio of their throughputs (the bar: 8 clients give
+at least 3x one client, with zero errors).
+
+    python benchmarks/bench_serve.py                       # builds a small random VLM (see --size)
+    python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 30
+
+The server runs as its own process (``vlkit serve``), so the clients' Python does not share its
+interpreter. Each request is one user turn with an image (a ``data:`` URL) and a question,
+greedy, ``--max-tokens`` new tokens at most. Bounded: each phase stops sending after
+``--seconds`` (requests in flight finish) or ``--max-requests``; the server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SIZES = {
+    # vision (image px, patch, width, depth), lm (hidden, intermediate, layers, heads)
+    "tiny": dict(image=32, patch=8, vwidth=32, vdepth=2, hidden=64, inter=128, layers=2, heads=4),
+    "small": dict(image=64, patch=8, vwidth=128, vdepth=4, hidden=256, inter=688, layers=4, heads=4),
+}
+
+
+def build_vlm(folder: Path, size: str) -> Path:
+    """A random LLaVA (CLIP-style tower, MLP connector, Llama LM) with a ChatML tokenizer that has
+    ``<image>``, saved as a vlkit folder; answers are noise, the work per token is real."""
+    import torch
+
+    from vlkit.lm.generation_config import GenerationConfig
+    from vlkit.lm.llama import LlamaConfig
+    from vlkit.models.llava import Llava, LlavaConfig
+    from vlkit.text.train_tokenizer import train_tokenizer
+    from vlkit.train.checkpoint import save_model
+    from vlkit.vision.preprocess import ImageProcessor
+    from vlkit.vision.vit import ViTConfig
+
+    s = SIZES[size]
+    corpus = [f"a {c} {shape} at the {w} of the picture" for c in ("red", "green", "blue", "white")
+              for shape in ("circle", "square", "star") for w in ("left", "right", "top")] * 4  # fmt: skip
+    tok = train_tokenizer(corpus, vocab_size=512, min_frequency=1)
+    cfg = LlavaConfig(
+        vision=ViTConfig(image_size=s["image"], patch_size=s["patch"], width=s["vwidth"], depth=s["vdepth"], num_heads=4),
+        lm=LlamaConfig(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
+                       num_attention_heads=s["heads"], num_key_value_heads=s["heads"], max_position_embeddings=512),
+        connector="mlp", image_token_id=tok.token_to_id("<image>"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Llava(cfg)
+    model.tokenizer = tok
+    model.generation_config = GenerationConfig(eos_token_id=tok.token_to_id("<|im_end|>"))
+    model.processor = ImageProcessor(size=s["image"], crop_size=s["image"])
+    save_model(folder, model, "llava")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, port: int, threads: int, max_tokens: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "vlkit.cli", "serve", "--model", f"vlm={model}", "--port", str(port),
+           "--max-tokens-cap", str(max_tokens), "--log-level", "warning"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}; see its log")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server was not ready within {timeout} s")
+
+
+def image_urls(n: int) -> list[str]:
+    from PIL import Image, ImageDraw
+
+    colors = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (96, 96), "black")
+        ImageDraw.Draw(img).ellipse([8 + i % 5 * 6, 10, 60 + i % 3 * 9, 70], fill=colors[i % len(colors)])
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens: int, images: list[str]) -> dict:
+    """``clients`` threads, each sending one request after another until ``seconds`` pass."""
+    import openai
+
+    latencies: list[float] = []
+    tokens, errors, sent = [0], [], [0]
+    lock = threading.Lock()
+    start = time.monotonic()
+    stop_at = start + seconds
+
+    def client(k: int) -> None:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=300)
+        while time.monotonic() < stop_at:
+            with lock:
+                if sent[0] >= max_requests:
+                    return
+                i = sent[0]
+                sent[0] += 1
+            question = f"Question {i}: what shape is in the picture, and what color is it?"
+            content = [{"type": "image_url", "image_url": {"url": images[i % len(images)]}}, {"type": "text", "text": question}]
+            t0 = time.monotonic()
+            try:
+                r = c.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+                                              temperature=0)  # fmt: skip
+                with lock:
+                    latencies.append(time.monotonic() - t0)
+                    tokens[0] += r.usage.completion_tokens
+            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+                with lock:
+                    errors.append(f"{type(err).__name__}: {err}"[:200])
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 600)
+    wall = time.monotonic() - start
+    lat = sorted(latencies)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "first_errors": errors[:3],
+            "wall_s": round(wall, 2), "requests_per_s": round(len(lat) / wall, 3), "tokens_per_s": round(tokens[0] / wall, 1),
+            "tokens_per_request": round(tokens[0] / max(1, len(lat)), 1),
+            "p50_s": round(statistics.median(lat), 3) if lat else None, "p95_s": round(pct(0.95), 3)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a VLM folder (default: build a random one of --size)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    p.add_argument("--max-requests", type=int, default=2000, help="requests per phase at most")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="the server's OMP_NUM_THREADS")
+    p.add_argument("--out", help="append the result as a JSON line to this file")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else build_vlm(Path(tmp) / f"vlm_{args.size}", args.size)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = Path(tmp) / "server.log"
+        proc = start_server(model, port, args.threads, args.max_tokens, log)
+        try:
+            wait_ready(url, proc, 180)
+            images = image_urls(16)
+            phase(url, 1, min(5.0, args.seconds), 3, args.max_tokens, images)  # warm-up
+            many = phase(url, args.clients, args.seconds, args.max_requests, args.max_tokens, images)
+            one = phase(url, 1, args.seconds, args.max_requests, args.max_tokens, images)
+            import httpx
+
+            engine = httpx.get(f"{url}/health", timeout=10).json()["models"]["vlm"]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if proc.returncode not in (0, -15, None):
+                print(log.read_text()[-3000:], file=sys.stderr)
+    result = {"model": str(args.model or f"random {args.size}"), "max_tokens": args.max_tokens, "seconds": args.seconds,
+              "load_avg": os.getloadavg(), "one": one, "many": many,
+              "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
+              "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows")}}  # fmt: skip
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

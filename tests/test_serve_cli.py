@@ -1,0 +1,66 @@
+"""``vlkit serve`` from the command line: it starts on the port given, serves the named models and
+stops on SIGTERM; a folder that holds no servable model, or a name given twice, is refused before
+anything listens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+
+from vlkit.cli import main  # noqa: E402
+
+from _serve_util import clip_folder  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_starts_serves_and_stops(tmp_path):
+    clip = clip_folder(tmp_path / "clip")
+    port = free_port()
+    env = {**os.environ, "VLKIT_API_KEY": "k", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vlkit.cli", "serve", "--model", f"tower={clip}", "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline, health = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health is not None and health.status_code == 200, proc.stdout.read().decode() if proc.poll() is not None else ""
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"}).json()
+        assert [m["id"] for m in models["data"]] == ["tower"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # the key came from VLKIT_API_KEY
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal it caught
+    assert b"Traceback" not in proc.stdout.read()
+
+
+def test_bad_model_folders_are_refused(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    clip = clip_folder(tmp_path / "clip")
+    assert main(["serve", "--model", str(clip), "--model", str(clip)]) == 2
+    assert "name it" in capsys.readouterr().err
+    assert main(["serve", "--model", str(clip), "--image-root", str(tmp_path / "nowhere")]) == 2
+    assert "--image-root" in capsys.readouterr().err
