@@ -113,9 +113,17 @@ def test_stage2_starts_from_stage1_and_refuses_a_different_model(parts, stage1):
         load_init(model, str(parts["root"] / "nowhere"))
 
 
-def test_stage1_refuses_training_more_than_the_connector(parts):
+def test_recipes_that_cannot_train_are_refused_by_key(parts, tmp_path):
     with pytest.raises(ConfigError, match="stage 1 trains only the connector; got train.lm='full'"):
         load_recipe(recipe(parts["lm"], parts["data"], stage=1, train={"lm": "full"}))
+    with pytest.raises(ConfigError, match="exactly one of model.vision .* and model.vision_config"):
+        load_recipe(recipe(parts["lm"], parts["data"], model={"vision": "somewhere"}))
+    with pytest.raises(ConfigError, match="data.max_length 999 exceeds the language model's 256 positions"):
+        train_vlm(load_recipe(recipe(parts["lm"], parts["data"], data={"max_length": 999})), tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.source .*nothing.json.*: no such file; expected a LLaVA conversation JSON or 'shapes'"):
+        train_vlm(load_recipe(recipe(parts["lm"], tmp_path / "nothing.json")), tmp_path / "run")
+    with pytest.raises(ConfigError, match="model.lm .*: a CLIP; LLaVA takes a Llama-family language model"):
+        train_vlm(load_recipe(recipe(clip_folder(tmp_path / "clip"), parts["data"])), tmp_path / "run")
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1, tmp_path):

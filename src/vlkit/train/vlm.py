@@ -320,6 +320,9 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
             print(f"skipped {skips.total} bad records while indexing the data: {skips.examples}")
         processor = build_processor(model, recipe)
         max_length = recipe.data.max_length or model.lm.max_length
+        if max_length > model.lm.max_length:
+            raise ConfigError(f"data.max_length {max_length} exceeds the language model's {model.lm.max_length} positions "
+                              f"(model.lm {recipe.model.lm!r})", ("data.max_length",))  # fmt: skip
         loop = LoopConfig(**{**to_dict(recipe.loop), "freeze": sorted(set(recipe.loop.freeze) | set(frozen))})
         micro = loop.batch_size // (loop.grad_accum * world.world_size)
         dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
