@@ -187,6 +187,8 @@ def test_length_buckets_keep_padding_small_and_cover_every_sample(processor):
 
     assert padding(shuffled) > 0.15  # measured: 0.20 in random batches, 0.04 bucketed (window 8)
     assert padding(bucketed) < 0.25 * padding(shuffled)
+    assert bucketed.planned_padding() == pytest.approx((padding(bucketed), padding(shuffled)), abs=1e-9)
+    assert shuffled.planned_padding() is None
     plan = bucketed.buckets.plan(0)
     assert sorted(plan.ravel().tolist()) == list(range(96))  # each sample once per epoch
     assert not np.array_equal(plan, bucketed.buckets.plan(1))  # a new order each epoch

@@ -142,6 +142,15 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.usable)
 
+    def planned_padding(self) -> tuple[float, float] | None:
+        """The share of padding in the first epoch's micro-batches, bucketed and (for comparison)
+        in random ones, from the measured lengths; None without bucketing."""
+        if self.lengths is None:
+            return None
+        bucketed = [self.lengths[row] for row in self.buckets.plan(0)]
+        random = LengthBuckets(None, len(self.lengths), self.buckets.micro, 0, self.buckets.seed).plan(0)
+        return padding_fraction(bucketed), padding_fraction([self.lengths[row] for row in random])
+
     def __getitem__(self, k: int) -> ProcessedSample | Skipped:
         epoch, j = divmod(self.buckets.sample(k), len(self.usable))
         try:
@@ -242,7 +251,7 @@ class ConversationCollate:
 
 def padding_fraction(batches: Sequence[Sequence[int]]) -> float:
     """The share of a padded batch's positions that are padding, over ``batches`` of sample lengths."""
-    total = sum(len(b) * max(b) for b in batches if b)
+    total = sum(len(b) * max(b) for b in batches if len(b))
     return 1 - sum(sum(b) for b in batches) / total if total else 0.0
 
 

@@ -327,6 +327,8 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         micro = loop.batch_size // (loop.grad_accum * world.world_size)
         dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
                                       recipe.data.bucket_window, loop.seed, images_only=recipe.train.lm == "frozen")  # fmt: skip
+        if (padding := dataset.planned_padding()) and world.is_main:
+            print(f"batches bucketed by length: {padding[0]:.0%} of their positions are padding (random batches: {padding[1]:.0%})")
         if dataset.left_out and world.is_main:
             print(f"left out {dataset.left_out} records without images: only the connector (and tower) train")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
