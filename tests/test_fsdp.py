@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from vlkit.errors import ConfigError
 from vlkit.lm import LlamaConfig, LlamaLM
-from vlkit.train.distributed import World
+from vlkit.train.distributed import World, shard
 from vlkit.train.loop import LoopConfig, OptimConfig, fit
 
 WORLD_SIZE = 2
@@ -119,3 +120,12 @@ def test_two_ranks_take_the_single_process_steps(runs, run):
 def test_fsdp_shards_the_parameters(runs):
     seen = json.loads((runs / "sharding.json").read_text())
     assert seen == {"type": "DTensor", "global": [64, 32], "local": [32, 32]}
+
+
+def test_scalar_parameters_are_refused_by_name():
+    """FSDP2 cannot shard a 0-d parameter (CLIP's logit_scale); the loop says so before touching torch.distributed."""
+    model = CausalLM()
+    model.logit_scale = nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(ConfigError, match=r"loop.parallel: FSDP2 cannot shard the scalar parameter\(s\) \['logit_scale'\]"):
+        shard(model)
+    assert not dist.is_initialized()

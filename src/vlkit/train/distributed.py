@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlkit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -62,8 +64,13 @@ parameters, gradients and optimizer state over the ranks (for models that do not
 def shard(model: torch.nn.Module) -> None:
     """FSDP2 (``fully_shard``) in place: each layer of every layer stack (``nn.ModuleList``: the
     transformer blocks) its own unit, gathered only while it runs, then the root for the rest.
-    The optimizer must be built afterwards, on the sharded parameters."""
+    The optimizer must be built afterwards, on the sharded parameters. FSDP2 cannot shard scalar
+    parameters (CLIP's temperature): such a model is refused by name (DDP trains it)."""
     from torch.distributed.fsdp import fully_shard
+
+    if scalars := [name for name, p in model.named_parameters() if p.ndim == 0]:
+        raise ConfigError(f"loop.parallel: FSDP2 cannot shard the scalar parameter(s) {scalars} of the "
+                          f"{type(model).__name__}; train it with loop.parallel=ddp", ("loop.parallel",))
 
     for stack in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
         for block in stack:
