@@ -1,0 +1,243 @@
+"""The demo's VLM part: a LLaVA-style shapes VLM from the demo's CLIP tower and shapes LM,
+trained in two stages (align the connector on captions, then instruction-tune on
+conversations mixing captioning, VQA and grounding), evaluated on held-out scenes.
+
+Evaluation (held-out world, :data:`vlkit.data.shapes_chat.HELD_OUT_SEED`): VQA exact match
+(answers normalised as VQAv2 does) over 1000 questions, a fifth of each type; caption
+CIDEr-D on 500 images against all of each scene's captions; grounding Acc@IoU≥0.5 on 500
+referring expressions, the answer's ``[x1, y1, x2, y2]`` read on the 0–999 grid.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import vlkit
+from vlkit.boxes import parse_box
+from vlkit.config import apply_overrides, read
+from vlkit.data.shapes_chat import QUESTION_TYPES, ShapesChatConfig, eval_captions, eval_grounding, eval_vqa
+from vlkit.eval.generative import answerer
+from vlkit.eval.metrics import cider_scores, grounding_accuracy, normalize_answer
+from vlkit.report import draw_loss
+from vlkit.train.vlm import MODEL_DIR, load_recipe, train_vlm
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REQUIRES: tuple[str, ...] = ("clip", "lm")
+SIZES = {"vqa": 1000, "caption": 500, "grounding": 500}
+QUICK_SIZES = {"vqa": 200, "caption": 100, "grounding": 100}
+
+
+def split_overrides(overrides: list[str]) -> dict[int, list[str]]:
+    """``--stage1.KEY=V`` reaches stage 1 only, ``--stage2.KEY=V`` stage 2 only; others both."""
+    out = {1: [], 2: []}
+    for item in overrides:
+        text = item.removeprefix("--")
+        for stage in (1, 2):
+            if text.startswith(f"stage{stage}."):
+                out[stage].append("--" + text.removeprefix(f"stage{stage}."))
+                break
+        else:
+            out[1].append(item)
+            out[2].append(item)
+    return out
+
+
+def stage_recipe(stage: int, out: Path, quick: bool, overrides: list[str]):
+    path = RECIPES / f"llava_shapes_stage{stage}.yaml"
+    data = apply_overrides(read(path), [f"model.vision={out / 'clip'}", f"model.lm={out / 'lm'}"])
+    if stage == 2:
+        data = apply_overrides(data, [f"init_from={out / 'vlm' / 'stage1'}"])
+    if quick:
+        steps = 15 if stage == 1 else 60
+        data = apply_overrides(data, [f"loop.steps={steps}", "optim.warmup_steps=5"])
+    return load_recipe(data, overrides, path)
+
+
+def _estimate_step_seconds(recipe) -> float:
+    """Time two training steps (after one warm-up) of the recipe's model on its own data."""
+    from vlkit.data.conversations import ConversationCollate, ConversationDataset
+    from vlkit.data.formats.common import Skips
+    from vlkit.precision import autocast
+    from vlkit.train.loop import freeze
+    from vlkit.train.vlm import build_model, build_processor, build_source, plan_training
+
+    model = build_model(recipe)
+    frozen, _ = plan_training(model, recipe)
+    model.train()
+    freeze(model, frozen)
+    processor = build_processor(model, recipe)
+    n = recipe.loop.batch_size
+    data = ConversationDataset(build_source(recipe.data, Skips()), processor, model.lm.max_length, n, bucket_window=0)
+    batch = ConversationCollate(processor)([data[i] for i in range(n)])
+    batch.pop("skipped")
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with autocast(recipe.loop.precision, "cpu"):
+            loss = model(**batch).loss
+        loss.backward()
+        times.append(time.perf_counter() - t)
+    return sum(times[1:]) / 2
+
+
+# ---------------------------------------------------------------- evaluation
+def _generate(answer, world, items, max_new_tokens: int, batch: int = 50) -> list[str]:
+    out = []
+    for k in range(0, len(items), batch):
+        chunk = items[k : k + batch]
+        images = [world.scene(it.index).render() for it in chunk]
+        out += answer.generate(images, [it.prompt for it in chunk], max_new_tokens=max_new_tokens)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, world, sizes: dict[str, int] = SIZES) -> tuple[dict, dict]:
+    """``(metrics, examples)`` of a shapes VLM on the held-out ``world``: VQA exact match (all and
+    per type), caption CIDEr-D, grounding Acc@0.5 and mean IoU; ``examples`` per task for the report."""
+    answer = answerer(model)
+    size = world.image_size
+    vqa = eval_vqa(world, sizes["vqa"])
+    preds = _generate(answer, world, vqa, 6)
+    right = [normalize_answer(p) == normalize_answer(q.target) for p, q in zip(preds, vqa)]
+    by_type = defaultdict(list)
+    for q, ok in zip(vqa, right):
+        by_type[q.type].append(ok)
+    caps = eval_captions(world, sizes["caption"])
+    cap_preds = _generate(answer, world, caps, 48)
+    cider, per = cider_scores({str(i): p for i, p in enumerate(cap_preds)}, {str(i): c.target for i, c in enumerate(caps)})
+    ground = eval_grounding(world, sizes["grounding"])
+    box_texts = _generate(answer, world, ground, 24)
+    boxes = [parse_box(t, "norm1000", size, size) for t in box_texts]
+    g = grounding_accuracy(boxes, [it.target for it in ground])
+    metrics = {
+        "vqa_accuracy": sum(right) / len(right),
+        "vqa_by_type": {t: sum(by_type[t]) / len(by_type[t]) for t in QUESTION_TYPES if by_type[t]},
+        "caption_cider": cider,
+        "grounding_acc50": g["acc@0.5"],
+        "grounding_mean_iou": g["mean_iou"],
+        "grounding_unparsed": g["unparsed"],
+    }
+    examples = {
+        "vqa": [(q, p, ok) for q, p, ok in zip(vqa, preds, right)],
+        "caption": [(c, p, per[str(i)]) for i, (c, p) in enumerate(zip(caps, cap_preds))],
+        "grounding": [(it, t, b, iou) for it, t, b, iou in zip(ground, box_texts, boxes, g["ious"])],
+    }
+    return metrics, examples
+
+
+def draw_examples(world, examples: dict, out: Path, per_task: int = 6) -> None:
+    """A page of held-out examples: VQA (question, answer, truth), captions, and grounding with
+    the true box (green) and the predicted one (red, dashed)."""
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, per_task, figsize=(2.3 * per_task, 3 * 2.9), dpi=110)
+    vqa = examples["vqa"][:: max(1, len(examples["vqa"]) // per_task)][:per_task]
+    caps = examples["caption"][:per_task]
+    ground = examples["grounding"][:per_task]
+    for ax, (q, pred, ok) in zip(axes[0], vqa):
+        ax.imshow(world.scene(q.index).render())
+        ax.set_title(f"{_wrap(q.text)}\n→ {_wrap(pred)} (true {q.target})", fontsize=7, color="green" if ok else "red")
+    for ax, (c, pred, score) in zip(axes[1], caps):
+        ax.imshow(world.scene(c.index).render())
+        ax.set_title(f"{_wrap(pred)}\nCIDEr-D {score:.2f}", fontsize=7)
+    for ax, (it, text, box, iou) in zip(axes[2], ground):
+        ax.imshow(world.scene(it.index).render())
+        x0, y0, x1, y1 = it.target
+        ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+        if box is not None:
+            ax.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                           edgecolor="red", linewidth=1.5, linestyle="--"))  # fmt: skip
+        ax.set_title(f"{_wrap(it.text)}\n{_wrap(text)} IoU {iou:.2f}", fontsize=7, color="green" if iou >= 0.5 else "red")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("held-out scenes: VQA (top), captions (middle), grounding (bottom: true box green, predicted red)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int = 30) -> str:
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)  # an untrained model's bytes
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + len(w) + 1 > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])
+
+
+def _publish(model_dir: Path, target: Path) -> None:
+    """The trained model's files into ``target`` (the part's folder), ``config.json`` last."""
+    for f in sorted(model_dir.iterdir(), key=lambda p: p.name == "config.json"):
+        shutil.copy2(f, target / f.name)
+
+
+# ---------------------------------------------------------------- the part
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+    per_stage = split_overrides(overrides)
+    recipes = {s: stage_recipe(s, out, quick, per_stage[s]) for s in (1, 2)}
+    estimate = {s: _estimate_step_seconds(recipes[s]) * recipes[s].loop.steps for s in (1, 2)}
+    print(f"[vlm] stage 1: {recipes[1].loop.steps} steps, about {estimate[1] / 60:.1f} min; stage 2: {recipes[2].loop.steps} "
+          f"steps, about {estimate[2] / 60:.1f} min on this machine; then ~2 min of evaluation")
+    root = out / "vlm"
+    runs = {s: root / f"stage{s}" for s in (1, 2)}
+    summaries = {s: train_vlm(recipes[s], runs[s]) for s in (1, 2)}
+    _publish(runs[2] / MODEL_DIR, root)
+    model = vlkit.load(root)
+    world = ShapesChatConfig(held_out=True, image_size=recipes[2].data.shapes.get("image_size", 64)).world
+    t = time.perf_counter()
+    metrics, examples = evaluate(model, world, QUICK_SIZES if quick else SIZES)
+    eval_seconds = time.perf_counter() - t
+    train_seconds = sum(s["train_seconds"] for s in summaries.values())
+    metrics.update(train_seconds=train_seconds, stage1_seconds=summaries[1]["train_seconds"],
+                   stage2_seconds=summaries[2]["train_seconds"], eval_seconds=eval_seconds,
+                   trainable_stage2=summaries[2]["trainable"], parameters=summaries[2]["parameters"])  # fmt: skip
+    lm_metrics = out / "metrics.json"
+    if lm_metrics.is_file() and "lm" in read(lm_metrics):
+        metrics["train_seconds_with_lm"] = train_seconds + read(lm_metrics)["lm"]["train_seconds"]
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for s in (1, 2):
+        draw_loss(runs[s] / "metrics.jsonl", figures / f"vlm_stage{s}_loss.png")
+    draw_examples(world, examples, figures / "vlm_examples.png")
+    return metrics, _section(metrics, recipes, summaries, model, quick)
+
+
+def _section(m: dict, recipes: dict, summaries: dict, model, quick: bool) -> str:
+    r2 = recipes[2]
+    n = QUICK_SIZES if quick else SIZES
+    return "\n".join([
+        "## The shapes VLM (LLaVA-style, two stages)",
+        "",
+        f"The demo's CLIP tower (frozen in stage 1) and shapes LM joined by a {r2.model.connector} connector "
+        f"({model.num_image_tokens()} visual tokens per image). Stage 1: the connector alone on captions, "
+        f"{recipes[1].loop.steps} steps of {recipes[1].loop.batch_size} ({m['stage1_seconds'] / 60:.1f} min). Stage 2: "
+        f"connector, LM (train.lm={r2.train.lm}) and tower (lr {r2.train.vision_lr}) on multi-turn conversations mixing "
+        f"captioning, VQA and grounding, {r2.loop.steps} steps of {r2.loop.batch_size} ({m['stage2_seconds'] / 60:.1f} min; "
+        f"{summaries[2]['trainable']:,} trainable parameters). Model folder: `vlm/`.",
+        "",
+        "Held-out scenes (another seed). Boxes are text, `[x1, y1, x2, y2]` on a 0–999 grid of the image.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| VQA exact match ({n['vqa']} questions) | {m['vqa_accuracy']:.3f} |",
+        *[f"| &nbsp; {t} | {v:.3f} |" for t, v in m["vqa_by_type"].items()],
+        f"| caption CIDEr-D ({n['caption']} images) | {m['caption_cider']:.3f} |",
+        f"| grounding Acc@0.5 ({n['grounding']} expressions) | {m['grounding_acc50']:.3f} |",
+        f"| grounding mean IoU | {m['grounding_mean_iou']:.3f} |",
+        f"| training time, both stages | {m['train_seconds'] / 60:.1f} min |",
+        "",
+        "![examples](figures/vlm_examples.png)",
+        "",
+        "![stage 1 loss](figures/vlm_stage1_loss.png) ![stage 2 loss](figures/vlm_stage2_loss.png)",
+        "",
+    ])  # fmt: skip
