@@ -235,3 +235,17 @@ def test_bad_adapter_folders_are_named(tmp_path):
     assert not lora_layers(fresh), "a refused adapter changes nothing"
     with pytest.raises(CheckpointError, match="adapter_config.json: missing"):
         load_adapter(fresh, tmp_path)
+
+
+@torch.no_grad()
+def test_adapted_tower_pools_through_its_adapters():
+    """A ViT's ``pooled`` runs the last block's attention for the class row alone (Attention.attend):
+    it must see the adapters as ``forward`` does."""
+    from vlkit.vision.vit import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2)).eval()
+    add_lora(vit, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomise_adapters(vit)
+    pixels = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(vit.pooled(pixels), vit(pixels).pooled, atol=1e-5, rtol=1e-5)

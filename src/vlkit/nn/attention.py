@@ -94,8 +94,7 @@ class Attention(nn.Module):
         rows, K and V from all of ``x``; ``mask`` broadcastable to ``[B, H, M, N]``."""
         (b, m, _), n = queries.shape, x.shape[1]
         h, kv, hd, qs = self.num_heads, self.num_kv_heads, self.head_dim, self.q_size
-        w, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(queries, w[:qs], None if bias is None else bias[:qs]).view(b, m, h, hd).transpose(1, 2)
-        k, v = F.linear(x, w[qs:], None if bias is None else bias[qs:]).view(b, n, 2, kv, hd).permute(2, 0, 3, 1, 4)
+        q = self.qkv.rows(queries, 0, qs).view(b, m, h, hd).transpose(1, 2)
+        k, v = self.qkv.rows(x, qs).view(b, n, 2, kv, hd).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         return self.proj(out.transpose(1, 2).reshape(b, m, qs))

@@ -55,6 +55,11 @@ class Linear(nn.Linear):
             return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def rows(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        """Output features ``start:stop`` alone, ``self(x)[..., start:stop]`` without computing the
+        others (a fused q|k|v layer's queries for a few rows, say); LoRA layers add their update."""
+        return F.linear(x, self.weight[start:stop], None if self.bias is None else self.bias[start:stop])
+
 
 def use_onednn(module: nn.Module, on: bool = True) -> nn.Module:
     """Set (or clear) ``onednn`` on every :class:`Linear` inside ``module``; returns ``module``."""

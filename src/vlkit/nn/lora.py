@@ -122,11 +122,21 @@ class LoraLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        low = F.linear(self.lora_dropout(x), self.lora_A)
         if len(self.parts) == 1 and self.parts[0].stop - self.parts[0].start == self.out_features:
-            return y + F.linear(low, self.lora_B) * self.scaling
+            return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return self._update(y, x, 0)
+
+    def rows(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        return self._update(super().rows(x, start, stop), x, start)
+
+    def _update(self, y: torch.Tensor, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Add each part's update to ``y``, output features ``start:start + y.shape[-1]`` of ``x``'s."""
+        stop, low = start + y.shape[-1], F.linear(self.lora_dropout(x), self.lora_A)
         for i, (part, _, b) in enumerate(self.part_weights()):
-            y[..., part.start : part.stop] += F.linear(low[..., i * self.r : (i + 1) * self.r], b) * self.scaling
+            lo, hi = max(part.start, start), min(part.stop, stop)
+            if lo < hi:
+                update = F.linear(low[..., i * self.r : (i + 1) * self.r], b[lo - part.start : hi - part.start])
+                y[..., lo - start : hi - start] += update * self.scaling
         return y
 
     def extra_repr(self) -> str:
