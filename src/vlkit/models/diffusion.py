@@ -12,7 +12,11 @@ sharing learn clean edges and flat fills from few samples, and attention runs on
 coarse levels, where there are few positions; a DiT must learn locality from data and
 attends over every patch at every layer. The UNet first folds ``patch`` × ``patch`` pixels
 into channels (space to depth, as "simple diffusion" does), so a 64-pixel image is worked on
-as a 32×32 grid: 4× less compute, still exact pixels out (depth to space at the end).
+as a coarser grid (patch 4: 16×16, 16× less compute), still exact pixels out (depth to space at
+the end). The noisy input, folded, also goes straight to the output convolution: at low noise
+the prediction is mostly the per-pixel noise itself, which a linear path carries exactly and a
+deep path through ``channels[0]`` features learns slowly (measured: without it, a model 500
+steps in still left half the noise's variance in its estimate at t = 50, and speckled samples).
 
 Why v-prediction (``ScheduleConfig.prediction_type``; ε is one key away): with the cosine
 schedule the noisiest steps are almost pure noise, where ε is easy to predict but says
@@ -181,7 +185,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(Level(ch[min(i + 1, len(ch) - 1)] + ch[i], ch[i], n, emb_dim, cfg, context_dim, i in attn) for i in levels)
         self.upsample = nn.ModuleList(nn.Conv2d(ch[i], ch[i], 3, padding=1) for i in levels[1:])
         self.out_norm = nn.GroupNorm(cfg.norm_groups, ch[0])
-        self.out = nn.Conv2d(ch[0], cfg.in_channels * p * p, 3, padding=1)
+        self.out = nn.Conv2d(ch[0] + cfg.in_channels * p * p, cfg.in_channels * p * p, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -201,7 +205,8 @@ class UNet(nn.Module):
             mask = mask | drop[:, None]
         attn_mask = mask[:, None, None, :]
         emb = self.time(timestep_embedding(t, self.cfg.channels[0]).to(x.dtype)) + self.pooled(pooled)
-        h = self.stem(F.pixel_unshuffle(x, self.cfg.patch))
+        folded = F.pixel_unshuffle(x, self.cfg.patch)
+        h = self.stem(folded)
         skips = []
         for i, level in enumerate(self.down):
             h = level(h, emb, context, attn_mask)
@@ -213,7 +218,7 @@ class UNet(nn.Module):
             h = self.up[i](torch.cat([h, skips[i]], dim=1), emb, context, attn_mask)
             if i > 0:
                 h = self.upsample[i - 1](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), self.cfg.patch)
+        return F.pixel_shuffle(self.out(torch.cat([F.silu(self.out_norm(h)), folded], dim=1)), self.cfg.patch)
 
 
 class TextToImage(nn.Module):
