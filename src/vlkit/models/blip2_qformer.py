@@ -203,7 +203,8 @@ class Blip2QFormer(nn.Module):
     @torch.no_grad()
     def caption(self, pixel_values: torch.Tensor, max_new_tokens: int = 20, **options) -> list[str]:
         """Captions by the Q-Former alone (the ITG head), from ``[DEC]``, through :func:`vlkit.lm.generate.generate`
-        (greedy by default; ``num_beams=``, ``do_sample=`` ... as there)."""
+        (greedy by default; ``num_beams=``, ``do_sample=`` ... as there); at most the Q-Former's positions
+        after ``[DEC]``."""
         if self.tokenizer is None:
             raise VlkitError("this model has no tokenizer attached; set model.tokenizer or load the model with vlkit.load")
         if self.cfg.dec_token_id is None:
@@ -212,7 +213,8 @@ class Blip2QFormer(nn.Module):
         prompt = torch.full((tokens.shape[0], 1), self.cfg.dec_token_id, dtype=torch.long, device=tokens.device)
         options.setdefault("eos_token_id", self.cfg.eos_token_id)
         options.setdefault("pad_token_id", self.cfg.qformer.pad_token_id)
-        ids = generate(ITGDecoder(self, tokens), prompt, max_new_tokens=max_new_tokens, **options)
+        new = min(max_new_tokens, self.cfg.qformer.max_positions - 1)
+        ids = generate(ITGDecoder(self, tokens), prompt, max_new_tokens=new, **options)
         eos = self.cfg.eos_token_id
         rows = [row if eos is None or eos not in row else row[: row.index(eos)] for row in ids.tolist()]
         return [text.strip() for text in self.tokenizer.tok.decode_batch(rows, skip_special_tokens=True)]

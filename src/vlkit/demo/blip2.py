@@ -1,0 +1,165 @@
+"""The demo's BLIP-2 part: stage 1 (ITC + ITM + ITG) under the demo's shapes CLIP tower, then stage 2
+through the demo's shapes LM, both frozen; text→image retrieval by ITC and after ITM re-ranking,
+captions (through the LM, and by the Q-Former alone) and zero-shot VQA on held-out scenes."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vlkit
+from vlkit.config import apply_overrides, read
+from vlkit.data.shapes import ShapesWorld
+from vlkit.demo.vlm import split_overrides
+from vlkit.eval import shapes as shapes_eval
+from vlkit.eval.metrics.cider import cider
+from vlkit.eval.metrics.vqa import vqa_accuracy
+from vlkit.eval.retrieval import image_tokens, itc_itm_retrieval
+from vlkit.models.blip2_processor import CAPTION_PROMPT, Blip2Answerer
+from vlkit.train.blip2 import load_recipe, train_blip2
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REQUIRES: tuple[str, ...] = ("clip", "lm")
+HELD_OUT_SEED = 1_000_003
+"""Scenes for captions and VQA that no training run draws."""
+SIZES = {"retrieval": 1000, "caption": 300, "vqa": 500}
+QUICK_SIZES = {"retrieval": 200, "caption": 50, "vqa": 100}
+
+
+def stage_recipe(stage: int, out: Path, quick: bool, overrides: list[str]):
+    path = RECIPES / f"blip2_shapes_stage{stage}.yaml"
+    paths = [f"model.vision={out / 'clip'}"] if stage == 1 else [f"model.init_from={out / 'blip2' / 'stage1'}", f"model.lm={out / 'lm'}"]
+    data = apply_overrides(read(path), paths)
+    if quick:
+        data = apply_overrides(data, ["loop.steps=30", "optim.warmup_steps=5"])
+    return load_recipe(stage, data, overrides, path)
+
+
+def _estimate_step_seconds(recipe) -> float:
+    """Time two stage-1 training steps (after one warm-up) on the recipe's data."""
+    from vlkit.data.pairs import Collate
+    from vlkit.precision import autocast
+    from vlkit.train.blip2 import build_stage1
+    from vlkit.train.clip import build_dataset
+
+    model = build_stage1(recipe).train()
+    data = build_dataset(recipe, model.processor)
+    families = recipe.loop.batch_size // recipe.data.group_size
+    batch = Collate(model.tokenizer)([data[i] for i in range(families)])
+    batch.pop("skipped")
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with autocast(recipe.loop.precision, "cpu"):
+            loss = model(**batch)
+        loss.backward()
+        times.append(time.perf_counter() - t)
+    return sum(times[1:]) / 2
+
+
+@torch.no_grad()
+def evaluate_stage1(model, image_size: int, n: int) -> dict:
+    """Retrieval on the shapes benchmark's held-out split: ITC, then ITM on each text's top 16."""
+    world = ShapesWorld(image_size)
+    scenes, captions = shapes_eval.retrieval_split(world, n)
+    tokens = image_tokens(model, shapes_eval.pixels(model, scenes))
+    return itc_itm_retrieval(model, tokens, [c.text for c in captions], shapes_eval.truth_matrix(scenes, captions))[0]
+
+
+@torch.no_grad()
+def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple[dict, list[dict]]:
+    """CIDEr-D of captions through the LM (prompt "a photo of") and by the Q-Former alone (ITG), and
+    zero-shot VQA accuracy (prompt "Question: {} Short answer:") on held-out scenes."""
+    world = ShapesWorld(image_size, seed=HELD_OUT_SEED)
+    scenes = [world.scene(i) for i in range(max(sizes["caption"], sizes["vqa"]))]
+    answerer = Blip2Answerer(model)
+    refs = {i: [c.text for c in s.captions] for i, s in enumerate(scenes[: sizes["caption"]])}
+    lm_caps, itg_caps = {}, {}
+    for start in range(0, len(refs), 50):
+        part = scenes[start : min(start + 50, len(refs))]
+        images = [s.render() for s in part]
+        lm_caps |= dict(zip(range(start, start + len(part)), answerer.generate(images, [CAPTION_PROMPT] * len(part), max_new_tokens=24)))
+        itg_caps |= dict(zip(range(start, start + len(part)), qformer_model.caption(qformer_model.processor.batch(images), max_new_tokens=24)))
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    questions = [(s, s.vqa[int(rng.integers(len(s.vqa)))]) for s in scenes[: sizes["vqa"]]]
+    answers = []
+    for start in range(0, len(questions), 50):
+        part = questions[start : start + 50]
+        prompts = [Blip2Answerer.question_prompt(q["question"]) for _, q in part]
+        answers += answerer.generate([s.render() for s, _ in part], prompts, max_new_tokens=8)
+    vqa = float(np.mean([vqa_accuracy(a, [q["answer"]]) for a, (_, q) in zip(answers, questions)]))
+    metrics = {"caption_cider": cider(lm_caps, refs), "caption_cider_itg": cider(itg_caps, refs), "vqa_accuracy": vqa}
+    examples = [{"scene": scenes[i], "caption": lm_caps[i], "itg": itg_caps[i], "question": questions[i][1]["question"],
+                 "answer": answers[i], "truth": questions[i][1]["answer"]} for i in range(4)]  # fmt: skip
+    return metrics, examples
+
+
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+    per_stage = split_overrides(overrides)
+    recipes = {s: stage_recipe(s, out, quick, per_stage[s]) for s in (1, 2)}
+    per_step = _estimate_step_seconds(recipes[1])
+    steps = recipes[1].loop.steps + recipes[2].loop.steps
+    print(f"[blip2] stage 1: {recipes[1].loop.steps} steps, stage 2: {recipes[2].loop.steps} steps: about {per_step * steps / 60:.1f} min "
+          "on this machine (stage 1's step time measured, stage 2's assumed alike), then a few minutes of evaluation")
+    root = out / "blip2"
+    runs = {s: root / f"stage{s}" for s in (1, 2)}
+    summaries = {1: train_blip2(1, recipes[1], runs[1])}
+    first = vlkit.load(runs[1])
+    sizes = QUICK_SIZES if quick else SIZES
+    print(f"[blip2] stage 1: retrieval on {sizes['retrieval']} held-out scenes (ITC, then ITM on the top 16)")
+    retrieval = evaluate_stage1(first, recipes[1].data.image_size, sizes["retrieval"])
+    summaries[2] = train_blip2(2, recipes[2], runs[2])
+    model = vlkit.load(runs[2])
+    print(f"[blip2] stage 2: captions of {sizes['caption']} and zero-shot VQA on {sizes['vqa']} held-out scenes")
+    generative, examples = evaluate_stage2(model, first, recipes[1].data.image_size, sizes)
+    _publish(Path(summaries[2]["checkpoint"]), root)
+    metrics = {"t2i_r1_itc": retrieval["t2i_r1_itc"], "t2i_r1": retrieval["t2i_r1"], **generative,
+               "trainable_params": summaries[1]["trainable_params"] + summaries[2]["trainable_params"],
+               "train_seconds": summaries[1]["train_seconds"] + summaries[2]["train_seconds"],
+               "stage1_seconds": summaries[1]["train_seconds"], "stage2_seconds": summaries[2]["train_seconds"],
+               **{k: v for k, v in retrieval.items() if k not in ("t2i_r1_itc", "t2i_r1")}}  # fmt: skip
+    return metrics, _section(out, metrics, examples, recipes, sizes)
+
+
+def _publish(checkpoint: Path, target: Path) -> None:
+    """The stage-2 model's files into the part's folder (``vlkit.load(out / 'blip2')``), ``config.json`` last."""
+    for f in sorted((p for p in checkpoint.iterdir() if p.is_file()), key=lambda p: p.name == "config.json"):
+        shutil.copy2(f, target / f.name)
+
+
+def _section(out: Path, metrics: dict, examples: list[dict], recipes: dict, sizes: dict) -> str:
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, ex in enumerate(examples):
+        name = f"blip2_example_{i}.png"
+        ex["scene"].render().resize((128, 128)).save(figures / name)
+        rows.append(f"| ![scene](figures/{name}) | {ex['caption']} | {ex['itg']} | {ex['question']} → {ex['answer']} (truth: {ex['truth']}) |")
+    shown = [k for k in metrics if k not in ("train_seconds", "stage1_seconds", "stage2_seconds", "trainable_params")]
+    return "\n".join([
+        "## BLIP-2 on the shapes world",
+        "",
+        f"Stage 1: {recipes[1].loop.steps} steps of {recipes[1].loop.batch_size} pairs, ITC + ITM + ITG under the demo's CLIP tower "
+        f"(frozen); stage 2: {recipes[2].loop.steps} steps of {recipes[2].loop.batch_size} captions through the demo's LM (frozen). "
+        f"{metrics['trainable_params']:,} trainable parameters; {metrics['train_seconds'] / 60:.1f} min of training. "
+        "Model folders: `blip2/stage1/` (retrieval, Q-Former captions) and `blip2/` (captions and VQA through the LM).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {metrics[k]:.3f} |" for k in shown],
+        "",
+        f"Retrieval: {sizes['retrieval']} held-out scenes with one caption each (a caption is correct for every scene it is "
+        "true of); `t2i_r1_itc` ranks by ITC alone, `t2i_r1` after ITM re-scores each text's top 16. Captions: CIDEr-D of "
+        f"{sizes['caption']} held-out scenes against all their captions, through the LM (prompt \"a photo of\") and by the "
+        f"Q-Former's ITG head alone (`caption_cider_itg`). VQA: {sizes['vqa']} held-out questions, zero-shot "
+        "(\"Question: {} Short answer:\"); the model never trained on questions.",
+        "",
+        "| image | caption (LM) | caption (Q-Former alone) | VQA |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ])
