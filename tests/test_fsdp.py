@@ -19,11 +19,13 @@ from torch import nn
 
 from vlkit.errors import ConfigError
 from vlkit.lm import LlamaConfig, LlamaLM
+from vlkit.nn.lora import LoraConfig, add_lora
 from vlkit.train.distributed import World, shard
 from vlkit.train.loop import LoopConfig, OptimConfig, fit
 
 WORLD_SIZE = 2
-RUNS = ("ddp", "fsdp", "fsdp-resumed")
+RUNS = ("ddp", "fsdp", "fsdp-resumed", "fsdp-lora")
+LORA = LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 class CausalLM(nn.Module):
@@ -64,8 +66,13 @@ def loop(parallel: str = "ddp") -> LoopConfig:
 OPTIM = OptimConfig(lr=3e-2, warmup_steps=0, grad_clip=0.5)
 
 
-def train(out: Path, parallel: str = "ddp", world: World = World(), **kwargs) -> nn.Module:
+def train(out: Path, parallel: str = "ddp", world: World = World(), lora: bool = False, **kwargs) -> nn.Module:
+    """Two steps into ``out``; with ``lora`` only adapters train (frozen and trained parameters
+    share each FSDP unit)."""
     model = CausalLM()
+    if lora:
+        model.requires_grad_(False)
+        add_lora(model, LORA)
     fit(model, Tokens(), collate, loop(parallel), OPTIM, out, "llama", world=world, **kwargs)
     return model
 
@@ -83,6 +90,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
                                                            "local": list(weight.to_local().shape)}))
         train(out / "fsdp-resumed", "fsdp", world, stop_at=1)
         train(out / "fsdp-resumed", "fsdp", world, resume=True)
+        train(out / "fsdp-lora", "fsdp", world, lora=True)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
@@ -99,15 +107,19 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD_SIZE, join=True)
     train(out / "single")
+    train(out / "single-lora", lora=True)
     return out
 
 
 @pytest.mark.parametrize("run", RUNS)
 def test_two_ranks_take_the_single_process_steps(runs, run):
-    want_weights, want_state = checkpoint(runs / "single")
+    want_weights, want_state = checkpoint(runs / ("single-lora" if run.endswith("lora") else "single"))
     weights, state = checkpoint(runs / run)
     initial = CausalLM().state_dict()
-    assert max((want_weights[k] - initial[k]).abs().max() for k in initial) > 1e-2, "the steps must move the weights"
+    moved = {k: (want_weights[k] - initial[k]).abs().max() if k in initial else want_weights[k].abs().max() for k in want_weights}
+    assert max(moved.values()) > 1e-2, "the steps must move the weights"
+    if run.endswith("lora"):
+        assert all(moved[k] == 0 for k in initial) and any("lora_B" in k and moved[k] > 0 for k in moved)
     assert weights.keys() == want_weights.keys() and state.keys() == want_state.keys()
     for key, value in want_weights.items():
         torch.testing.assert_close(weights[key], value, atol=2e-5, rtol=1e-4, msg=f"{run}: weight {key}")
