@@ -174,28 +174,34 @@ def test_query_model_must_be_the_one_that_made_the_index(tmp_path, clip_dir):
         build_index(vlkit.load(clip_dir), clip_dir, tmp_path / "moved", tmp_path / "idx", precision="fp32", progress=False)
 
 
-def test_hnsw_above_threshold_is_chosen_reported_and_accurate(tmp_path, clip_dir, monkeypatch):
+def test_faiss_above_threshold_is_chosen_reported_and_accurate(tmp_path, clip_dir, monkeypatch):
     pytest.importorskip("faiss")
     photos = tmp_path / "photos"
     shapes_images(photos, n=12)
     monkeypatch.setattr(backends, "EXACT_MAX", 8)
-    summary = build_index(vlkit.load(clip_dir), clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
-    assert summary["kind"] == "hnsw" and "12 vectors > 8" in summary["kind_reason"]
-    assert (tmp_path / "idx" / backends.FAISS_FILE).is_file()
-    idx = PhotoIndex.load(tmp_path / "idx")
-    assert idx.kind == "hnsw"
-    exact = backends.ExactSearch(idx.vectors)
-    q = idx.vectors[:5]
-    np.testing.assert_array_equal(idx.backend.search(q, 3)[1], exact.search(q, 3)[1])
+    model = vlkit.load(clip_dir)
+    for kind, out in (("auto", "ivf"), ("hnsw", "hnsw")):
+        summary = build_index(model, clip_dir, photos, tmp_path / kind, kind=kind, precision="fp32", progress=False)
+        assert summary["kind"] == out
+        assert ("12 vectors > 8: approximate search (FAISS IVF)" if kind == "auto" else "--kind hnsw") == summary["kind_reason"]
+        assert (tmp_path / kind / backends.FAISS_FILE).is_file()
+        idx = PhotoIndex.load(tmp_path / kind)
+        assert idx.kind == out
+        q = idx.vectors[:5]
+        np.testing.assert_array_equal(idx.backend.search(q, 3)[1], backends.ExactSearch(idx.vectors).search(q, 3)[1])
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    rng = np.random.default_rng(0)  # clustered vectors, as embeddings are: both find the true neighbours
+    centres = rng.standard_normal((30, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 30, 3000)] + 0.3 * rng.standard_normal((3000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     queries = x[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
-    truth = exact_rows = backends.ExactSearch(x).search(queries, 10)[1]
-    got = backends.HNSWSearch.build(x).search(queries, 10)[1]
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact_rows)])
-    assert recall >= 0.95 and truth.shape == got.shape
+    truth = backends.ExactSearch(x).search(queries, 10)[1]
+    for searcher in (backends.IVFSearch.build(x), backends.HNSWSearch.build(x)):
+        got = searcher.search(queries, 10)[1]
+        assert got.shape == truth.shape and np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)]) >= 0.95
+    (tmp_path / "hnsw" / backends.FAISS_FILE).write_bytes((tmp_path / "auto" / backends.FAISS_FILE).read_bytes())
+    with pytest.raises(VlkitError, match="a FAISS IndexIVFFlat; index.json says kind 'hnsw'"):
+        PhotoIndex.load(tmp_path / "hnsw")
 
 
 def test_exact_search_orders_and_clamps_k():
@@ -215,8 +221,8 @@ def test_broken_index_folders_are_named(tmp_path, clip_dir):
     (tmp_path / "idx" / "index.json").write_text("{")
     with pytest.raises(VlkitError, match="index.json: not valid JSON"):
         PhotoIndex.load(tmp_path / "idx")
-    with pytest.raises(VlkitError, match="index kind 'ivf'"):
-        backends.choose_kind(5, "ivf")
+    with pytest.raises(VlkitError, match="index kind 'annoy'"):
+        backends.choose_kind(5, "annoy")
 
 
 def test_cli_index_and_search(tmp_path, clip_dir, capsys):

@@ -1,0 +1,179 @@
+"""Photo-index search at scale, and embedding throughput of a folder of images.
+
+Search: N unit vectors of width D (default 1M × 512), queries scored against exact search
+(recall@10: the share of the true ten nearest found). The bar is recall@10 ≥ 0.95 at
+≤ 10 ms per query. Two datasets:
+
+- ``isotropic``: i.i.d. Gaussian directions, queries drawn the same way — the worst case for
+  any approximate index (every point is about equally far from a query; no structure to use);
+- ``clustered``: points around ``--clusters`` random centres at cosine ≈ 0.71 (``--spread``; as
+  embeddings of real photos cluster by content), queries drawn from the same mixture.
+
+Backends are vlkit's own (:mod:`vlkit.index.backends`): exact (FAISS flat inner product,
+the same maths as ``ExactSearch``), HNSW (swept over ``efSearch``) and IVF-Flat (swept over
+``nprobe``). Per-query latency is measured one query at a time (an interactive search), and
+the batch throughput alongside. Build times are reported.
+
+Embedding: ``--images FOLDER --model CLIPDIR`` times ``build_index`` (decode, preprocess,
+embed) on the folder, written to a temporary index.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_index.py --n 1000000 --backends exact,ivf
+    python benchmarks/bench_index.py --n 0 --images /tmp/photos --model runs/demo/clip/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def dataset(kind: str, n: int, d: int, q: int, clusters: int, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(base [n, d], queries [q, d])``, float32 unit vectors, generated in chunks."""
+    rng = np.random.default_rng(seed)
+    base = np.empty((n, d), dtype=np.float32)
+    if kind == "isotropic":
+        for i in range(0, n, 100_000):
+            base[i : i + 100_000] = unit(rng.standard_normal((min(100_000, n - i), d), dtype=np.float32))
+        return base, unit(rng.standard_normal((q, d), dtype=np.float32))
+    centres = unit(rng.standard_normal((clusters, d), dtype=np.float32))
+    scale = spread / np.sqrt(d)  # |offset from the centre| ≈ spread: cosine to the centre ≈ 1/sqrt(1 + spread²)
+
+    def draw(m: int) -> np.ndarray:
+        own = rng.integers(0, clusters, m)
+        return unit(centres[own] + scale * rng.standard_normal((m, d), dtype=np.float32))
+
+    for i in range(0, n, 100_000):
+        base[i : i + 100_000] = draw(min(100_000, n - i))
+    return base, draw(q)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def timed_single(search, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """Median ms per query, one query at a time on one thread (an interactive search; the other
+    cores serve other queries), and the rows found."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    times, rows = [], []
+    try:
+        for qv in queries:
+            t = time.perf_counter()
+            rows.append(search(qv[None], k)[1][0])
+            times.append(time.perf_counter() - t)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return 1000 * float(np.median(times)), np.stack(rows)
+
+
+def bench_search(args, kind: str) -> list[dict]:
+    import faiss
+
+    from vlkit.index import backends
+
+    t = time.perf_counter()
+    base, queries = dataset(kind, args.n, args.dim, args.queries, args.clusters, args.spread)
+    print(f"[{kind}] data {base.shape} in {time.perf_counter() - t:.1f} s", flush=True)
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(base)
+    t = time.perf_counter()
+    truth = flat.search(queries, args.k)[1]
+    batch_ms = 1000 * (time.perf_counter() - t) / len(queries)
+    single_ms, _ = timed_single(flat.search, queries[: args.single], args.k)
+    rows = [{"data": kind, "backend": "exact", "param": "-", "build_s": 0.0, "recall@10": 1.0,
+             "ms_per_query": single_ms, "batched_ms_per_query": batch_ms}]  # fmt: skip
+    print(json.dumps(rows[-1]), flush=True)
+    for name in args.backends:
+        if name == "exact":
+            continue
+        t = time.perf_counter()
+        searcher = backends.SEARCHERS[name].build(base)
+        build_s = time.perf_counter() - t
+        params = args.ef if name == "hnsw" else args.nprobe
+        for p in params:
+            if name == "hnsw":
+                searcher.index.hnsw.efSearch = p
+            else:
+                searcher.index.nprobe = p
+            single_ms, found = timed_single(searcher.search, queries[: args.single], args.k)
+            t = time.perf_counter()
+            found_all = searcher.search(queries, args.k)[1]
+            batch_ms = 1000 * (time.perf_counter() - t) / len(queries)
+            rows.append({"data": kind, "backend": name, "param": f"{'efSearch' if name == 'hnsw' else 'nprobe'}={p}",
+                         "build_s": round(build_s, 1), "recall@10": recall(found_all, truth), "ms_per_query": single_ms,
+                         "batched_ms_per_query": batch_ms})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+        del searcher
+    return rows
+
+
+def bench_embed(args) -> dict:
+    import vlkit
+    from vlkit.index import build_index
+
+    model = vlkit.load(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        summary = build_index(model, args.model, args.images, os.path.join(tmp, "index"), batch_size=args.batch_size,
+                              precision=args.precision, progress=False)  # fmt: skip
+        wall = time.perf_counter() - t
+    return {"images": summary["images"], "unreadable": summary["unreadable"], "wall_s": round(wall, 2),
+            "images_per_s": round(summary["images"] / wall, 1), "embed_images_per_s": summary["images_per_second"]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="vectors in the index (0: skip the search benchmark)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=200, help="queries scored for recall (batched)")
+    p.add_argument("--single", type=int, default=50, help="of which timed one at a time")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--data", default="isotropic,clustered")
+    p.add_argument("--clusters", type=int, default=10_000)
+    p.add_argument("--spread", type=float, default=1.0, help="clustered: a point's distance from its centre (1.0: cosine 0.71)")
+    p.add_argument("--backends", default="exact,ivf,hnsw")
+    p.add_argument("--ef", default="64,128,256,512")
+    p.add_argument("--nprobe", default="8,16,32,64,128")
+    p.add_argument("--images", help="a folder of images for the embedding-throughput run")
+    p.add_argument("--model", help="the CLIP folder for --images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    args = p.parse_args()
+    args.backends = args.backends.split(",")
+    args.ef = [int(v) for v in args.ef.split(",")]
+    args.nprobe = [int(v) for v in args.nprobe.split(",")]
+    print(f"load average {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    report = {"search": [], "embed": None}
+    if args.n:
+        for kind in args.data.split(","):
+            report["search"] += bench_search(args, kind)
+    if args.images:
+        report["embed"] = bench_embed(args)
+        print(json.dumps(report["embed"]), flush=True)
+    print("\n| data | backend | param | build s | recall@10 | ms/query (one at a time) | ms/query (batched) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["search"]:
+        print(f"| {r['data']} | {r['backend']} | {r['param']} | {r['build_s']} | {r['recall@10']:.3f} | "
+              f"{r['ms_per_query']:.2f} | {r['batched_ms_per_query']:.2f} |")  # fmt: skip
+    print(f"load average after: {os.getloadavg()}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
