@@ -135,6 +135,13 @@ def test_n_seed_and_stop(client, models):
         assert cut.choices[0].finish_reason == "stop"
 
 
+def test_more_choices_than_the_batch_holds_still_answer(models):
+    with serving(create_app(models, ServeSettings(max_batch=2))) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = ask(c, [{"role": "user", "content": "Tell me a story."}], n=3, temperature=1.0, seed=1, max_tokens=4)
+        assert len(r.choices) == 3 and all(ch.finish_reason for ch in r.choices)
+
+
 def test_max_tokens_is_capped(client):
     r = ask(client, [{"role": "user", "content": "Count to a thousand."}], max_tokens=1000)
     assert r.usage.completion_tokens <= 24  # the server's --max-tokens-cap

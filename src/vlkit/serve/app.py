@@ -110,13 +110,14 @@ class Routes:
         options = dict(served.options)
         options.update(max_new_tokens=min(asked or default or self.settings.default_max_tokens, self.settings.max_tokens_cap,
                                           room), max_length=None, num_beams=1, num_return_sequences=1)  # fmt: skip
-        if req.temperature == 0:
+        if req.temperature == 0:  # greedy, as OpenAI's temperature 0 is meant
             options["do_sample"] = False
-        elif req.temperature is not None:
-            options.update(do_sample=True, temperature=req.temperature)
+        elif req.temperature is not None or req.top_p is not None:
+            options["do_sample"] = True
+        if req.temperature:
+            options["temperature"] = req.temperature
         if req.top_p is not None:
             options["top_p"] = req.top_p
-            options["do_sample"] = options.get("do_sample", True) if req.temperature != 0 else False
         if req.stop:
             options["stop_strings"] = (options.get("stop_strings") or []) + ([req.stop] if isinstance(req.stop, str) else req.stop)
         try:
@@ -130,6 +131,8 @@ class Routes:
         return cfg, generator
 
     async def chat(self, req: schemas.ChatRequest, request: Request):
+        """The prompt is built (images fetched, template applied) off the event loop, then the
+        engine generates; the answer comes whole or as server-sent events."""
         served = self._model(req.model, "chat")
         if req.tools:
             raise ApiError(400, "tools are not supported by this server", "unsupported_parameter", "tools")
@@ -146,7 +149,7 @@ class Routes:
             except RuntimeError:  # the loop has closed: nobody waits
                 pass
 
-        job = Job(prompt, cfg, req.n, deliver, generator, strip=served.vlm)
+        job = Job(prompt, cfg, req.n, deliver, generator, strip=served.vlm, stream=req.stream)
         self.engines[served.name].submit(job)
         cid, created = schemas.completion_id(), schemas.now()
         if req.stream:

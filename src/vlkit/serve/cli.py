@@ -25,7 +25,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
         allow_remote_images=args.allow_remote_images, cors_origins=tuple(args.cors_origin or ()),
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_batch=args.max_batch,
-        remote_timeout_s=args.remote_timeout, index=args.index,
+        remote_timeout_s=args.remote_timeout,
     )  # fmt: skip
     models = load_models(args.model or [], device=args.device)
     searcher = None

@@ -53,6 +53,7 @@ class Job:
     deliver: Callable[[tuple], None]
     generator: torch.Generator | None = None
     strip: bool = False
+    stream: bool = True  # deltas as they come; else each answer's text in one delta before its end
     cancelled: bool = False
     streams: list = field(default_factory=list)
     open_rows: int = 0
@@ -126,7 +127,8 @@ class Engine:
         for job in self.waiting:
             width = max([len(j.prompt.ids) for j in group] + [len(job.prompt.ids)])
             new = max(j.config.max_new_tokens for j in group + [job])
-            if rows + job.n > self.max_batch or not self.batch.fits(width, new):
+            alone = not group and not self.batch  # the first job always fits an empty batch
+            if not alone and (rows + job.n > self.max_batch or not self.batch.fits(width, new)):
                 break
             group.append(job)
             rows += job.n
@@ -157,7 +159,7 @@ class Engine:
         for job in group:
             self.jobs[id(job)] = job
             job.open_rows = job.n
-            job.streams = [(TextStream(model.tokenizer, job.config.stops), Stripped() if job.strip else None)
+            job.streams = [(TextStream(model.tokenizer, job.config.stops), Stripped() if job.strip else None, [])
                            for _ in range(job.n)]  # fmt: skip
             for i in range(job.n):
                 keys.append((id(job), i))
@@ -173,12 +175,15 @@ class Engine:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(events))
         for (job_id, index), token, finish in events:
             job = self.jobs[job_id]
-            text, strip = job.streams[index]
+            text, strip, held = job.streams[index]
             piece = "" if token in job.config.eos_ids else text.push(token)
             if finish is not None:
                 piece += text.finish()
             if strip is not None:
                 piece = strip.push(piece)
+            if not job.stream:  # one wake-up of the event loop per answer, not per token
+                held.append(piece)
+                piece = "".join(held) if finish is not None else ""
             if piece:
                 job.deliver(("delta", index, piece))
             if finish is not None:

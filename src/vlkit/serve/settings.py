@@ -28,7 +28,6 @@ class ServeSettings:
     remote_image_bytes: int = 10 * 2**20
     remote_timeout_s: float = 10.0
     max_batch: int = 16
-    index: Path | None = None
 
     def __post_init__(self):
         if self.image_root is not None:
