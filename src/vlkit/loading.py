@@ -63,7 +63,7 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
     with torch.device("meta"):
         model = model_cls(cfg)
     load_native_weights(model, weights)
-    if hasattr(cfg, "text"):
+    if hasattr(cfg, "text") or getattr(getattr(cfg, "qformer", None), "text", False):  # a text tower, or a Q-Former's text path
         tok = folder / "tokenizer.json"
         model.tokenizer = Tokenizer.from_file(tok) if tok.is_file() else Missing(folder, tok.name, "tokenizer")
     if hasattr(cfg, "vision"):

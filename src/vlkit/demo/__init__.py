@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from vlkit.config import read, write_json
-from vlkit.demo import clip
+from vlkit.demo import blip2, clip, generation, lm, vlm
 from vlkit.errors import ConfigError
 
-PARTS = {"clip": clip}
+PARTS = {"clip": clip, "lm": lm, "vlm": vlm, "blip2": blip2, "generation": generation}
 """The demo's parts in the order they run."""
 
 

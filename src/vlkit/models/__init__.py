@@ -2,13 +2,17 @@
 
 from vlkit.lm import LlamaConfig, LlamaLM, OPTConfig, OPTLM
 from vlkit.models.blip2 import Blip2, Blip2Config
+from vlkit.models.blip2_qformer import Blip2QFormer, Blip2QFormerConfig
 from vlkit.models.clip import CLIP, CLIPConfig
+from vlkit.models.diffusion import DiffusionConfig, TextToImage
 from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_next import LlavaNext, LlavaNextConfig
 from vlkit.models.single_tower import TextEncoderConfig, TextTower, VisionEncoder, VisionEncoderConfig
 
 MODELS = {
     "clip": (CLIPConfig, CLIP),
+    "diffusion": (DiffusionConfig, TextToImage),
+    "blip2_qformer": (Blip2QFormerConfig, Blip2QFormer),
     "vision_encoder": (VisionEncoderConfig, VisionEncoder),
     "text_encoder": (TextEncoderConfig, TextTower),
     "llama": (LlamaConfig, LlamaLM),
