@@ -103,7 +103,8 @@ def save_adapter(model, cfg: LoraConfig, folder: str | Path, overwrite: bool = F
     return _write_folder(folder, overwrite, write)
 
 
-def _read_config(path: Path) -> LoraConfig:
+def _read_config(path: Path) -> dict:
+    """adapter_config.json, checked to ask for nothing vlkit's LoRA lacks."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a peft adapter folder has {CONFIG} and {WEIGHTS}")
     try:
@@ -117,12 +118,17 @@ def _read_config(path: Path) -> LoraConfig:
         raise CheckpointError(f"{path}: sets {used}, which vlkit's LoRA does not implement")
     if raw.get("bias", "none") != "none":
         raise CheckpointError(f"{path}: bias is {raw['bias']!r}; vlkit's LoRA trains no biases ('none' expected)")
+    return raw
+
+
+def _config(raw: dict, targets: list[str], path: Path) -> LoraConfig:
+    """The adapter's LoraConfig; ``target_modules`` from the modules its weights adapt (the file's
+    own may be a pattern, such as "all-linear")."""
     try:
         return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                          target_modules=sorted(raw["target_modules"]) if isinstance(raw["target_modules"], list)
-                          else raw["target_modules"], rslora=raw.get("use_rslora", False))
+                          target_modules=targets, rslora=raw.get("use_rslora", False))
     except KeyError as err:
-        raise CheckpointError(f"{path}: no {err.args[0]!r}; a LoRA adapter config names r, lora_alpha and target_modules") from None
+        raise CheckpointError(f"{path}: no {err.args[0]!r}; a LoRA adapter config names r and lora_alpha") from None
     except VlkitError as err:
         raise CheckpointError(f"{path}: {err}") from None
 
@@ -132,7 +138,7 @@ def load_adapter(model, folder: str | Path) -> LoraConfig:
     base weights must be the ones the adapter was trained on; returns the adapter's config."""
     _check_model(model)
     folder = Path(folder)
-    cfg = _read_config(folder / CONFIG)
+    raw = _read_config(folder / CONFIG)
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as err:
@@ -147,6 +153,7 @@ def load_adapter(model, folder: str | Path) -> LoraConfig:
         found.setdefault(module, {})[which[0]] = value
     if not found:
         raise CheckpointError(f"{folder / WEIGHTS}: holds no adapter weights")
+    cfg = _config(raw, _target_modules(list(found), list(names)), folder / CONFIG)
     for module, pair in found.items():
         path, start, stop = names[module]
         want = {"A": (cfg.r, model.get_submodule(path).in_features), "B": (stop - start, cfg.r)}
