@@ -52,7 +52,11 @@ class ChatModel:
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise VlkitError(f"{path}: the language model has no chat template; a chat server needs one "
                                  "(tokenizer_config.json's chat_template)")
-            self.options = {}
+            from vlkit.lm.generate import resolve_config
+
+            eos = self.tokenizer.eos_token_id
+            has_eos = resolve_config(model, model.generation_config).eos_ids
+            self.options = {} if has_eos or eos is None else {"eos_token_id": eos}  # an answer ends at the EOS
         self.max_positions = self.lm.config.max_position_embeddings
 
     def image_tokens(self) -> int:
