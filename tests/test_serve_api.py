@@ -266,6 +266,26 @@ def test_the_server_keeps_serving_after_errors(client, models):
     assert r.choices[0].message.content == reference(models, "Hello, how are you?")
 
 
+def test_a_failing_generation_is_a_500_and_the_server_goes_on(models, monkeypatch):
+    from vlkit.lm.batching import DecodingBatch
+
+    real, calls = DecodingBatch.step, []
+
+    def step_once_broken(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the accelerator fell over")
+        return real(self)
+
+    monkeypatch.setattr(DecodingBatch, "step", step_once_broken)
+    with serving(create_app(models)) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError, match="fell over"):
+            ask(c, [{"role": "user", "content": "Hello, how are you?"}])
+        r = ask(c, [{"role": "user", "content": "Hello, how are you?"}])
+        assert r.choices[0].message.content == reference(models, "Hello, how are you?")
+
+
 # ---------------------------------------------------------------- batching
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url):
     prompts = [f"Question number {i}: what do you see?" for i in range(8)]
