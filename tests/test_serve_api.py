@@ -284,6 +284,19 @@ def test_a_failing_generation_is_a_500_and_the_server_goes_on(models, monkeypatc
             ask(c, [{"role": "user", "content": "Hello, how are you?"}])
         r = ask(c, [{"role": "user", "content": "Hello, how are you?"}])
         assert r.choices[0].message.content == reference(models, "Hello, how are you?")
+        add, adds = DecodingBatch.add, []
+
+        def add_once_broken(self, *args, **kwargs):
+            adds.append(1)
+            if len(adds) == 1:
+                raise RuntimeError("out of memory in the prefill")
+            return add(self, *args, **kwargs)
+
+        monkeypatch.setattr(DecodingBatch, "add", add_once_broken)
+        with pytest.raises(openai.APIError, match="prefill"):  # a stream has begun (200): the error is an event
+            list(ask(c, [{"role": "user", "content": "Hello, how are you?"}], stream=True))
+        r = ask(c, [{"role": "user", "content": "Hello, how are you?"}])
+        assert r.choices[0].message.content == reference(models, "Hello, how are you?")
 
 
 # ---------------------------------------------------------------- batching

@@ -140,6 +140,7 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - the group's requests fail; the running rows go on
             log.exception("prefill failed")
             for job in group:
+                self.jobs.pop(id(job), None)
                 job.deliver(("error", f"generation failed ({type(err).__name__}: {err})"))
 
     def _prefill(self, group: list[Job]) -> None:
