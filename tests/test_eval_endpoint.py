@@ -204,3 +204,31 @@ def test_cli_eval_endpoint(tmp_path, vqa_data, stub_factory, capsys):
     capsys.readouterr()
     assert main(["eval", "zeroshot", "--endpoint", stub.url, "--model", "m"]) == 2
     assert "evaluates caption, vqa, grounding or mcq" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~80 s on the shared 2-core machine: a tiny LLaVA built, served and asked 16 times
+def test_against_vlkit_serve(tmp_path):
+    """The endpoint evaluation against ``vlkit serve`` itself on 127.0.0.1: each prediction is the
+    server's own answer to that sample's request, and a re-run asks nothing."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("transformers")
+    from vlkit.eval.endpoint import image_data_url, request_body
+    from vlkit.serve import ServeSettings, create_app, load_models
+    from vlkit.serve.server import serving
+
+    from _serve_util import vlm_folder
+
+    models = load_models([f"vlm={vlm_folder(tmp_path / 'vlm')}"])
+    vqa_data = tmp_path / "vqa"
+    export(ShapesWorld(image_size=48, seed=1), 1, vqa_data, "vqav2")
+    samples = load_samples("vqa", vqa_data)
+    with serving(create_app(models, ServeSettings(max_tokens_cap=8))) as url:
+        res = run_endpoint_eval("vqa", vqa_data, url + "/v1", "vlm", tmp_path / "out", concurrency=3, max_new_tokens=8)
+        assert res["requests"]["requested"] == res["counts"]["samples"] == len(load_samples("vqa", vqa_data))
+        rows = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").open()}
+        client = Endpoint(url + "/v1", "vlm")
+        for s in samples:
+            direct = client.ask(request_body("vlm", s.prompt, image_data_url(s.image()), 8), s.id)
+            assert rows[s.id]["prediction"] == direct
+        again = run_endpoint_eval("vqa", vqa_data, url + "/v1", "vlm", tmp_path / "out", max_new_tokens=8)
+    assert again["requests"]["requested"] == 0 and again["accuracy"] == res["accuracy"]
