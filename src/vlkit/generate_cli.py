@@ -32,6 +32,7 @@ def add_eval_arguments(ev, positive_int) -> None:
     ev.add_argument("--samples", type=positive_int, default=200, help="generation: single-object prompts to generate for")
     ev.add_argument("--guidance", type=float, default=4.0, help="generation: classifier-free guidance scale")
     ev.add_argument("--steps", type=positive_int, default=25, help="generation: DDIM sampling steps")
+    ev.add_argument("--eta", type=float, default=0.0, help="generation: DDIM's eta (0 deterministic, 1 as much noise as DDPM)")
 
 
 def cmd_generate(args, overrides: list[str]) -> int:
@@ -85,7 +86,7 @@ def cmd_eval_generation(args) -> int:
         raise VlkitError(f"no scorer CLIP: the model records {model.cfg.text_source!r}, which does not exist here; pass --scorer DIR "
                          "(the shapes CLIP, e.g. runs/demo/clip)")  # fmt: skip
     judge = ShapesJudge(vlkit.load(scorer))
-    results = evaluate(model, judge, n_single=args.samples, guidance=args.guidance, steps=args.steps, progress=True)
+    results = evaluate(model, judge, n_single=args.samples, guidance=args.guidance, steps=args.steps, eta=args.eta, progress=True)
     print(json.dumps({k: v for k, v in results.items() if k != "images"}, indent=2))
     out = Path(args.out) if args.out else Path(args.model) / "eval_generation"
     write_results(out, results)

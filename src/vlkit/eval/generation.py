@@ -113,14 +113,14 @@ class ShapesJudge:
         return torch.tensor(out)
 
 def evaluate(model, judge: ShapesJudge, n_single: int = 200, n_relation: int = 40, guidance: float = 4.0, steps: int = 25,
-             seed: int = 0, progress: bool = False) -> dict:  # fmt: skip
+             seed: int = 0, eta: float = 0.0, progress: bool = False) -> dict:  # fmt: skip
     """Generate for ``n_single`` single-object and ``n_relation`` two-object prompts and score them;
     returns the metrics and, under ``"images"``, the generated images with their prompts."""
     if n_single < 1 or n_relation < 0:
         raise VlkitError(f"evaluation needs at least one single-object prompt and no negative count, got {n_single} and {n_relation}")
     singles, relations = single_prompts(n_single), relation_prompts(n_relation)
     prompts = [p for p, _ in singles] + [p for p, _, _ in relations]
-    images = to_pil(model.generate(prompts, guidance=guidance, steps=steps, seed=seed, progress=progress))
+    images = to_pil(model.generate(prompts, guidance=guidance, steps=steps, seed=seed, eta=eta, progress=progress))
     feats = judge.embed(images)
     scores = judge.clip_scores(feats, prompts)
     pred = judge.classify(feats[:n_single])
@@ -138,7 +138,7 @@ def evaluate(model, judge: ShapesJudge, n_single: int = 200, n_relation: int = 4
         both = judge.present(feats[n_single:], [(a, b) for _, a, b in relations])
         metrics["clip_score_relation"] = scores[n_single:].mean().item()
         metrics["relation_both_present"] = both.float().mean().item()
-    metrics.update({"n_single": n_single, "n_relation": n_relation, "guidance": guidance, "steps": steps, "seed": seed})
+    metrics.update({"n_single": n_single, "n_relation": n_relation, "guidance": guidance, "steps": steps, "eta": eta, "seed": seed})
     return {**metrics, "images": list(zip(prompts, images))}
 
 
