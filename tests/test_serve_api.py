@@ -301,13 +301,15 @@ def test_a_failing_generation_is_a_500_and_the_server_goes_on(models, monkeypatc
 
 # ---------------------------------------------------------------- batching
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url):
-    prompts = [f"Question number {i}: what do you see?" for i in range(8)]
-    alone = [ask(client, [{"role": "user", "content": p}]).choices[0].message.content for p in prompts]
+    colors = ("red", "blue", "green", "white")
+    prompts = [image_message(f"Question {i}: what do you see?", *[data_url(picture(colors[i % 4]))] * (i % 3))
+               if i % 2 else [{"role": "user", "content": f"Question number {i}: what do you see?"}] for i in range(8)]
+    alone = [ask(client, p).choices[0].message.content for p in prompts]
     before = httpx.get(f"{url}/health").json()["models"]["vlm"]
     answers: dict[int, str] = {}
 
     def one(i):
-        answers[i] = ask(client, [{"role": "user", "content": prompts[i]}]).choices[0].message.content
+        answers[i] = ask(client, prompts[i]).choices[0].message.content
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
     for t in threads:
