@@ -122,6 +122,8 @@ def test_training_batch_supervises_only_the_target_and_gives_transformers_loss(o
     hf, _, _, model = opt
     targets = ["red", "a blue square", "two green things"]
     batch = Blip2Processor.for_model(model).training_batch(images(), PROMPTS, targets)
+    text = Blip2Processor.for_model(model).training_text(PROMPTS, targets)
+    assert set(text) == {"input_ids", "attention_mask", "labels"} and all(torch.equal(text[k], batch[k]) for k in text)
     tok, ids, labels = model.tokenizer, batch["input_ids"], batch["labels"]
     assert bool((ids[:, :QUERIES] == 260).all()) and bool((labels[:, :QUERIES] == -100).all())
     for i, target in enumerate(targets):
@@ -342,6 +344,10 @@ def test_image_tokens_and_images_that_do_not_match_are_named(opt):
         model.generate(**right, max_new_tokens=2)
     with pytest.raises(VlkitError, match=r"labels have shape \(3, 99\)"):
         model(ids, pixels, mask, labels=torch.zeros(3, 99, dtype=torch.long))
+    with pytest.raises(VlkitError, match="2 images and 3 prompts; expected one image per sample"):
+        Blip2Processor.for_model(model).training_batch(images(2), PROMPTS, ["a", "b", "c"])
+    with pytest.raises(VlkitError, match="sample 1: prompt 'x' and target ' '; expected strings, the target not empty"):
+        Blip2Processor.for_model(model).training_text(["", "x"], ["a", " "])
     with pytest.raises(VlkitError, match="3 prompts but 2 images"):
         Blip2Processor.for_model(model)(PROMPTS, images(2))
     with pytest.raises(VlkitError, match="sample 2: the image is a str"):

@@ -6,6 +6,7 @@ API::
     processor = Blip2Processor.for_model(model)             # its preprocessing, tokenizer, query count
     batch = processor(text=prompts, images=images)          # input_ids, attention_mask, pixel_values
     batch = processor.training_batch(images, prompts, targets)   # + labels on the targets only
+    batch = processor.training_text(prompts, targets)            # the same without pixel_values
     answers = Blip2Answerer(model).generate(images, prompts, max_new_tokens=20)
 
 - Each prompt is tokenised with the tokenizer's special tokens (BOS for OPT and Llama), padded,
@@ -126,12 +127,20 @@ class Blip2Processor:
 
     def training_batch(self, images: Sequence[Image.Image], prompts: Sequence[str], targets: Sequence[str],
                        samples: Sequence[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Stage-2 batches: ``input_ids`` ``[image tokens][prompt][target][EOS]`` right-padded,
-        ``attention_mask``, ``labels`` (the target and EOS only) and ``pixel_values``. An empty prompt
-        is the captioning pre-training of BLIP-2 (the LM's BOS alone before the caption)."""
+        """Stage-2 batches: :meth:`training_text` and ``pixel_values``, one image per sample."""
+        if len(images) != len(prompts):
+            raise VlkitError(f"{len(images)} images and {len(prompts)} prompts; expected one image per sample")
+        batch = self.training_text(prompts, targets, samples)
+        return {**batch, "pixel_values": self.pixels(images, self._names(len(prompts), samples))}
+
+    def training_text(self, prompts: Sequence[str], targets: Sequence[str],
+                      samples: Sequence[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """``input_ids`` ``[image tokens][prompt][target][EOS]`` right-padded, ``attention_mask`` and
+        ``labels`` (the target and EOS only). An empty prompt is BLIP-2's captioning pre-training (the
+        LM's BOS alone before the caption)."""
         prompts, targets = list(prompts), list(targets)
-        if not (len(images) == len(prompts) == len(targets)):
-            raise VlkitError(f"{len(images)} images, {len(prompts)} prompts and {len(targets)} targets; expected one each per sample")
+        if len(prompts) != len(targets):
+            raise VlkitError(f"{len(prompts)} prompts and {len(targets)} targets; expected one each per sample")
         names = self._names(len(prompts), samples)
         eos = self.tokenizer.eos_token_id
         rows, supervised = [], []
@@ -150,7 +159,7 @@ class Blip2Processor:
             labels[i, len(row) - n : len(row)] = ids[i, len(row) - n : len(row)]
         ids, mask = self._with_image_tokens(ids, mask)
         labels = torch.cat([torch.full((ids.shape[0], self.num_query_tokens), IGNORE_INDEX, dtype=torch.long), labels], 1)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": self.pixels(images, names)}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class Blip2Answerer:
