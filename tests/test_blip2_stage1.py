@@ -301,6 +301,47 @@ def test_itc_under_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(two[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def _model_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Each rank runs the stage-1 model's forward on its half of the batch."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = tiny().eval()
+        pixels, ids, mask = batch()
+        half = slice(rank * 2, rank * 2 + 2)
+        from vlkit.models import blip2_qformer
+
+        drawn = []
+        real = blip2_qformer.hard_negatives
+        blip2_qformer.hard_negatives = lambda sim, pos, g: drawn.append(out := real(sim, pos, g)) or out
+        model(pixels[half], ids[half], mask[half], generator=torch.Generator().manual_seed(rank))
+        itc = torch.tensor([model.last_losses["itc"]])
+        dist.all_reduce(itc)
+        result = {"itc": itc / WORLD, "drawn": torch.cat(drawn), "itm": torch.tensor([model.last_losses["itm"]])}
+        parts = {k: [torch.empty_like(v) for _ in range(WORLD)] for k, v in result.items()}
+        for k, v in result.items():
+            dist.all_gather(parts[k], v)
+        if rank == 0:
+            save_file({k: torch.cat(v) for k, v in parts.items()}, str(Path(out_dir) / "model.safetensors"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_the_model_under_two_ranks_scores_itc_over_the_whole_batch_and_draws_negatives_from_it(tmp_path):
+    mp.spawn(_model_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
+    two = load_file(str(tmp_path / "model.safetensors"))
+    model = tiny().eval()
+    with torch.no_grad():
+        model(*batch())
+    assert two["itc"][0].item() == pytest.approx(model.last_losses["itc"], abs=1e-5)
+    assert torch.isfinite(two["itm"]).all()
+    # rank 0 owns rows 0-1 of the gathered batch, rank 1 rows 2-3: each draws some negatives from the other's rows
+    rank0, rank1 = set(two["drawn"][:4].tolist()), set(two["drawn"][4:].tolist())
+    assert rank0 & {2, 3} and rank1 & {0, 1} and (rank0 | rank1) <= {0, 1, 2, 3}
+
+
 # --- transformers Blip2ForImageTextRetrieval ------------------------------------------------------
 
 
