@@ -367,3 +367,31 @@ def test_unsupported_folders_are_named(tmp_path):
     edit_config(folder, architectures=cfg["architectures"], image_token_index=None)
     with pytest.raises(ValueError, match="image_token_index is None"):
         vlkit.load(folder)
+
+
+def test_config_checks():
+    from vlkit.config import from_dict
+    from vlkit.connectors.qformer import QFormerConfig
+    from vlkit.lm import LlamaConfig, OPTConfig
+    from vlkit.models.blip2 import Blip2Config
+    from vlkit.vision.vit import ViTConfig
+
+    vision = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=4)
+    qformer = QFormerConfig(width=32, depth=1, num_heads=4, mlp_dim=48, num_queries=2, context_dim=32)
+    opt = OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2)
+    base = dict(vision=vision, qformer=qformer, lm=opt, image_token_id=49)
+    with pytest.raises(ValueError, match="lm is a OPTConfig but lm_type 'llama' needs a LlamaConfig"):
+        Blip2Config(**base, lm_type="llama")
+    with pytest.raises(ValueError, match="qformer.context_dim 48 differs from the vision tower's width 32"):
+        Blip2Config(**{**base, "qformer": QFormerConfig(width=32, depth=1, num_heads=4, num_queries=2, context_dim=48)})
+    with pytest.raises(ValueError, match="image_token_id 50 is outside the LM's vocabulary of 50"):
+        Blip2Config(**{**base, "image_token_id": 50})
+    with pytest.raises(ValueError, match="word_embed_proj_dim \\(8\\) differs from its hidden_size \\(16\\)"):
+        Blip2Config(**{**base, "lm": OPTConfig(vocab_size=50, hidden_size=16, word_embed_proj_dim=8, num_hidden_layers=1,
+                                               ffn_dim=32, num_attention_heads=2)})
+    llama = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    cfg = from_dict(Blip2Config, {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 4},
+                                  "qformer": {"width": 32, "depth": 1, "num_heads": 4, "num_queries": 2, "context_dim": 32},
+                                  "lm": {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                         "num_attention_heads": 2}, "lm_type": "llama", "image_token_id": 49})
+    assert cfg.lm == llama and cfg.num_query_tokens == 2
