@@ -17,6 +17,7 @@ from vlkit.errors import ConfigError
 from vlkit.eval.retrieval import rerank
 from vlkit.losses import IGNORE_INDEX
 from vlkit.models.blip2 import Blip2
+from vlkit.models.blip2_processor import Blip2Processor
 from vlkit.models.blip2_qformer import Blip2QFormer
 from vlkit.train.blip2 import CaptionLMCollate, build_stage2, load_recipe, train_blip2
 
@@ -120,7 +121,7 @@ def test_stage2_supervises_only_the_caption_and_eos(parts):
     lm = vlkit.load(parts["lm"])
     tok = lm.tokenizer
     image = tok.token_to_id("<image>")
-    collate = CaptionLMCollate(tok, image, 3, "a photo of")
+    collate = CaptionLMCollate(Blip2Processor(None, tok, 3, image, 64), "a photo of")
     pixels = torch.zeros(3, 32, 32)
     batch = collate([[(pixels, "a red circle")], [(pixels, "two shapes")]])
     prompt = tok.encode("a photo of")

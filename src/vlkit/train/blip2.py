@@ -23,8 +23,8 @@ from vlkit.connectors.qformer import QFormerConfig
 from vlkit.data.pairs import Collate, Skipped
 from vlkit.data.skips import SKIPPED_FILE
 from vlkit.errors import ConfigError, VlkitError
-from vlkit.losses import IGNORE_INDEX
 from vlkit.models.blip2 import LANGUAGE_MODELS, Blip2, Blip2Config, vision_tower
+from vlkit.models.blip2_processor import Blip2Processor
 from vlkit.models.blip2_qformer import Blip2QFormer, Blip2QFormerConfig
 from vlkit.text.tokenizer import Tokenizer
 from vlkit.train.clip import SHAPES, DataConfig, build_dataset, build_tokenizer, shapes_processor
@@ -275,33 +275,20 @@ def build_stage2(recipe: Stage2Recipe) -> Blip2:
 
 
 class CaptionLMCollate:
-    """Image-caption items → BLIP-2 inputs: ``num_queries`` image tokens, the prompt (with the
-    tokenizer's BOS), the caption and EOS, right-padded; labels only on the caption and EOS.
-    Prompt and caption are tokenised apart, as generation sees the prompt."""
+    """Image-caption items → BLIP-2 batches by :meth:`Blip2Processor.training_text
+    <vlkit.models.blip2_processor.Blip2Processor.training_text>`: the image tokens, the prompt, the
+    caption and EOS, labels on the caption and EOS only; the pixels come preprocessed."""
 
-    def __init__(self, tokenizer, image_token_id: int, num_queries: int, prompt: str):
-        self.tok, self.image, self.m = tokenizer, image_token_id, num_queries
-        self.prompt = tokenizer.encode(prompt, add_special_tokens=True)
-        if tokenizer.eos_token_id is None:
-            raise VlkitError(f"{getattr(tokenizer, 'origin', 'the tokenizer')}: no EOS token; captions must end with one")
+    def __init__(self, processor: Blip2Processor, prompt: str):
+        self.processor, self.prompt = processor, prompt
 
     def __call__(self, items: list) -> dict:
         skipped = [it.skip for it in items if isinstance(it, Skipped)]
         flat = [pair for it in items if not isinstance(it, Skipped) for pair in it]
         batch: dict = {"skipped": skipped}
-        if not flat:
-            return batch
-        rows, labels = [], []
-        for _, caption in flat:
-            text = self.tok.encode(" " + caption.strip(), add_special_tokens=False) + [self.tok.eos_token_id]
-            rows.append([self.image] * self.m + self.prompt + text)
-            labels.append([IGNORE_INDEX] * (self.m + len(self.prompt)) + text)
-        width = max(map(len, rows))
-        pad = self.tok.padding_id()
-        batch["pixel_values"] = torch.stack([img for img, _ in flat])
-        batch["input_ids"] = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        batch["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        batch["labels"] = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels])
+        if flat:
+            batch |= self.processor.training_text([self.prompt] * len(flat), [caption for _, caption in flat])
+            batch["pixel_values"] = torch.stack([img for img, _ in flat])
         return batch
 
 
@@ -311,7 +298,7 @@ def train_stage2(recipe: Stage2Recipe, out: str | Path, resume: bool = False, st
     try:
         model = build_stage2(recipe)
         dataset = build_dataset(recipe, model.processor)
-        collate = CaptionLMCollate(model.tokenizer, model.cfg.image_token_id, model.cfg.num_query_tokens, recipe.data.prompt)
+        collate = CaptionLMCollate(Blip2Processor.for_model(model), recipe.data.prompt)
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, collate, _family_loop(recipe.data, recipe.loop), recipe.optim, out, "blip2", world=world,
                       resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe))  # fmt: skip
