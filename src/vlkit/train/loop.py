@@ -135,7 +135,8 @@ class StepSampler(torch.utils.data.Sampler):
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lrs: dict[str, float] | None = None) -> list[dict]:
     """Decayed and undecayed groups; ``lrs`` maps submodule names to their own learning rate, so
-    each named module gets its two groups (``"name"``: the module) and the rest keep the default."""
+    each named module gets its two groups (``"name"``: the module), first (the logged lr is the
+    first group's), and the rest keep the default."""
     lrs = lrs or {}
     for name in lrs:
         _submodule(model, name, "lrs")
@@ -144,7 +145,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lrs: dict[str, flo
         owner = next((n for n in lrs if key.startswith(n + ".")), "")
         groups.setdefault((owner, p.ndim >= 2), []).append(p)
     out = []
-    for owner in ["", *lrs]:
+    for owner in [*lrs, ""]:
         for decayed in (True, False):
             group = {"params": groups.get((owner, decayed), []), "weight_decay": weight_decay if decayed else 0.0}
             if owner:
@@ -267,7 +268,10 @@ def _wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.n
     """DistributedDataParallel under torchrun; the model itself otherwise (or when FSDP has sharded it)."""
     if not world.distributed or is_sharded(model):
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # a model whose batches may leave trained parameters out (a VLM's text-only batch skips its connector) says so
+    unused = getattr(model, "ddp_find_unused_parameters", False)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     find_unused_parameters=unused)
 
 
 class MetricsLog:
