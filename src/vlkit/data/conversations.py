@@ -17,6 +17,7 @@ positions restarting inside a row, which the language models here do not take.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -60,9 +61,10 @@ class LlavaSource(Sequence):
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.allow_outside_paths = allow_outside_paths
-        rows = [(i, start, end, len(conv.images))
-                for conv, i, start, end in index_llava(self.path, self.image_root, skips, allow_outside_paths)]
-        table = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+        rows = array("q")  # 8 bytes a number while indexing, not a Python tuple per record
+        for conv, i, start, end in index_llava(self.path, self.image_root, skips, allow_outside_paths):
+            rows.extend((i, start, end, len(conv.images)))
+        table = np.frombuffer(rows, dtype=np.int64).reshape(-1, 4).copy()
         self.spans, self.image_counts = table[:, :3], table[:, 3]
 
     def __len__(self) -> int:
