@@ -1,6 +1,7 @@
-"""`vlkit train vlm` under DDP: two CPU processes (gloo) run the same loop; frozen parts stay as
-loaded, the trained parts move, and batches without images (which leave the connector unused on
-a rank) do not stall the gradient sync."""
+"""`vlkit train vlm` under torchrun: two CPU processes (gloo) run the same loop. Under DDP frozen
+parts stay as loaded, the trained parts move, and batches without images (which leave the
+connector unused on a rank) do not stall the gradient sync; under FSDP a step equals DDP's, and
+text-only records are left out (every rank must run the sharded tower)."""
 
 from __future__ import annotations
 
@@ -41,19 +42,52 @@ def latest(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
 
 
+TEXT_ONLY = [{**RECORDS[2], "id": f"text{k}"} for k in range(4)]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    lm = lm_folder(root / "lmf")
+    data = llava_folder(root / "data", [*RECORDS, *TEXT_ONLY])
+    run(recipe(lm, data, stage=1, steps=2, loop={"batch_size": 4}, data={"bucket_window": 0}), root / "s1")
+    return root, lm, data
+
+
 @pytest.mark.slow
-def test_both_stages_train_under_ddp(tmp_path):
-    lm = lm_folder(tmp_path / "lmf")
-    data = llava_folder(tmp_path / "data", [*RECORDS, *[{**RECORDS[2], "id": f"text{k}"} for k in range(4)]])
-    stage1 = recipe(lm, data, stage=1, steps=2, loop={"batch_size": 4}, data={"bucket_window": 0})
-    run(stage1, tmp_path / "s1")
-    first = latest(tmp_path / "s1")
+def test_both_stages_train_under_ddp(stage1):
+    root, lm, data = stage1
+    first = latest(root / "s1")
     start = load_file(str(lm / "model.safetensors"))
     assert all(torch.equal(first[f"lm.{k}"], v) for k, v in start.items())
-    stage2 = recipe(lm, data, stage=2, steps=3, init_from=str(tmp_path / "s1"), loop={"batch_size": 4},
+    stage2 = recipe(lm, data, stage=2, steps=3, init_from=str(root / "s1"), loop={"batch_size": 4},
                     data={"bucket_window": 2})  # text-only records fill whole micro-batches on a rank
-    run(stage2, tmp_path / "s2")
-    second = latest(tmp_path / "s2")
+    run(stage2, root / "s2")
+    second = latest(root / "s2")
     assert any(not torch.equal(second[k], first[k]) for k in first if k.startswith("lm."))
     assert all(torch.equal(second[k], first[k]) for k in first if k.startswith("vision."))
-    assert (tmp_path / "s2" / "model" / "config.json").is_file()
+    assert (root / "s2" / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm_mode", ["full", "lora"])
+def test_fsdp_steps_equal_ddp_steps(stage1, tmp_path, lm_mode):
+    root, lm, _ = stage1
+    images = llava_folder(tmp_path / "data", [r for r in RECORDS if "image" in r], repeat=2)
+    r = recipe(lm, images, stage=2, steps=2, init_from=str(root / "s1"), loop={"batch_size": 4, "parallel": "fsdp"},
+               train={"lm": lm_mode})
+    run(r, tmp_path / "fsdp")
+    r["loop"]["parallel"] = "ddp"
+    run(r, tmp_path / "ddp")
+    a, b = latest(tmp_path / "fsdp"), latest(tmp_path / "ddp")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # measured 2.5e-7
+    assert (tmp_path / "fsdp" / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_leaves_text_only_records_out(stage1, tmp_path, capfd):
+    root, lm, data = stage1
+    run(recipe(lm, data, stage=2, steps=2, init_from=str(root / "s1"), loop={"batch_size": 4, "parallel": "fsdp"}),
+        tmp_path / "fsdp")
+    assert "left out 5 records without images: under FSDP every rank runs the sharded tower" in capfd.readouterr().out
+    assert (tmp_path / "fsdp" / "model" / "config.json").is_file()

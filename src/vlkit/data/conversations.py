@@ -119,9 +119,10 @@ class ConversationDataset(Dataset):
 
     ``processor`` gives the template, the image tokens and the pixels; ``max_length`` the context;
     ``micro_batch`` the loop's micro-batch (buckets are cut to it); ``bucket_window`` 0 turns
-    bucketing off (then no lengths are measured). With ``images_only`` (nothing but the connector
-    and the tower trains) a sample without images is left out: nothing trained is reached through
-    it. A LLaVA file's text-only records are left out up front (``left_out`` counts them, and no
+    bucketing off (then no lengths are measured). With ``images_only`` a sample without images is
+    left out: when nothing but the connector and the tower train, nothing trained is reached
+    through it; under FSDP every rank must run the (sharded) tower at every step. A LLaVA file's
+    text-only records are left out up front (``left_out`` counts them, and no
     micro-batch is emptied by them, which under DDP would leave a rank without a backward); other
     sources' are skipped when read, whatever the rule, and counted as "no image"."""
 
@@ -135,8 +136,7 @@ class ConversationDataset(Dataset):
         if images_only and isinstance(source, LlavaSource):
             self.usable = np.flatnonzero(source.image_counts > 0)
             if not len(self.usable):
-                raise VlkitError(f"{source.path}: no record has an image, and only the connector (and tower) train, "
-                                 "which text alone does not reach")  # fmt: skip
+                raise VlkitError(f"{source.path}: no record has an image, and this run trains on samples with images only")
         self.left_out = len(source) - len(self.usable)
         self.lengths = measure_lengths(source, processor, self.usable) if bucket_window else None
         self.buckets = LengthBuckets(self.lengths, len(self.usable), micro_batch, bucket_window, seed)
@@ -172,8 +172,7 @@ class ConversationDataset(Dataset):
         where = sample.source or "the in-memory data"
         record = f"{self.source.record(i) if isinstance(self.source, LlavaSource) else f'sample {i}'} (id {sample.id!r})"
         if self.images_only and not sample.images:
-            raise BadChatSample(where, "no image; only the connector (and tower) train, which a text-only sample does "
-                                "not reach", record, "no image")  # fmt: skip
+            raise BadChatSample(where, "no image, and this run trains on samples with images only", record, "no image")
         images = []
         for n, image in enumerate(sample.images):
             if not isinstance(image, (str, Path)):

@@ -11,8 +11,8 @@ into it) and, with LoRA, ``adapter/``: the adapters in peft's layout.
 
 from __future__ import annotations
 
-import copy
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Sequence
@@ -31,7 +31,7 @@ from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.nn.lora import LoraConfig, add_lora, merge_lora
 from vlkit.text.conversation import image_token_id
-from vlkit.train.checkpoint import save_model
+from vlkit.train.checkpoint import latest_checkpoint, save_model
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit, freeze
 from vlkit.vision.preprocess import ImageProcessor
@@ -294,6 +294,15 @@ def build_processor(model: Llava, recipe: VlmRecipe) -> LlavaProcessor:
         raise ConfigError(f"data.template: {err}", ("data.template",)) from None
 
 
+def images_only_reason(recipe: VlmRecipe, world) -> str:
+    """Why samples without images are left out of this run ("" when they are not)."""
+    if recipe.train.lm == "frozen":
+        return "only the connector (and tower) train, which text alone does not reach"
+    if recipe.loop.parallel == "fsdp" and world.distributed:
+        return "under FSDP every rank runs the sharded tower at every step"
+    return ""
+
+
 # ---------------------------------------------------------------- the run
 def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at: int | None = None) -> dict:
     """Train per the recipe into the run folder ``out``; returns the loop's summary with the
@@ -325,18 +334,19 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
                               f"(model.lm {recipe.model.lm!r})", ("data.max_length",))  # fmt: skip
         loop = LoopConfig(**{**to_dict(recipe.loop), "freeze": sorted(set(recipe.loop.freeze) | set(frozen))})
         micro = loop.batch_size // (loop.grad_accum * world.world_size)
+        why = images_only_reason(recipe, world)
         dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
-                                      recipe.data.bucket_window, loop.seed, images_only=recipe.train.lm == "frozen")  # fmt: skip
+                                      recipe.data.bucket_window, loop.seed, images_only=bool(why))  # fmt: skip
         if (padding := dataset.planned_padding()) and world.is_main:
             print(f"batches bucketed by length: {padding[0]:.0%} of their positions are padding (random batches: {padding[1]:.0%})")
         if dataset.left_out and world.is_main:
-            print(f"left out {dataset.left_out} records without images: only the connector (and tower) train")
+            print(f"left out {dataset.left_out} records without images: {why}")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, ConversationCollate(processor), loop, recipe.optim, out, "llava", world=world,
                       resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs)  # fmt: skip
         summary.update(trainable=trained, parameters=counts["total"], skipped_records=skips.total)
         if summary["steps"] == recipe.loop.steps and world.is_main:
-            summary.update(save_final(model, recipe, out))
+            summary.update(save_final(recipe, out))
         if summary["skipped"] and world.is_main:
             print(f"skipped {summary['skipped']} bad samples, each listed with its file and reason in {out / SKIPPED_FILE}")
         return summary
@@ -344,21 +354,32 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         teardown(world)
 
 
-def save_final(model: Llava, recipe: VlmRecipe, out: Path) -> dict:
-    """``out/model``: the trained model as a vlkit LLaVA folder (adapters merged into a copy);
-    with LoRA also ``out/adapter`` in peft's layout."""
-    written = {}
-    final = model
-    if recipe.train.lm == "lora":
-        from vlkit.interop.peft import save_adapter
+def save_final(recipe: VlmRecipe, out: Path) -> dict:
+    """``out/model``: the run's last checkpoint as a vlkit LLaVA folder (what ``fit`` saved, whole
+    even when the model was sharded); with LoRA the adapters are merged into it and also written
+    to ``out/adapter`` in peft's layout."""
+    checkpoint = latest_checkpoint(out)
+    if recipe.train.lm != "lora":
+        atomic_folder(out / MODEL_DIR, lambda tmp: _copy_model_files(checkpoint, tmp))
+        return {"model": str(out / MODEL_DIR)}
+    from safetensors.torch import load_file
 
-        written["adapter"] = str(save_adapter(model.lm, recipe.lora, out / ADAPTER_DIR, overwrite=True))
-        final = copy.deepcopy(model)
-        merge_lora(final.lm)
-    final = final.cpu().eval()
-    atomic_folder(out / MODEL_DIR, lambda tmp: save_model(tmp, final, "llava"))
-    written["model"] = str(out / MODEL_DIR)
-    return written
+    from vlkit.interop.peft import save_adapter
+
+    final = build_model(recipe)
+    plan_training(final, recipe)
+    final.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    adapter = save_adapter(final.lm, recipe.lora, out / ADAPTER_DIR, overwrite=True)
+    merge_lora(final.lm)
+    atomic_folder(out / MODEL_DIR, lambda tmp: save_model(tmp, final.eval(), "llava"))
+    return {"model": str(out / MODEL_DIR), "adapter": str(adapter)}
+
+
+def _copy_model_files(checkpoint: Path, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
 
 
 # ---------------------------------------------------------------- recipes
