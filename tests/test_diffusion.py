@@ -89,6 +89,8 @@ def test_sampling_is_seeded_and_each_image_independent_of_its_batch(model):
     alone = model.generate([prompts[2]], guidance=3.0, steps=4, seed=7)  # image 2 of seed 5 starts from seed 7's noise
     torch.testing.assert_close(alone[0], a[2], rtol=1e-5, atol=1e-5)  # also: the longer prompt's padding is masked
     assert not torch.allclose(model.generate(prompts, guidance=3.0, steps=4, seed=6), a)
+    noisy = model.generate(prompts[:2], steps=3, eta=1.0, seed=2)  # DDIM's eta noise comes from each image's seed too
+    torch.testing.assert_close(model.generate(prompts[1:2], steps=3, eta=1.0, seed=3)[0], noisy[1], rtol=1e-5, atol=1e-5)
 
 
 def test_guidance_mixes_the_unconditional_and_conditional_predictions(model):

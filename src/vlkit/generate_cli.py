@@ -32,7 +32,8 @@ def add_eval_arguments(ev, positive_int) -> None:
     ev.add_argument("--samples", type=positive_int, default=200, help="generation: single-object prompts to generate for")
     ev.add_argument("--guidance", type=float, default=4.0, help="generation: classifier-free guidance scale")
     ev.add_argument("--steps", type=positive_int, default=25, help="generation: DDIM sampling steps")
-    ev.add_argument("--eta", type=float, default=0.0, help="generation: DDIM's eta (0 deterministic, 1 as much noise as DDPM)")
+    ev.add_argument("--eta", type=float, default=1.0, help="generation: DDIM's eta (0 deterministic, 1 as much noise as DDPM, "
+                    "which samples the short-trained shapes model better)")
 
 
 def cmd_generate(args, overrides: list[str]) -> int:
@@ -76,7 +77,7 @@ def cmd_train_diffusion(args, overrides: list[str]) -> int:
 
 def cmd_eval_generation(args) -> int:
     import vlkit
-    from vlkit.eval.generation import ShapesJudge, evaluate, load_diffusion, write_results
+    from vlkit.eval.generation import ShapesJudge, evaluate, load_diffusion, reference_check, write_results
 
     if args.model is None:
         raise VlkitError("eval generation needs --model DIR (a text-to-image model or run folder)")
@@ -87,6 +88,7 @@ def cmd_eval_generation(args) -> int:
                          "(the shapes CLIP, e.g. runs/demo/clip)")  # fmt: skip
     judge = ShapesJudge(vlkit.load(scorer))
     results = evaluate(model, judge, n_single=args.samples, guidance=args.guidance, steps=args.steps, eta=args.eta, progress=True)
+    results["judge_on_rendered"] = reference_check(judge, args.samples)  # the ceiling each metric can reach
     print(json.dumps({k: v for k, v in results.items() if k != "images"}, indent=2))
     out = Path(args.out) if args.out else Path(args.model) / "eval_generation"
     write_results(out, results)

@@ -17,6 +17,9 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 REQUIRES: tuple[str, ...] = ("clip",)
 GUIDANCE = 4.0
 STEPS = 25
+ETA = 1.0
+"""DDIM with DDPM's noise: on the demo's short training it drew cleaner, more often right shapes than
+deterministic DDIM (40 prompts at step 750: colour 0.75 vs 0.70, shape 0.28 vs 0.23)."""
 SHOWN = 4
 """Images per prompt and guidance in the report's grid."""
 
@@ -49,8 +52,8 @@ def _estimate_step_seconds(recipe) -> float:
 def _grid(model, prompts: list[str], guidance: float):
     """One row per prompt: ``SHOWN`` images at guidance 1, then the same seeds at ``guidance``."""
     rows = [p for p in prompts for _ in range(SHOWN)]
-    plain = to_pil(model.generate(rows, guidance=1.0, steps=STEPS, seed=0))
-    guided = to_pil(model.generate(rows, guidance=guidance, steps=STEPS, seed=0))
+    plain = to_pil(model.generate(rows, guidance=1.0, steps=STEPS, eta=ETA, seed=0))
+    guided = to_pil(model.generate(rows, guidance=guidance, steps=STEPS, eta=ETA, seed=0))
     cells = []
     for r in range(len(prompts)):
         cells += plain[r * SHOWN : (r + 1) * SHOWN] + guided[r * SHOWN : (r + 1) * SHOWN]
@@ -68,7 +71,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     model = vlkit.load(run_dir)
     judge = ShapesJudge(vlkit.load(out / "clip"))
     torch.manual_seed(0)
-    results = {g: evaluate(model, judge, n_single, n_relation, guidance=g, steps=STEPS, progress=True) for g in (1.0, GUIDANCE)}
+    results = {g: evaluate(model, judge, n_single, n_relation, guidance=g, steps=STEPS, eta=ETA, progress=True) for g in (1.0, GUIDANCE)}
     ceiling = reference_check(judge, n_single)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
             "",
             f"A pixel-space UNet ({sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M parameters) conditioned on the demo "
             f"CLIP's frozen text tower, trained {recipe.loop.steps} steps of {recipe.loop.batch_size} images "
-            f"({summary['train_seconds'] / 60:.1f} min); sampled with {STEPS} DDIM steps from its EMA weights. Run folder: `generation/`.",
+            f"({summary['train_seconds'] / 60:.1f} min); sampled with {STEPS} DDIM steps (eta {ETA:g}) from its EMA weights. Run folder: `generation/`.",
             "",
             f"| metric | guidance 1 | guidance {GUIDANCE:g} | rendered scenes (the judge's ceiling) |",
             "|---|---|---|---|",
