@@ -126,10 +126,11 @@ def test_recipes_that_cannot_train_are_refused_by_key(parts, tmp_path):
         train_vlm(load_recipe(recipe(clip_folder(tmp_path / "clip"), parts["data"])), tmp_path / "run")
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1, tmp_path):
+@pytest.mark.parametrize("lm_mode", ["full", "lora"])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1, tmp_path, lm_mode):
     out, _ = stage1
     r = recipe(parts["lm"], parts["data"], stage=2, steps=4, init_from=str(out), data={"bucket_window": 2},
-               train={"vision_lr": 1e-4}, loop={"save_every": 1})
+               train={"vision_lr": 1e-4, "lm": lm_mode}, loop={"save_every": 1})
     straight = train_vlm(load_recipe(r), tmp_path / "straight")
     stopped = train_vlm(load_recipe(r), tmp_path / "resumed", stop_at=2)
     assert stopped["steps"] == 2 and "model" not in stopped
