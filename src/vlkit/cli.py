@@ -23,8 +23,21 @@ def positive_int(text: str) -> int:
 def cmd_train(args, overrides: list[str]) -> int:
     from vlkit.config import read
 
-    if args.model == "vlm":
-        return cmd_train_vlm(args, overrides)
+    if args.model == "vlm":  # --stage is the recipe's stage key here
+        return cmd_train_vlm(args, [f"--stage={args.stage}"] * (args.stage is not None) + overrides)
+    args.stage = args.stage or 1
+    if args.model == "lm":
+        from vlkit.train.lm import cmd_train_lm
+
+        return cmd_train_lm(args, overrides)
+    if args.model == "blip2":
+        from vlkit.train.blip2 import cmd_train_blip2
+
+        return cmd_train_blip2(args, overrides)
+    if args.model == "diffusion":
+        from vlkit.generate_cli import cmd_train_diffusion
+
+        return cmd_train_diffusion(args, overrides)
     from vlkit.train.clip import load_recipe, train_clip
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
@@ -66,6 +79,12 @@ class _TrainHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, "model", None) == "vlm":
             from vlkit.train.vlm import recipe_help
+        elif getattr(namespace, "model", None) == "diffusion":
+            from vlkit.train.diffusion import recipe_help
+        elif getattr(namespace, "model", None) == "lm":
+            from vlkit.train.lm import recipe_help
+        elif getattr(namespace, "model", None) == "blip2":
+            from vlkit.train.blip2 import recipe_help
         else:
             from vlkit.train.clip import recipe_help
 
@@ -76,6 +95,11 @@ class _TrainHelp(argparse.Action):
 
 def cmd_eval(args, overrides: list[str]) -> int:
     from vlkit.eval.tasks import run_eval
+
+    if args.task == "generation":
+        from vlkit.generate_cli import cmd_eval_generation
+
+        return cmd_eval_generation(args)
 
     options = {}
     if args.task in ("caption", "vqa", "grounding", "mcq"):
@@ -227,15 +251,19 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a recipe; --key=value overrides the recipe", add_help=False,
                            allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     train.add_argument("-h", "--help", action=_TrainHelp, help="show this help, with every recipe key and its default")
-    train.add_argument("model", choices=["clip", "siglip", "vlm"], help="siglip: clip with the sigmoid loss (and its temperature and "
-                       "bias); vlm: a LLaVA-style VLM, stage 1 (align) or 2 (instruct) by the recipe's stage")
+    train.add_argument("model", choices=["clip", "siglip", "vlm", "diffusion", "lm", "blip2"], help="siglip: clip with the sigmoid loss (and its temperature and "
+                       "bias); vlm: a LLaVA-style VLM, stage 1 (align) or 2 (instruct) by the recipe's stage; lm: a causal "
+                       "language model on text")
     train.add_argument("--recipe", help="YAML or JSON recipe (see recipes/)")
     train.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    train.add_argument("--stage", type=int, choices=[1, 2], default=None,
+                       help="blip2: stage 1 (ITC + ITM + ITG, frozen tower; the default) or 2 (captions through a frozen LM); "
+                       "vlm: sets the recipe's stage")
     train.set_defaults(fn=cmd_train, takes_overrides=True)
 
     ev = sub.add_parser("eval", help="evaluate a model on a task")
-    ev.add_argument("task", choices=["zeroshot", "retrieval", "caption", "vqa", "grounding", "mcq"])
+    ev.add_argument("task", choices=["zeroshot", "retrieval", "caption", "vqa", "grounding", "mcq", "generation"])
     ev.add_argument("--model", help="model or run folder")
     ev.add_argument("--data", default="shapes", help="'shapes' (the bundled world; zeroshot, retrieval), or a path: an ImageFolder "
                     "with classnames.json + templates.json (zeroshot), a folder with captions.jsonl (retrieval), or a dataset "
@@ -267,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
     emb.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     emb.set_defaults(fn=cmd_embed)
 
+    from vlkit.generate_cli import add_eval_arguments, add_parser as add_generate
+
+    add_eval_arguments(ev, positive_int)
+    add_generate(sub, positive_int)
+
     from vlkit.convert_cli import add_parser as add_convert
 
     add_convert(sub)
@@ -282,6 +315,10 @@ def parser() -> argparse.ArgumentParser:
     from vlkit.index.cli import add_parsers as add_index_commands
 
     add_index_commands(sub, positive_int)
+
+    from vlkit.serve.cli import add_parser as add_serve
+
+    add_serve(sub, positive_int)
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
