@@ -256,3 +256,14 @@ def test_adapted_tower_pools_through_its_adapters():
     randomise_adapters(vit)
     pixels = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(vit.pooled(pixels), vit(pixels).pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_export_refuses_unmerged_adapters_by_name(tmp_path):
+    model = tiny_llama("llama")
+    add_lora(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(VlkitError, match=r"unmerged LoRA adapters on 2 layers \(layers.0.attn.qkv, layers.1.attn.qkv\).*merge_lora"):
+        to_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    merge_lora(model)
+    to_hf(model, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

@@ -177,6 +177,7 @@ def test_lora_trains_adapters_only_and_exports_them_merged_and_in_peft_layout(pa
     adapter = tmp_path / "lora" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     merged = vlkit.load(tmp_path / "lora" / "model")
+    assert vlkit.load(tmp_path / "lora").state_dict().keys() == merged.state_dict().keys()  # the run folder loads its merged model
     trained = build_model(r)
     plan_training(trained, r)
     trained.load_state_dict(state)

@@ -20,10 +20,12 @@ from vlkit.vision.preprocess import ImageProcessor
 
 
 def resolve(path: str | Path) -> Path:
-    """A model folder, or a run folder (its newest checkpoint)."""
+    """A model folder, or a run folder: its final ``model/`` when it writes one, else its newest checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file():
         return path
+    if (path / "model" / "config.json").is_file():  # a run that writes its final model apart (VLM: LoRA merged)
+        return path / "model"
     from vlkit.train.checkpoint import latest_checkpoint  # checks the pointer: one rule for load and --resume
 
     if (checkpoint := latest_checkpoint(path)) is not None:

@@ -24,6 +24,7 @@ from vlkit.models.clip import CLIP
 from vlkit.models.llava import Llava
 from vlkit.models.llava_next import LlavaNext
 from vlkit.models.single_tower import TextTower, VisionEncoder
+from vlkit.nn.lora import lora_layers
 from vlkit.text.encoder import TextConfig
 from vlkit.vision.vit import ViTConfig
 
@@ -240,6 +241,18 @@ def _dinov2_layout(model: VisionEncoder):
     return config, rules, extra, "BitImageProcessor"
 
 
+def _refuse_adapters(model) -> None:
+    """Exported folders hold plain weights; unmerged LoRA adapters would not map onto them."""
+    adapted = list(lora_layers(model))
+    if adapted:
+        raise VlkitError(
+            f"{type(model).__name__} has unmerged LoRA adapters on {len(adapted)} layers ({', '.join(adapted[:3])}"
+            f"{', ...' if len(adapted) > 3 else ''}); "
+            "fold them in first with vlkit.nn.lora.merge_lora(model), or write the adapter alone with "
+            "vlkit.interop.peft.save_adapter"
+        )
+
+
 def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -284,6 +297,7 @@ def _write_folder(dst: str | Path, overwrite: bool, write) -> Path:
 def to_hf(model, dst: str | Path, overwrite: bool = False) -> Path:
     """Write a transformers folder: ``config.json``, ``model.safetensors``, tokenizer and
     preprocessing. ``overwrite`` replaces a non-empty ``dst`` whole."""
+    _refuse_adapters(model)
     config, rules, extra, processor_class = hf_layout(model)
     state = {**km.export_state(model, rules, "transformers"), **extra}
 
@@ -357,6 +371,7 @@ def open_clip_layout(model) -> tuple[dict, list[km.Rule], dict[str, torch.Tensor
 def to_open_clip(model, dst: str | Path, overwrite: bool = False) -> Path:
     """Write an OpenCLIP folder: ``open_clip_config.json``, ``open_clip_model.safetensors``,
     tokenizer. ``overwrite`` replaces a non-empty ``dst`` whole."""
+    _refuse_adapters(model)
     config, rules, extra = open_clip_layout(model)
     state = {**km.export_state(model, rules, "OpenCLIP"), **extra}
 
