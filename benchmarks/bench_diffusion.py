@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--clip-seconds", type=float, default=493.0,
                     help="the CLIP recipe's training time on an idle 2-core machine (RESULTS.md: 493 s)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="for both recipes (default: each recipe's own)")
     args = ap.parse_args()
     torch.manual_seed(0)
     c = clip_recipe(read(RECIPES / "clip_shapes.yaml"))
@@ -70,7 +71,8 @@ def main() -> None:
     captions = ShapesCaptions(world, shapes_processor(d.data.image_size), d.loop.batch_size)
     t2i_batch = Collate(model.tokenizer)([captions[i] for i in range(d.loop.batch_size)])
     t2i_batch.pop("skipped")
-    timers = {"clip": step_timer(clip, clip_batch, c.loop.precision), "diffusion": step_timer(model, t2i_batch, d.loop.precision)}
+    timers = {"clip": step_timer(clip, clip_batch, args.precision or c.loop.precision),
+              "diffusion": step_timer(model, t2i_batch, args.precision or d.loop.precision)}
     for t in timers.values():
         t()  # warm-up
     best = {k: float("inf") for k in timers}
