@@ -17,7 +17,7 @@ from vlkit.data.shapes import ShapesWorld
 from vlkit.demo.vlm import split_overrides
 from vlkit.eval import shapes as shapes_eval
 from vlkit.eval.metrics.cider import cider
-from vlkit.eval.metrics.vqa import vqa_accuracy
+from vlkit.eval.metrics import normalize_answer
 from vlkit.eval.retrieval import image_tokens, itc_itm_retrieval
 from vlkit.models.blip2_processor import CAPTION_PROMPT, Blip2Answerer
 from vlkit.train.blip2 import load_recipe, train_blip2
@@ -73,7 +73,8 @@ def evaluate_stage1(model, image_size: int, n: int) -> dict:
 @torch.no_grad()
 def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple[dict, list[dict]]:
     """CIDEr-D of captions through the LM (prompt "a photo of") and by the Q-Former alone (ITG), and
-    zero-shot VQA accuracy (prompt "Question: {} Short answer:") on held-out scenes."""
+    zero-shot VQA accuracy (prompt "Question: {} Short answer:"; exact match after VQA's answer
+    normalisation, as one answer per question gives VQA's 3-annotator rule nothing to count) on held-out scenes."""
     world = ShapesWorld(image_size, seed=HELD_OUT_SEED)
     scenes = [world.scene(i) for i in range(max(sizes["caption"], sizes["vqa"]))]
     answerer = Blip2Answerer(model)
@@ -91,7 +92,7 @@ def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple
         part = questions[start : start + 50]
         prompts = [Blip2Answerer.question_prompt(q["question"]) for _, q in part]
         answers += answerer.generate([s.render() for s, _ in part], prompts, max_new_tokens=8)
-    vqa = float(np.mean([vqa_accuracy(a, [q["answer"]]) for a, (_, q) in zip(answers, questions)]))
+    vqa = float(np.mean([normalize_answer(a) == normalize_answer(q["answer"]) for a, (_, q) in zip(answers, questions)]))
     metrics = {"caption_cider": cider(lm_caps, refs), "caption_cider_itg": cider(itg_caps, refs), "vqa_accuracy": vqa}
     examples = [{"scene": scenes[i], "caption": lm_caps[i], "itg": itg_caps[i], "question": questions[i][1]["question"],
                  "answer": answers[i], "truth": questions[i][1]["answer"]} for i in range(4)]  # fmt: skip
