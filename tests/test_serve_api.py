@@ -324,13 +324,19 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url
     assert rows > steps  # on average more than one row per decode step
 
 
-def test_a_client_leaving_mid_stream_frees_its_rows(models):
+def test_a_client_leaving_mid_stream_frees_its_rows(models, monkeypatch):
     """Three clients hang up after the first chunk of an answer that would run 200 tokens: each is
-    dropped (counted as cancelled) long before that, and the server answers the next request."""
+    dropped (counted as cancelled) long before that, and the server answers the next request. Each
+    step is slowed to 10 ms (a model of some size), so an answer outlasts the time a loaded machine
+    takes to notice the closed connection."""
+    from vlkit.lm.batching import DecodingBatch
+
     with serving(create_app(models, ServeSettings(max_tokens_cap=200))) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         long = next(m for m in ([{"role": "user", "content": f"Count to {n}."}] for n in range(100, 120))
                     if ask(client, m, max_tokens=200).usage.completion_tokens == 200)  # greedy, no EOS in 200 tokens
+        step = DecodingBatch.step
+        monkeypatch.setattr(DecodingBatch, "step", lambda self: (time.sleep(0.01), step(self))[1])
         before = httpx.get(f"{url}/health").json()["models"]["vlm"]
         body = {"model": "vlm", "messages": long, "max_tokens": 200, "stream": True, "temperature": 0}
         for _ in range(3):
@@ -339,11 +345,12 @@ def test_a_client_leaving_mid_stream_frees_its_rows(models):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             stats = httpx.get(f"{url}/health").json()["models"]["vlm"]
-            if stats["running"] == 0 and stats["waiting"] == 0:
+            if stats["running"] == 0 and stats["waiting"] == 0 and stats["cancelled"] == 3:
                 break
             time.sleep(0.05)
         assert stats["running"] == 0 and stats["cancelled"] == 3, stats
         assert stats["rows_stepped"] - before["rows_stepped"] < 3 * 200
+        monkeypatch.setattr(DecodingBatch, "step", step)
         r = ask(client, [{"role": "user", "content": "Hello, how are you?"}])
         assert r.choices[0].message.content == reference(models, "Hello, how are you?")
 

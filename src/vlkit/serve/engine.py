@@ -134,7 +134,6 @@ class Engine:
             rows += job.n
         if not group:
             return
-        self.waiting = self.waiting[len(group):]
         try:
             self._prefill(group)
         except Exception as err:  # noqa: BLE001 - the group's requests fail; the running rows go on
@@ -142,6 +141,8 @@ class Engine:
             for job in group:
                 self.jobs.pop(id(job), None)
                 job.deliver(("error", f"generation failed ({type(err).__name__}: {err})"))
+        finally:
+            self.waiting = self.waiting[len(group):]  # only now: /health counts a job in its prefill as waiting
 
     def _prefill(self, group: list[Job]) -> None:
         model, device = self.model, self.batch.device
