@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlkit.config import NonNegativeInt, PositiveFloat, build, defaults, to_dict, validate
+from vlkit.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, build, defaults, to_dict, validate
 from vlkit.connectors.qformer import QFormerConfig
 from vlkit.data.pairs import Collate, Skipped
 from vlkit.data.skips import SKIPPED_FILE
@@ -48,9 +48,9 @@ class Stage1Model:
     vision_config: ViTConfig | None = None
     vision_drop_last: NonNegativeInt = 0
     qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(text=True))
-    embed_dim: int = 256
+    embed_dim: PositiveInt = 256
     temperature: PositiveFloat = 0.07
-    itc_label_smoothing: float = 0.1
+    itc_label_smoothing: Fraction = 0.1
 
     def __post_init__(self):
         validate(self)
