@@ -100,7 +100,8 @@ def bench_search(args, kind: str) -> list[dict]:
         if name == "exact":
             continue
         t = time.perf_counter()
-        searcher = backends.SEARCHERS[name].build(base)
+        options = {"m": args.hnsw_m, "ef_construction": args.hnsw_efc} if name == "hnsw" else {}
+        searcher = backends.SEARCHERS[name].build(base, **options)
         build_s = time.perf_counter() - t
         params = args.ef if name == "hnsw" else args.nprobe
         for p in params:
@@ -147,6 +148,8 @@ def main() -> None:
     p.add_argument("--backends", default="exact,ivf,hnsw")
     p.add_argument("--ef", default="64,128,256,512")
     p.add_argument("--nprobe", default="8,16,32,64,128")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (vlkit's default 32)")
+    p.add_argument("--hnsw-efc", type=int, default=80, help="HNSW efConstruction (vlkit's default 80)")
     p.add_argument("--images", help="a folder of images for the embedding-throughput run")
     p.add_argument("--model", help="the CLIP folder for --images")
     p.add_argument("--batch-size", type=int, default=32)
