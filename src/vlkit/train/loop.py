@@ -370,7 +370,10 @@ def fit(
                 "checkpoint": str(latest_checkpoint(run_dir))}  # fmt: skip
     wrapped = _wrap(model, world, device)
     sampler = StepSampler(len(dataset), loop, world, start, shuffle=getattr(dataset, "shuffle", True), end_step=end)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers)
+    # its own generator: a loader draws its workers' base seed when iterated, which from the global RNG
+    # would shift a resumed run's random stream (noise, dropout) by one draw against an unbroken run's
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers,
+                        generator=torch.Generator().manual_seed(loop.seed + start))  # fmt: skip
     log = MetricsLog(run_dir, loop, world, start)
     t0, seen, skipped_before, micro, loss_sum = time.perf_counter(), 0, progress.skipped, 0, 0.0
 
