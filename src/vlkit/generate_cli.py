@@ -18,7 +18,8 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("-n", type=positive_int, default=8, help="images per prompt")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1: none, 0: unconditional)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM sampling steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 as much noise as DDPM")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM's eta: 0 deterministic, 1 as much fresh noise as DDPM "
+                   "(cleaner images from a briefly trained model; still reproducible by --seed)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--out", default="grid.png", help="the grid image (a row per prompt); a .png or .jpg file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
