@@ -215,13 +215,14 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
 def _section(m: dict, recipes: dict, summaries: dict, model, quick: bool) -> str:
     r2 = recipes[2]
     n = QUICK_SIZES if quick else SIZES
+    tower = "frozen" if r2.train.vision_lr is None else f"trained at lr {r2.train.vision_lr}"
     return "\n".join([
         "## The shapes VLM (LLaVA-style, two stages)",
         "",
         f"The demo's CLIP tower (frozen in stage 1) and shapes LM joined by a {r2.model.connector} connector "
         f"({model.num_image_tokens()} visual tokens per image). Stage 1: the connector alone on captions, "
         f"{recipes[1].loop.steps} steps of {recipes[1].loop.batch_size} ({m['stage1_seconds'] / 60:.1f} min). Stage 2: "
-        f"connector, LM (train.lm={r2.train.lm}) and tower (lr {r2.train.vision_lr}) on multi-turn conversations mixing "
+        f"connector and LM (train.lm={r2.train.lm}; tower {tower}) on multi-turn conversations mixing "
         f"captioning, VQA and grounding, {r2.loop.steps} steps of {r2.loop.batch_size} ({m['stage2_seconds'] / 60:.1f} min; "
         f"{summaries[2]['trainable']:,} trainable parameters). Model folder: `vlm/`.",
         "",
