@@ -5,7 +5,6 @@ captions (through the LM, and by the Q-Former alone) and zero-shot VQA on held-o
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import vlkit
 from vlkit.config import apply_overrides, read
 from vlkit.data.shapes import ShapesWorld
+from vlkit.demo.timing import step_seconds
 from vlkit.demo.vlm import split_overrides
 from vlkit.eval import shapes as shapes_eval
 from vlkit.eval.metrics.cider import cider
@@ -42,7 +42,6 @@ def stage_recipe(stage: int, out: Path, quick: bool, overrides: list[str]):
 def _estimate_step_seconds(recipe) -> float:
     """Time two stage-1 training steps (after one warm-up) on the recipe's data."""
     from vlkit.data.pairs import Collate
-    from vlkit.precision import autocast
     from vlkit.train.blip2 import build_stage1
     from vlkit.train.clip import build_dataset
 
@@ -51,14 +50,7 @@ def _estimate_step_seconds(recipe) -> float:
     families = recipe.loop.batch_size // recipe.data.group_size
     batch = Collate(model.tokenizer)([data[i] for i in range(families)])
     batch.pop("skipped")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        with autocast(recipe.loop.precision, "cpu"):
-            loss = model(**batch)
-        loss.backward()
-        times.append(time.perf_counter() - t)
-    return sum(times[1:]) / 2
+    return step_seconds(lambda: model(**batch), recipe.loop.precision)
 
 
 @torch.no_grad()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-import torch
-
 import vlkit
-from vlkit.config import apply_overrides, read, to_dict, write_json
+from vlkit.config import apply_overrides, read, to_dict
 from vlkit.data.shapes import CLASS_NAMES, TEMPLATES
+from vlkit.demo.timing import step_seconds
 from vlkit.eval import shapes as shapes_eval
 from vlkit.eval.report import plot_confusion
 from vlkit.report import draw_loss, draw_retrieval
@@ -24,7 +21,6 @@ def _estimate_step_seconds(recipe) -> float:
     """Time two training steps of the recipe's model on this machine (after one warm-up)."""
     from vlkit.data.pairs import Collate, ShapesPairs
     from vlkit.models.clip import CLIP
-    from vlkit.precision import autocast
     from vlkit.train.clip import build_tokenizer, shapes_processor
 
     tok = build_tokenizer(recipe.data, recipe.model.text.context_length)
@@ -35,14 +31,7 @@ def _estimate_step_seconds(recipe) -> float:
     data = ShapesPairs(shapes_world(recipe.data), shapes_processor(recipe.data.image_size), groups, recipe.data.group_size)
     batch = Collate(tok)([data[i] for i in range(groups)])
     batch.pop("skipped")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        with autocast(recipe.loop.precision, "cpu"):
-            loss = model(**batch)
-        loss.backward()
-        times.append(time.perf_counter() - t)
-    return sum(times[1:]) / 2
+    return step_seconds(lambda: model(**batch), recipe.loop.precision)
 
 
 def clip_recipe(quick: bool, overrides: list[str]):

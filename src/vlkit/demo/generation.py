@@ -3,13 +3,13 @@ score it with that CLIP at guidance 1 and at the chosen guidance, and draw both 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict
+from vlkit.demo.timing import step_seconds
 from vlkit.eval.generation import ShapesJudge, evaluate, image_grid, reference_check, relation_prompts, single_prompts, to_pil
 from vlkit.train.diffusion import ShapesCaptions, build_model, load_recipe, train_diffusion
 
@@ -41,12 +41,7 @@ def _estimate_step_seconds(recipe) -> float:
     data = ShapesCaptions(ShapesWorld(d.image_size, d.min_objects, d.max_objects, d.seed), shapes_processor(d.image_size), recipe.loop.batch_size)
     batch = Collate(model.tokenizer)([data[i] for i in range(recipe.loop.batch_size)])
     batch.pop("skipped")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        model(**batch).backward()
-        times.append(time.perf_counter() - t)
-    return sum(times[1:]) / 2
+    return step_seconds(lambda: model(**batch), recipe.loop.precision)
 
 
 def _grid(model, prompts: list[str], guidance: float):

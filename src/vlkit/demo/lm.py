@@ -4,7 +4,6 @@ on the shapes world's texts, then measure it on held-out scenes' texts."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -12,9 +11,9 @@ import torch
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict
 from vlkit.data.shapes_chat import HELD_OUT_SEED, lm_texts
+from vlkit.demo.timing import step_seconds
 from vlkit.lm.generate import generate_text
 from vlkit.losses import causal_lm_loss
-from vlkit.precision import autocast
 from vlkit.report import draw_loss
 from vlkit.train.lm import CausalLM, PackedBlocks, load_recipe, pack, shapes_world, train_lm
 
@@ -36,14 +35,7 @@ def _estimate_step_seconds(recipe) -> float:
     cfg.vocab_size = recipe.data.vocab_size
     model = CausalLM(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (recipe.loop.batch_size, recipe.data.block_size))
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        with autocast(recipe.loop.precision, "cpu"):
-            loss = model(ids, ids)
-        loss.backward()
-        times.append(time.perf_counter() - t)
-    return sum(times[1:]) / 2
+    return step_seconds(lambda: model(ids, ids), recipe.loop.precision)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import vlkit
 from vlkit.boxes import parse_box
 from vlkit.config import apply_overrides, read
 from vlkit.data.shapes_chat import QUESTION_TYPES, ShapesChatConfig, eval_captions, eval_grounding, eval_vqa
+from vlkit.demo.timing import step_seconds
 from vlkit.eval.generative import answerer
 from vlkit.eval.metrics import cider_scores, grounding_accuracy, normalize_answer
 from vlkit.report import draw_loss
@@ -62,7 +63,6 @@ def _estimate_step_seconds(recipe) -> float:
     """Time two training steps (after one warm-up) of the recipe's model on its own data."""
     from vlkit.data.conversations import ConversationCollate, ConversationDataset
     from vlkit.data.formats.common import Skips
-    from vlkit.precision import autocast
     from vlkit.train.loop import freeze
     from vlkit.train.vlm import build_model, build_processor, build_source, plan_training
 
@@ -75,14 +75,7 @@ def _estimate_step_seconds(recipe) -> float:
     data = ConversationDataset(build_source(recipe.data, Skips()), processor, model.lm.max_length, n, bucket_window=0)
     batch = ConversationCollate(processor)([data[i] for i in range(n)])
     batch.pop("skipped")
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        with autocast(recipe.loop.precision, "cpu"):
-            loss = model(**batch).loss
-        loss.backward()
-        times.append(time.perf_counter() - t)
-    return sum(times[1:]) / 2
+    return step_seconds(lambda: model(**batch).loss, recipe.loop.precision)
 
 
 # ---------------------------------------------------------------- evaluation
