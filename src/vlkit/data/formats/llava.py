@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from vlkit.data.formats.common import BadRecord, Skips, check_unique, image_path, no_records, require, write_json
-from vlkit.data.formats.json_stream import iter_json_array, iter_json_array_spans, read_json_span
+from vlkit.data.formats.json_stream import iter_json_array_spans, read_json_span
 
 IMAGE_TOKEN = "<image>"
 
@@ -67,21 +67,8 @@ def iter_llava(path: str | Path, image_root: str | Path | None = None, skips: Sk
     :class:`BadRecord` naming the file and record, or is skipped under ``skips``; image paths
     outside ``image_root`` are refused unless ``allow_outside_paths``. Duplicate ids, and a
     file with no conversation, are reported once the file is read."""
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    skips = skips if skips is not None else Skips()
-    ids = []
-    for i, rec in enumerate(iter_json_array(path, None, LLAVA)):
-        try:
-            conv = _conversation(rec, path, i, root, allow_outside_paths)
-        except BadRecord as err:
-            skips.reject(err, "bad record")
-            continue
-        ids.append(conv.id)
+    for conv, *_ in index_llava(path, image_root, skips, allow_outside_paths):
         yield conv
-    check_unique(ids, "id", str(path))
-    if not ids:
-        raise no_records(path, LLAVA, skips)
 
 
 def read_llava(path: str | Path, image_root: str | Path | None = None, skips: Skips | None = None,
