@@ -380,3 +380,19 @@ def defaults(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
         value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((key, value, describe(hints[f.name])))
     return rows
+
+
+def key_rows(cls: type, derived: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """``("key=default", what it must be)`` for every recipe key; a key training sets itself says from what."""
+    derived = derived or {}
+    return [
+        (f"{key}={value if isinstance(value, str) else json.dumps(value)}",
+         f"set by training from {derived[key]}" if key in derived else what)
+        for key, value, what in defaults(cls)
+    ]  # fmt: skip
+
+
+def key_table(rows: list[tuple[str, str]]) -> list[str]:
+    """:func:`key_rows` as aligned ``--key=default  type`` lines (the ``train --help`` epilogs)."""
+    width = max(len(a) for a, _ in rows)
+    return [f"  --{a:<{width}}  {b}" for a, b in rows]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlkit.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, build, defaults, to_dict, validate
+from vlkit.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, build, key_rows, key_table, to_dict, validate
 from vlkit.connectors.qformer import QFormerConfig
 from vlkit.data.pairs import Collate, Skipped
 from vlkit.data.skips import SKIPPED_FILE
@@ -324,12 +324,8 @@ def recipe_help() -> str:
     """Every recipe key of both stages with its default (the ``train blip2 --help`` epilog)."""
     lines = ["recipe overrides: any key below as --key=value; it overrides the --recipe file, which overrides the defaults."]
     for stage, cls in RECIPES.items():
-        rows = []
-        for key, value, what in defaults(cls):
-            shown = value if isinstance(value, str) else json.dumps(value)
-            rows.append((f"{key}={shown}", f"set by training from {DERIVED[key]}" if key in DERIVED and stage == 1 else what))
-        width = max(len(a) for a, _ in rows)
-        lines += ["", f"--stage {stage} recipe keys and their defaults:", *[f"  --{a:<{width}}  {b}" for a, b in rows]]
+        rows = key_rows(cls, DERIVED if stage == 1 else None)
+        lines += ["", f"--stage {stage} recipe keys and their defaults:", *key_table(rows)]
     return "\n".join(lines)
 
 

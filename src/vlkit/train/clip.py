@@ -9,7 +9,7 @@ from typing import Annotated
 
 import torch
 
-from vlkit.config import Bound, NonNegativeInt, OneOf, PositiveInt, build, defaults, to_dict, validate
+from vlkit.config import Bound, NonNegativeInt, OneOf, PositiveInt, build, key_rows, key_table, to_dict, validate
 from vlkit.data.pairs import CaptionFolder, Collate, ShapesPairs, SkippingDataset
 from vlkit.data.shapes import ShapesWorld
 from vlkit.data.skips import ON_BAD_SAMPLE, SKIPPED_FILE
@@ -180,11 +180,6 @@ def train_clip(recipe: CLIPRecipe, out: str | Path, resume: bool = False, stop_a
 def recipe_help() -> str:
     """How ``--key=value`` overrides work and every recipe key with its default and its type,
     generated from the recipe's dataclasses (the ``train --help`` epilog)."""
-    rows = []
-    for key, value, what in defaults(CLIPRecipe):
-        shown = value if isinstance(value, str) else json.dumps(value)
-        rows.append((f"{key}={shown}", f"set by training from {DERIVED[key]}" if key in DERIVED else what))
-    width = max(len(a) for a, _ in rows)
     return "\n".join(
         [
             "recipe overrides:",
@@ -194,7 +189,7 @@ def recipe_help() -> str:
             "  value (--loop.batch_size=64), not a whole section (--loop=...).",
             "",
             "recipe keys and their defaults:",
-            *[f"  --{a:<{width}}  {b}" for a, b in rows],
+            *key_table(key_rows(CLIPRecipe, DERIVED)),
         ]
     )
 

@@ -3,7 +3,6 @@ frozen text tower, through the one training loop (checkpoints, exact resume, tor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlkit.config import Bound, NonNegativeInt, PositiveInt, build, defaults, to_dict, validate
+from vlkit.config import Bound, NonNegativeInt, PositiveInt, build, key_rows, key_table, to_dict, validate
 from vlkit.data.pairs import Collate
 from vlkit.data.shapes import ShapesWorld
 from vlkit.errors import ConfigError, VlkitError
@@ -136,12 +135,6 @@ def load_recipe(data: dict, overrides: list[str] = (), source: str | Path | None
 
 def recipe_help() -> str:
     """Every recipe key with its default and type (the ``train diffusion --help`` epilog)."""
-    rows = []
-    for key, value, what in defaults(DiffusionRecipe):
-        if key.startswith("model.text."):
-            continue
-        shown = value if isinstance(value, str) else json.dumps(value)
-        rows.append((f"{key}={shown}", f"set by training from {DERIVED[key]}" if key in DERIVED else what))
+    rows = [row for row in key_rows(DiffusionRecipe, DERIVED) if not row[0].startswith("model.text.")]
     rows.append(("model.text.*", f"set by training from {DERIVED['model.text']}"))
-    width = max(len(a) for a, _ in rows)
-    return "\n".join(["recipe keys and their defaults (override any with --key=value):", *[f"  --{a:<{width}}  {b}" for a, b in rows]])
+    return "\n".join(["recipe keys and their defaults (override any with --key=value):", *key_table(rows)])

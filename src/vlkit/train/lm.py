@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlkit.config import NonNegativeInt, OneOf, PositiveInt, build, defaults, to_dict, validate
+from vlkit.config import NonNegativeInt, OneOf, PositiveInt, build, key_rows, key_table, to_dict, validate
 from vlkit.data.formats.common import BadRecord, iter_jsonl
 from vlkit.data.shapes import ShapesWorld
 from vlkit.data.shapes_chat import ShapesChat, ShapesChatConfig, lm_texts
@@ -230,11 +230,6 @@ def train_lm(recipe: LMRecipe, out: str | Path, resume: bool = False, stop_at: i
 
 def recipe_help() -> str:
     """Every recipe key with its default and type (the ``train lm --help`` epilog)."""
-    rows = []
-    for key, value, what in defaults(LMRecipe):
-        shown = value if isinstance(value, str) else json.dumps(value)
-        rows.append((f"{key}={shown}", f"set by training from {DERIVED[key]}" if key in DERIVED else what))
-    width = max(len(a) for a, _ in rows)
     return "\n".join([
         "recipe overrides:",
         "  Any recipe key can be set on the command line as --key=value; it overrides the --recipe file,",
@@ -242,7 +237,7 @@ def recipe_help() -> str:
         "  --data.tokenizer=runs/lm (take that folder's tokenizer instead of training one).",
         "",
         "recipe keys and their defaults:",
-        *[f"  --{a:<{width}}  {b}" for a, b in rows],
+        *key_table(key_rows(LMRecipe, DERIVED)),
     ])  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Sequence
 
 import torch
 
-from vlkit.config import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, build, defaults, from_dict, to_dict, validate
+from vlkit.config import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, build, key_rows, key_table, from_dict, to_dict, validate
 from vlkit.connectors import CONNECTORS, build_connector
 from vlkit.data.conversations import ChatSample, ConversationCollate, ConversationDataset, LlavaSource
 from vlkit.data.formats.common import Skips
@@ -385,11 +385,6 @@ def _copy_model_files(checkpoint: Path, folder: Path) -> None:
 # ---------------------------------------------------------------- recipes
 def recipe_help() -> str:
     """Every recipe key with its default and type (the ``train vlm --help`` epilog)."""
-    rows = []
-    for key, value, what in defaults(VlmRecipe):
-        shown = value if isinstance(value, str) else json.dumps(value)
-        rows.append((f"{key}={shown}", what))
-    width = max(len(a) for a, _ in rows)
     return "\n".join([
         "recipe overrides:",
         "  Any recipe key can be set on the command line as --key=value; it overrides the --recipe file,",
@@ -399,7 +394,7 @@ def recipe_help() -> str:
         "  model.lm and data.source are required. Stage 1 trains the connector only (train.lm=frozen).",
         "",
         "recipe keys and their defaults:",
-        *[f"  --{a:<{width}}  {b}" for a, b in rows],
+        *key_table(key_rows(VlmRecipe)),
     ])  # fmt: skip
 
 
