@@ -141,3 +141,53 @@ def test_joined_cache_right_aligns_rows():
     assert j.length == 4 and j.batch == 3 and j.max_length == 6
     assert j.keys[0, 0, 0, :4, 0].tolist() == [1, 1, 1, 1]
     assert j.keys[0, 1, 0, :4, 0].tolist() == [0, 2, 2, 2]
+
+
+def test_shift_moves_columns_in_place_left_and_right():
+    from vlkit.lm.batching import _shift
+
+    for start, end, by in ((10, 33, -10), (3, 12, -1), (8, 26, 2), (0, 9, 7), (5, 6, -5)):
+        keys, values = torch.randn(2, 3, 2, 40, 4), torch.randn(2, 3, 2, 40, 4)
+        want = keys.clone(), values.clone()
+        for w, b in zip(want, (keys, values)):
+            w[:, :2, :, start + by : end + by] = b[:, :2, :, start:end]
+        _shift((keys, values), 2, start, end, by)
+        assert torch.equal(keys, want[0]) and torch.equal(values, want[1]), (start, end, by)
+
+
+def test_rows_joining_and_leaving_reuse_the_buffers_and_match_solo_generation(lm):
+    """A group fills the buffers; later rows join where rows left, the running rows' columns move
+    left (unused ones dropped, in several blocks) and right (a wider prompt joins), a row is
+    dropped: no buffer is allocated again, no running row's cache is copied out, and every row
+    gives solo generate's tokens."""
+    first = [("a", 30, 3), ("b", 12, 14), ("c", 20, 6), ("d", 8, 20)]
+    joins = {3: ("p", 5, 10), 6: ("q", 28, 6), 10: ("r", 3, 5)}
+    spec = {k: (w, n) for k, w, n in first + list(joins.values())}
+    ids = {k: prompt(w, i + 10) for i, (k, (w, _)) in enumerate(spec.items())}
+    cfg = {k: resolve_config(lm, None, max_new_tokens=n) for k, (_, n) in spec.items()}
+    batch = DecodingBatch(lm)
+    padded = torch.zeros(4, 30, dtype=torch.long)
+    mask = torch.zeros(4, 30, dtype=torch.long)
+    for i, (k, w, _) in enumerate(first):
+        padded[i, 30 - w :], mask[i, 30 - w :] = ids[k][0], 1
+    batch.add([k for k, _, _ in first], [cfg[k] for k, _, _ in first], padded, mask)
+    buffers = batch.keys_buffer.data_ptr(), batch.values_buffer.data_ptr()
+    got = {k: [] for k in spec}
+    s, widths = 0, []
+    while batch or s <= max(joins):
+        if s in joins:
+            k = joins[s][0]
+            before = batch.cache.length - batch._first_used()
+            batch.add([k], [cfg[k]], ids[k])
+            widths.append((before, batch.cache.length))
+        if s == 9:
+            batch.drop(["d"])
+        for key, token, _ in batch.step():
+            got[key].append(token)
+        s += 1
+    assert (batch.keys_buffer.data_ptr(), batch.values_buffer.data_ptr()) == buffers
+    assert widths[1][1] == 28 + 0 and widths[1][0] < 28  # q's prompt was wider than the rows running
+    for k in spec:
+        want = solo(lm, ids[k], max_new_tokens=spec[k][1])
+        assert got[k] == (want[: len(got[k])] if k == "d" else want), k
+    assert len(got["d"]) == 9

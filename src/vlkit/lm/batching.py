@@ -13,11 +13,13 @@ API::
 
 Each row chooses its tokens as :func:`vlkit.lm.generate.generate` would for it alone (the same
 processors, :func:`~vlkit.lm.generate.pick_tokens`, EOS ids and stop strings, its own generator),
-so only float rounding of the batched forward separates the two. A group that joins is prefilled
-on its own (left-padded), then its cache is right-aligned with the running rows' (see
-:meth:`KVCache.joined`): every row's newest token shares a column, each row keeps its own
-positions, and the attention mask hides the columns a row does not use. Columns no row uses any
-more are dropped when the next group joins.
+so only float rounding of the batched forward separates the two. Every row's keys and values live
+in one buffer the batch keeps (rows first, then columns), so joining and leaving copy no running
+row's cache: a group that joins is prefilled (left-padded) straight into free rows, right-aligned
+with the running rows (every row's newest token shares a column, each row keeps its own positions,
+and the attention mask hides the columns a row does not use); a row that leaves takes the last
+row's place. Leading columns no row uses any more are dropped when a group joins, once they are a
+quarter of the used width (or room is short); the buffer grows only when rows or columns run out.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Hashable, Sequence
 import torch
 
 from vlkit.errors import VlkitError
-from vlkit.lm.cache import KVCache
+from vlkit.lm.cache import CacheLayer, KVCache
 from vlkit.lm.generate import GenerationConfig, _device, _new_tokens, _prompt, pick_tokens
 from vlkit.lm.logits import processors
 from vlkit.lm.stopping import StopStrings
@@ -70,6 +72,29 @@ class _Row:
         return "length" if len(self.generated) >= self.new else None
 
 
+class _CacheView(KVCache):
+    """A :class:`KVCache` over a block of the batch's buffers (a view: nothing allocated), so the
+    model reads and writes the rows in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        self.keys, self.values = keys, values
+        self.max_length, self.length, self._end = keys.shape[3], length, length
+        self.layers = [CacheLayer(self, i) for i in range(keys.shape[0])]
+
+
+def _shift(buffers: tuple[torch.Tensor, ...], rows: int, start: int, end: int, by: int) -> None:
+    """Move columns ``[start, end)`` of the first ``rows`` rows by ``by`` columns, in place, in
+    blocks no wider than the move (so no block overwrites columns still to be read)."""
+    if by == 0 or start == end:
+        return
+    step = abs(by)
+    blocks = range(start, end, step)[:: 1 if by < 0 else -1]  # a right move starts at the right end
+    for buf in buffers:
+        for a in blocks:
+            b = min(a + step, end)
+            buf[:, :rows, :, a + by : b + by] = buf[:, :rows, :, a:b]
+
+
 class DecodingBatch:
     """Rows of a language model's generations, decoded together one token per step. ``tokenizer``
     decodes stop strings (rows whose config has them)."""
@@ -78,7 +103,9 @@ class DecodingBatch:
         self.lm, self.tokenizer = lm, tokenizer
         self.device = _device(lm)
         self.rows: list[_Row] = []
-        self.cache: KVCache | None = None
+        self.keys_buffer: torch.Tensor | None = None  # [layers, row capacity, kv heads, column capacity, head dim]
+        self.values_buffer: torch.Tensor | None = None
+        self.cache: KVCache | None = None  # the running rows' view of the buffers
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 where the row has a token
         self.position: torch.Tensor | None = None  # [rows]: each row's next position id
         self.logits: torch.Tensor | None = None  # [rows, V]: the scores of each row's next token
@@ -134,27 +161,60 @@ class DecodingBatch:
             process = processors(cfg, None, self.device)
             new_rows.append(_Row(key, cfg, new, process, gen, stopper, history, lengths[i] if ids is not None else 0))
         with torch.inference_mode():
-            room = 0 if self.rows else max(news)  # the first group's cache is the batch's: no copy
-            cache = self.lm.new_cache(rows, width + room, device=self.device)
+            end = self._make_room(rows, width, max(news))
+            n = len(self.rows)
+            keys, values = self.keys_buffer[:, n : n + rows], self.values_buffer[:, n : n + rows]
+            keys[:, :, :, : end - width] = 0  # the new rows' unused columns: masked, and no stale values
+            values[:, :, :, : end - width] = 0
+            cache = _CacheView(keys[:, :, :, end - width :], values[:, :, :, end - width :], 0)
             out = self.lm(input_ids=ids if prompt.embeds is None else None, inputs_embeds=prompt.embeds,
                           attention_mask=prompt.mask, cache=cache, logits_to_keep=1)  # fmt: skip
-            self._join(cache, mask, out.logits[:, -1], max(news))
+            self._join(mask, out.logits[:, -1], end)
         self.rows += new_rows
 
-    def _join(self, cache: KVCache, mask: torch.Tensor, logits: torch.Tensor, new: int) -> None:
+    def _make_room(self, rows: int, width: int, new: int) -> int:
+        """Lay the running rows out for ``rows`` more, ``width`` columns wide (left-padded), that
+        generate up to ``new`` tokens: drop the leading columns no row uses when they are a quarter
+        of the used width or the model's positions need it, move the rows right where the group is
+        wider, grow the buffers where they are too small. The running rows stay a consistent batch
+        (whatever the group's prefill does next); returns the column their next token goes to."""
+        n = len(self.rows)
+        end = self.cache.length if n else 0
+        first = self._first_used() if n else end
+        room = max(self._room(), new)
+        drop = first if first * 4 > end - first or max(end, width) + room > self.lm.max_length else 0
+        kept = end - drop  # the running rows' columns that stay
+        joined = max(kept, width)
+        cap_rows = 0 if self.keys_buffer is None else self.keys_buffer.shape[1]
+        cap_cols = 0 if self.keys_buffer is None else self.keys_buffer.shape[3]
+        if n + rows > cap_rows or joined + room > cap_cols:
+            cols = min(self.lm.max_length, max(cap_cols, (joined + room) * 5 // 4))
+            fresh = self.lm.new_cache(max(cap_rows, n + rows), cols, device=self.device)
+            if n:
+                fresh.keys[:, :n, :, joined - kept : joined] = self.keys_buffer[:, :n, :, drop:end]
+                fresh.values[:, :n, :, joined - kept : joined] = self.values_buffer[:, :n, :, drop:end]
+            self.keys_buffer, self.values_buffer = fresh.keys, fresh.values
+        else:
+            _shift((self.keys_buffer, self.values_buffer), n, drop, end, joined - kept - drop)
+        if n:
+            mask = self.mask.new_zeros(n, joined)
+            mask[:, joined - kept :] = self.mask[:, drop:]
+            self.mask = mask
+            self.cache = _CacheView(self.keys_buffer[:, :n], self.values_buffer[:, :n], joined)
+        return joined
+
+    def _join(self, mask: torch.Tensor, logits: torch.Tensor, end: int) -> None:
+        """The prefilled rows (their keys and values in the buffers' rows after the running ones,
+        ending at column ``end``) join the batch."""
+        rows = len(self.rows) + mask.shape[0]
+        self.cache = _CacheView(self.keys_buffer[:, :rows], self.values_buffer[:, :rows], end)
         position = mask.sum(1)
+        if end > mask.shape[1]:
+            mask = torch.cat([mask.new_zeros(mask.shape[0], end - mask.shape[1]), mask], 1)
         if not self.rows:
-            self.cache = cache
             self.mask, self.position, self.logits = mask, position, logits
             return
-        first = self._first_used()
-        width = max(self.mask.shape[1] - first, mask.shape[1])
-        self.cache = KVCache.joined([(self.cache, first), (cache, 0)], width + max(self._room(), new))
-        old = self.mask[:, first:]
-        joined = torch.zeros(len(self.rows) + mask.shape[0], width, dtype=torch.long, device=self.device)
-        joined[: old.shape[0], width - old.shape[1] :] = old
-        joined[old.shape[0] :, width - mask.shape[1] :] = mask
-        self.mask = joined
+        self.mask = torch.cat([self.mask, mask])
         self.position = torch.cat([self.position, position])
         self.logits = torch.cat([self.logits, logits])
 
@@ -174,9 +234,9 @@ class DecodingBatch:
                 events.append((row.key, token, finish))
                 if finish is None:
                     keep.append(i)
-            self._keep(keep)
+            order = self._keep(keep)
             if self.rows:
-                self._forward(tokens[keep] if len(keep) < tokens.shape[0] else tokens)
+                self._forward(tokens[order] if len(order) < tokens.shape[0] else tokens)
         return events
 
     def drop(self, keys) -> None:
@@ -184,16 +244,31 @@ class DecodingBatch:
         gone = set(keys)
         self._keep([i for i, r in enumerate(self.rows) if r.key not in gone])
 
-    def _keep(self, index: list[int]) -> None:
-        if len(index) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in index]
-        if not self.rows:
-            self.cache = self.mask = self.position = self.logits = None
-            return
-        at = torch.tensor(index, device=self.device)
-        self.cache.reorder(at)
+    def _keep(self, index: list[int]) -> list[int]:
+        """Keep the rows at ``index`` (ascending): each gap below the new row count takes one of
+        the kept rows above it, so only as many rows' caches move as rows left. Returns the rows'
+        new order (old row numbers)."""
+        count = len(index)
+        if count == len(self.rows):
+            return index
+        if not count:
+            self.rows, self.cache = [], None
+            self.mask = self.position = self.logits = None
+            return index
+        kept = set(index)
+        gaps = [i for i in range(count) if i not in kept]
+        movers = [i for i in index if i >= count]
+        end, order = self.cache.length, list(range(count))
+        with torch.inference_mode():
+            for gap, row in zip(gaps, movers):
+                for buf in (self.keys_buffer, self.values_buffer):
+                    buf[:, gap, :, :end] = buf[:, row, :, :end]
+                order[gap] = row
+        self.rows = [self.rows[i] for i in order]
+        self.cache = _CacheView(self.keys_buffer[:, :count], self.values_buffer[:, :count], end)
+        at = torch.tensor(order, device=self.device)
         self.mask, self.position, self.logits = self.mask[at], self.position[at], self.logits[at]
+        return order
 
     def _forward(self, tokens: torch.Tensor) -> None:
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
