@@ -1,7 +1,11 @@
 """Load on ``vlkit serve``: N concurrent ``openai`` clients for T seconds against a VLM served on
 127.0.0.1, then one client for T seconds (one request at a time): requests/s, tokens/s,
 p50/p95 latency and errors of each, and the ratio of their throughputs (the bar: 8 clients give
-at least 3x one client, with zero errors).
+at least 3x one client, with zero errors). Both phases send the same requests in the same order.
+
+CPU time per request is reported for the server process and for the clients' process (both from
+the kernel's accounting, so a loaded machine stretches wall times but not these): it says where the
+work goes, and whether the clients themselves hold the two cores the server needs.
 
     python benchmarks/bench_serve.py                       # builds a small random VLM (see --size)
     python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 30
@@ -110,13 +114,32 @@ def image_urls(n: int) -> list[str]:
     return out
 
 
-def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens: int, images: list[str]) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux's /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_stats(url: str) -> dict:
+    """The served VLM's engine counters (``/health``): requests, steps, rows, the engine thread's CPU."""
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=30).json()["models"]["vlm"]
+
+
+def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens: int, images: list[str],
+          server_pid: int) -> dict:  # fmt: skip
     """``clients`` threads, each sending one request after another until ``seconds`` pass."""
     import openai
 
     latencies: list[float] = []
     tokens, errors, sent = [0], [], [0]
     lock = threading.Lock()
+    engine = engine_stats(url)
+    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
     start = time.monotonic()
     stop_at = start + seconds
 
@@ -147,12 +170,22 @@ def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens:
     for t in threads:
         t.join(seconds + 600)
     wall = time.monotonic() - start
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = None if server_cpu is None else cpu_seconds(server_pid) - server_cpu
+    engine = {k: v - engine[k] for k, v in engine_stats(url).items() if k in ("steps", "rows_stepped", "cpu_s", "prefill_cpu_s")}
+    per_request = lambda cpu: None if cpu is None or not latencies else round(1000 * cpu / len(latencies), 2)  # noqa: E731
     lat = sorted(latencies)
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "first_errors": errors[:3],
             "wall_s": round(wall, 2), "requests_per_s": round(len(lat) / wall, 3), "tokens_per_s": round(tokens[0] / wall, 1),
             "tokens_per_request": round(tokens[0] / max(1, len(lat)), 1),
-            "p50_s": round(statistics.median(lat), 3) if lat else None, "p95_s": round(pct(0.95), 3)}  # fmt: skip
+            "p50_s": round(statistics.median(lat), 3) if lat else None, "p95_s": round(pct(0.95), 3),
+            "server_cpu_ms_per_request": per_request(server_cpu), "client_cpu_ms_per_request": per_request(client_cpu),
+            "engine_cpu_ms_per_request": per_request(engine["cpu_s"]),
+            "engine_prefill_cpu_ms_per_request": per_request(engine["prefill_cpu_s"]),
+            "rows_per_step": round(engine["rows_stepped"] / max(1, engine["steps"]), 2),
+            "server_cores_busy": None if server_cpu is None else round(server_cpu / wall, 2),
+            "client_cores_busy": round(client_cpu / wall, 2)}  # fmt: skip
 
 
 def main() -> None:
@@ -166,6 +199,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="the server's OMP_NUM_THREADS")
     p.add_argument("--out", help="append the result as a JSON line to this file")
     args = p.parse_args()
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_vlm(Path(tmp) / f"vlm_{args.size}", args.size)
         port = free_port()
@@ -175,12 +209,10 @@ def main() -> None:
         try:
             wait_ready(url, proc, 180)
             images = image_urls(16)
-            phase(url, 1, min(5.0, args.seconds), 3, args.max_tokens, images)  # warm-up
-            many = phase(url, args.clients, args.seconds, args.max_requests, args.max_tokens, images)
-            one = phase(url, 1, args.seconds, args.max_requests, args.max_tokens, images)
-            import httpx
-
-            engine = httpx.get(f"{url}/health", timeout=10).json()["models"]["vlm"]
+            phase(url, 1, min(5.0, args.seconds), 3, args.max_tokens, images, proc.pid)  # warm-up
+            many = phase(url, args.clients, args.seconds, args.max_requests, args.max_tokens, images, proc.pid)
+            one = phase(url, 1, args.seconds, args.max_requests, args.max_tokens, images, proc.pid)
+            engine = engine_stats(url)
         finally:
             proc.terminate()
             try:
@@ -190,7 +222,7 @@ def main() -> None:
             if proc.returncode not in (0, -15, None):
                 print(log.read_text()[-3000:], file=sys.stderr)
     result = {"model": str(args.model or f"random {args.size}"), "max_tokens": args.max_tokens, "seconds": args.seconds,
-              "load_avg": os.getloadavg(), "one": one, "many": many,
+              "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "one": one, "many": many,
               "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
               "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows")}}  # fmt: skip
     print(json.dumps(result, indent=2))

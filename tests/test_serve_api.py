@@ -322,6 +322,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url
     steps = after["steps"] - before["steps"]
     rows = after["rows_stepped"] - before["rows_stepped"]
     assert rows > steps  # on average more than one row per decode step
+    assert 0 < after["prefill_cpu_s"] - before["prefill_cpu_s"] < after["cpu_s"] - before["cpu_s"]  # the engine's CPU
 
 
 def test_a_client_leaving_mid_stream_frees_its_rows(models, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -72,7 +73,10 @@ class Engine:
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.waiting: list[Job] = []
         self.jobs: dict[int, Job] = {}
-        self.stats = {"requests": 0, "steps": 0, "rows_stepped": 0, "max_rows": 0, "cancelled": 0}
+        # cpu_s: the engine thread's CPU seconds (prefill_cpu_s of them in prefills): what a request
+        # costs the model, apart from the HTTP handling around it
+        self.stats = {"requests": 0, "steps": 0, "rows_stepped": 0, "max_rows": 0, "cancelled": 0, "cpu_s": 0.0,
+                      "prefill_cpu_s": 0.0}  # fmt: skip
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"vlkit-engine-{model.name}", daemon=True)
         self.thread.start()
@@ -93,9 +97,12 @@ class Engine:
             try:
                 self._take(block=not self.batch and not self.waiting)
                 self._drop_cancelled()
+                start = time.thread_time()
                 self._admit()
+                self.stats["prefill_cpu_s"] += time.thread_time() - start
                 if self.batch:
                     self._step()
+                self.stats["cpu_s"] = time.thread_time()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the server
                 log.exception("engine step failed")
                 self._fail_all(f"generation failed ({type(err).__name__}: {err})")
