@@ -11,8 +11,10 @@ work goes, and whether the clients themselves hold the two cores the server need
     python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 30
 
 The server runs as its own process (``vlkit serve``), so the clients' Python does not share its
-interpreter. Each request is one user turn with an image (a ``data:`` URL) and a question,
-greedy, ``--max-tokens`` new tokens at most. Bounded: each phase stops sending after
+interpreter. ``--engine-only`` sends the same requests to the server's engine in this process
+instead (no HTTP): the ratio the model and its batching allow, which the HTTP ratio cannot beat.
+Each request is one user turn with an image (a ``data:`` URL) and a question, greedy,
+``--max-tokens`` new tokens at most. Bounded: each phase stops sending after
 ``--seconds`` (requests in flight finish) or ``--max-requests``; the server is stopped at the end.
 """
 
@@ -123,43 +125,124 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def engine_stats(url: str) -> dict:
-    """The served VLM's engine counters (``/health``): requests, steps, rows, the engine thread's CPU."""
-    import httpx
+def content(i: int, images: list[str]) -> list[dict]:
+    """Request ``i``'s user turn: an image and a numbered question (the same in every phase)."""
+    question = f"Question {i}: what shape is in the picture, and what color is it?"
+    return [{"type": "image_url", "image_url": {"url": images[i % len(images)]}}, {"type": "text", "text": question}]
 
-    return httpx.get(f"{url}/health", timeout=30).json()["models"]["vlm"]
+
+class HttpTarget:
+    """``vlkit serve`` at ``url`` (process ``pid``), asked by ``openai`` clients."""
+
+    in_process = False
+
+    def __init__(self, url: str, pid: int, max_tokens: int):
+        self.url, self.pid, self.max_tokens = url, pid, max_tokens
+
+    def client(self):
+        """One client's ``send(content) -> completion tokens``."""
+        import openai
+
+        c = openai.OpenAI(base_url=f"{self.url}/v1", api_key="bench", max_retries=0, timeout=300)
+
+        def send(parts: list[dict]) -> int:
+            r = c.chat.completions.create(model="vlm", messages=[{"role": "user", "content": parts}], max_tokens=self.max_tokens,
+                                          temperature=0)  # fmt: skip
+            return r.usage.completion_tokens
+
+        return send
+
+    def stats(self) -> dict:
+        """The served VLM's engine counters (``/health``): requests, steps, rows, the engine thread's CPU."""
+        import httpx
+
+        return httpx.get(f"{self.url}/health", timeout=30).json()["models"]["vlm"]
+
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.pid)
 
 
-def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens: int, images: list[str],
-          server_pid: int) -> dict:  # fmt: skip
+class EngineTarget:
+    """The server's engine in this process, without HTTP: each client thread builds the prompt
+    (image decoded, template applied) as the server's worker thread does and submits it. What the
+    model and its batching allow, the ceiling of the HTTP figures."""
+
+    in_process = True
+
+    def __init__(self, model: Path, max_tokens: int, threads: int):
+        import torch
+
+        from vlkit.lm.generate import resolve_config
+        from vlkit.serve.engine import Engine
+        from vlkit.serve.images import ImageFetcher
+        from vlkit.serve.models import load_models
+        from vlkit.serve.settings import ServeSettings
+
+        torch.set_num_threads(threads)
+        self.served = load_models([f"vlm={model}"])["vlm"]
+        self.settings = ServeSettings(max_tokens_cap=max_tokens)
+        self.fetcher = ImageFetcher(self.settings)
+        self.engine = Engine(self.served, self.settings.max_batch)
+        # as the server resolves a temperature-0 request
+        options = dict(self.served.options, max_new_tokens=max_tokens, max_length=None, num_beams=1, num_return_sequences=1,
+                       do_sample=False)  # fmt: skip
+        self.config = resolve_config(self.served.lm, self.served.generation_config, **options)
+
+    def client(self):
+        from vlkit.serve.engine import Job
+        from vlkit.serve.schemas import ChatRequest
+
+        def send(parts: list[dict]) -> int:
+            req = ChatRequest(model="vlm", messages=[{"role": "user", "content": parts}], temperature=0)
+            prompt = self.served.prompt(req.messages, self.fetcher, self.settings)
+            done, out = threading.Event(), {}
+
+            def deliver(event: tuple) -> None:
+                if event[0] != "delta":
+                    out["event"] = event
+                    done.set()
+
+            self.engine.submit(Job(prompt, self.config, 1, deliver, strip=True, stream=False))
+            if not done.wait(300) or out["event"][0] == "error":
+                raise RuntimeError(f"the engine failed: {out.get('event')}")
+            return out["event"][3]
+
+        return send
+
+    def stats(self) -> dict:
+        return dict(self.engine.stats)
+
+    def cpu(self) -> float | None:
+        return None  # the engine shares this process with the clients: its own CPU is in stats()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def phase(target, clients: int, seconds: float, max_requests: int, images: list[str]) -> dict:
     """``clients`` threads, each sending one request after another until ``seconds`` pass."""
-    import openai
-
     latencies: list[float] = []
     tokens, errors, sent = [0], [], [0]
     lock = threading.Lock()
-    engine = engine_stats(url)
-    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
+    engine = target.stats()
+    server_cpu, client_cpu = target.cpu(), time.process_time()
     start = time.monotonic()
     stop_at = start + seconds
 
     def client(k: int) -> None:
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=300)
+        send = target.client()
         while time.monotonic() < stop_at:
             with lock:
                 if sent[0] >= max_requests:
                     return
                 i = sent[0]
                 sent[0] += 1
-            question = f"Question {i}: what shape is in the picture, and what color is it?"
-            content = [{"type": "image_url", "image_url": {"url": images[i % len(images)]}}, {"type": "text", "text": question}]
             t0 = time.monotonic()
             try:
-                r = c.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
-                                              temperature=0)  # fmt: skip
+                n = send(content(i, images))
                 with lock:
                     latencies.append(time.monotonic() - t0)
-                    tokens[0] += r.usage.completion_tokens
+                    tokens[0] += n
             except Exception as err:  # noqa: BLE001 - every failure is counted and reported
                 with lock:
                     errors.append(f"{type(err).__name__}: {err}"[:200])
@@ -171,8 +254,10 @@ def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens:
         t.join(seconds + 600)
     wall = time.monotonic() - start
     client_cpu = time.process_time() - client_cpu
-    server_cpu = None if server_cpu is None else cpu_seconds(server_pid) - server_cpu
-    engine = {k: v - engine[k] for k, v in engine_stats(url).items() if k in ("steps", "rows_stepped", "cpu_s", "prefill_cpu_s")}
+    server_cpu = None if server_cpu is None else target.cpu() - server_cpu
+    engine = {k: v - engine[k] for k, v in target.stats().items() if k in ("steps", "rows_stepped", "cpu_s", "prefill_cpu_s")}
+    if target.in_process:
+        client_cpu -= engine["cpu_s"]
     per_request = lambda cpu: None if cpu is None or not latencies else round(1000 * cpu / len(latencies), 2)  # noqa: E731
     lat = sorted(latencies)
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
@@ -188,6 +273,15 @@ def phase(url: str, clients: int, seconds: float, max_requests: int, max_tokens:
             "client_cores_busy": round(client_cpu / wall, 2)}  # fmt: skip
 
 
+def phases(target, args) -> tuple[dict, dict, dict]:
+    """A warm-up, then ``--clients`` clients, then one: the same requests in the same order."""
+    images = image_urls(16)
+    phase(target, 1, min(5.0, args.seconds), 3, images)
+    many = phase(target, args.clients, args.seconds, args.max_requests, images)
+    one = phase(target, 1, args.seconds, args.max_requests, images)
+    return many, one, target.stats()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a VLM folder (default: build a random one of --size)")
@@ -198,30 +292,36 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="the server's OMP_NUM_THREADS")
     p.add_argument("--out", help="append the result as a JSON line to this file")
+    p.add_argument("--engine-only", action="store_true",
+                   help="send the same requests to the server's engine in this process, without HTTP (the ceiling)")
     args = p.parse_args()
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_vlm(Path(tmp) / f"vlm_{args.size}", args.size)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = Path(tmp) / "server.log"
-        proc = start_server(model, port, args.threads, args.max_tokens, log)
-        try:
-            wait_ready(url, proc, 180)
-            images = image_urls(16)
-            phase(url, 1, min(5.0, args.seconds), 3, args.max_tokens, images, proc.pid)  # warm-up
-            many = phase(url, args.clients, args.seconds, args.max_requests, args.max_tokens, images, proc.pid)
-            one = phase(url, 1, args.seconds, args.max_requests, args.max_tokens, images, proc.pid)
-            engine = engine_stats(url)
-        finally:
-            proc.terminate()
+        if args.engine_only:
+            target = EngineTarget(model, args.max_tokens, args.threads)
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            if proc.returncode not in (0, -15, None):
-                print(log.read_text()[-3000:], file=sys.stderr)
-    result = {"model": str(args.model or f"random {args.size}"), "max_tokens": args.max_tokens, "seconds": args.seconds,
+                many, one, engine = phases(target, args)
+            finally:
+                target.close()
+        else:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            log = Path(tmp) / "server.log"
+            proc = start_server(model, port, args.threads, args.max_tokens, log)
+            try:
+                wait_ready(url, proc, 180)
+                many, one, engine = phases(HttpTarget(url, proc.pid, args.max_tokens), args)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                if proc.returncode not in (0, -15, None):
+                    print(log.read_text()[-3000:], file=sys.stderr)
+    result = {"model": str(args.model or f"random {args.size}"), "target": "engine" if args.engine_only else "http",
+              "threads": args.threads, "max_tokens": args.max_tokens, "seconds": args.seconds,
               "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "one": one, "many": many,
               "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
               "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows")}}  # fmt: skip
