@@ -14,9 +14,11 @@ goes first alternates), fp32, greedy, EOS off so every row makes all its new tok
   ``generate`` above what the loaded model held before it;
 - the bandwidth floor: a decode step reads every weight once (the embedding table only a row of
   it, unless tied to the head), so it cannot beat ``weight bytes / bandwidth``, the bandwidth of a
-  large fp32 mat-vec measured here between the rounds: the faster of ``torch.mv`` (MKL) and, on a
+  large fp32 mat-vec measured here between the rounds: the fastest of ``torch.mv`` (MKL) and, on a
   CPU, oneDNN's linear (which vlkit's language models use; on AMD CPUs MKL's mat-vec reaches well
-  under the memory bandwidth, so a floor from it alone is one vlkit runs below).
+  under the memory bandwidth, so a floor from it alone is one vlkit runs below), the latter also
+  on a matrix in 2 MiB pages (Linux transparent huge pages, where the kernel grants them: fewer
+  TLB misses make the same mat-vec read faster, so a floor without them is not the machine's).
 
 Sizes: ``35m`` (width 512, 8 layers, 8 heads, 4 KV heads, vocabulary 8000, MLP 1536) and ``150m``
 (width 768, 12 layers, 12 heads, vocabulary 32000, MLP 2560), untied heads; ``tiny`` for a smoke run.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import subprocess
@@ -178,9 +181,31 @@ def streamed_bytes(model) -> int:
     return total
 
 
+HUGE_PAGE = 2 * 2**20
+
+
+def huge_page_matrix(rows: int, cols: int) -> torch.Tensor | None:
+    """A random fp32 CPU matrix in private anonymous memory advised for 2 MiB pages (Linux transparent
+    huge pages; the kernel grants them in its "always" or "madvise" mode), or None where Python
+    cannot ask for them."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return None
+    nbytes = rows * cols * 4
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+    skip = -base.data_ptr() % HUGE_PAGE
+    try:
+        region.madvise(advice, skip, nbytes)
+    except OSError:
+        return None
+    return base[skip : skip + nbytes].view(torch.float32).view(rows, cols).normal_()
+
+
 def matvec_bandwidth(device: torch.device, megabytes: int, seconds: float = 0.5) -> dict[str, float]:
     """Bytes/s of an fp32 mat-vec on a matrix of ``megabytes`` (bigger than the caches), by each
-    implementation: ``torch.mv`` (MKL on a CPU) and, on a CPU with it, oneDNN's linear."""
+    implementation: ``torch.mv`` (MKL on a CPU) and, on a CPU with it, oneDNN's linear, on ordinary
+    memory and on 2 MiB pages."""
     rows = megabytes * 2**20 // (4 * 4096)
     w, x = torch.randn(rows, 4096, device=device), torch.randn(4096, device=device)
     out = torch.mv(w, x)
@@ -188,6 +213,9 @@ def matvec_bandwidth(device: torch.device, megabytes: int, seconds: float = 0.5)
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if device.type == "cpu" else None
     if onednn is not None and torch.backends.mkldnn.is_available():
         ways["oneDNN"] = lambda: onednn(x[None], w, None, "none", [], "")
+        huge = huge_page_matrix(rows, 4096)
+        if huge is not None:
+            ways["oneDNN on 2 MiB pages"] = lambda: onednn(x[None], huge, None, "none", [], "")
     rates = {}
     for name, fn in ways.items():
         best = float("inf")
