@@ -39,7 +39,7 @@ from vlkit.lm.stopping import StopStrings
 @dataclass
 class _Row:
     """One sequence being generated: its options, what it generated, and its token history (the
-    prompt's ids then the new tokens) for the processors that read one."""
+    prompt's ids then the new tokens) for its processors (None when it has none: nothing reads it)."""
 
     key: Hashable
     cfg: GenerationConfig
@@ -47,7 +47,7 @@ class _Row:
     process: list
     generator: torch.Generator | None
     stopper: StopStrings | None
-    history: torch.Tensor  # [1, P + new]
+    history: torch.Tensor | None  # [1, P + new]
     prompt_len: int
     generated: list[int] = field(default_factory=list)
 
@@ -58,14 +58,15 @@ class _Row:
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         step = len(self.generated)
-        seen = self.history[:, : self.prompt_len + step]
+        seen = None if self.history is None else self.history[:, : self.prompt_len + step]
         return pick_tokens(logits, seen, self.process, self.cfg.do_sample, self.generator, step)
 
     def finish(self, token: int) -> str | None:
         """Record ``token``; why the row ends with it ("stop": an EOS id or a stop string, "length":
         its last allowed token), else None."""
         ended = token in self.cfg.eos_ids or (self.stopper is not None and self.stopper.hit(self.generated, token))
-        self.history[0, self.prompt_len + len(self.generated)] = token
+        if self.history is not None:
+            self.history[0, self.prompt_len + len(self.generated)] = token
         self.generated.append(token)
         if ended:
             return "stop"
@@ -154,11 +155,13 @@ class DecodingBatch:
         ids = prompt.ids
         new_rows = []
         for i, (key, cfg, gen, new) in enumerate(zip(keys, configs, generators, news)):
-            history = torch.zeros(1, lengths[i] + new, dtype=torch.long, device=self.device)
-            if ids is not None:
-                history[0, : lengths[i]] = ids[i, width - lengths[i] :]
             stopper = StopStrings(self.tokenizer or getattr(self.lm, "tokenizer", None), cfg.stops) if cfg.stops else None
             process = processors(cfg, None, self.device)
+            history = None
+            if process:
+                history = torch.zeros(1, lengths[i] + new, dtype=torch.long, device=self.device)
+                if ids is not None:
+                    history[0, : lengths[i]] = ids[i, width - lengths[i] :]
             new_rows.append(_Row(key, cfg, new, process, gen, stopper, history, lengths[i] if ids is not None else 0))
         with torch.inference_mode():
             end = self._make_room(rows, width, max(news))

@@ -2,7 +2,8 @@
 :class:`~vlkit.lm.batching.DecodingBatch`. Requests that wait join it between decode steps (as
 many as fit, in arrival order, prefilled together in one left-padded group, images through the
 vision tower together); a finished answer leaves at once; a cancelled one (its client went away)
-is dropped at the next step. Text is decoded here, per answer, as it streams."""
+is dropped at the next step. Text is decoded here, per answer: token by token as it streams, or
+once, when it ends, for an answer sent whole."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from vlkit.lm.batching import DecodingBatch
 from vlkit.lm.generate import GenerationConfig
+from vlkit.lm.stopping import trim_stop_strings
 from vlkit.lm.streaming import TextStream
 from vlkit.text.lm_tokenizer import left_pad
 
@@ -168,7 +170,8 @@ class Engine:
         for job in group:
             self.jobs[id(job)] = job
             job.open_rows = job.n
-            job.streams = [(TextStream(model.tokenizer, job.config.stops), Stripped() if job.strip else None, [])
+            # per answer: a text stream (streamed) or its token ids (sent whole), and the stripper
+            job.streams = [(TextStream(model.tokenizer, job.config.stops) if job.stream else [], Stripped() if job.strip else None)
                            for _ in range(job.n)]  # fmt: skip
             for i in range(job.n):
                 keys.append((id(job), i))
@@ -184,19 +187,26 @@ class Engine:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(events))
         for (job_id, index), token, finish in events:
             job = self.jobs[job_id]
-            text, strip, held = job.streams[index]
-            piece = "" if token in job.config.eos_ids else text.push(token)
-            if finish is not None:
-                piece += text.finish()
+            text, strip = job.streams[index]
+            eos = token in job.config.eos_ids
+            if job.stream:
+                piece = "" if eos else text.push(token)
+                if finish is not None:
+                    piece += text.finish()
+                count = len(text.ids)
+            else:  # one decode and one wake-up of the event loop per answer, not per token
+                if not eos:
+                    text.append(token)
+                if finish is None:
+                    continue
+                piece = trim_stop_strings(self.model.tokenizer.decode(text, skip_special_tokens=True), job.config.stops)
+                count = len(text)
             if strip is not None:
                 piece = strip.push(piece)
-            if not job.stream:  # one wake-up of the event loop per answer, not per token
-                held.append(piece)
-                piece = "".join(held) if finish is not None else ""
             if piece:
                 job.deliver(("delta", index, piece))
             if finish is not None:
-                job.deliver(("end", index, finish, len(text.ids) + (token in job.config.eos_ids)))
+                job.deliver(("end", index, finish, count + eos))
                 job.open_rows -= 1
                 if job.open_rows == 0:
                     self.jobs.pop(job_id, None)
