@@ -58,3 +58,16 @@ def test_bad_step_counts_are_named():
             s.timesteps(steps)
     with pytest.raises(VlkitError, match="noise"):
         s.step(torch.zeros(1, 3, 4, 4), 50, torch.zeros(1, 3, 4, 4), 10, eta=0.5)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_loss_weight_caps_the_x0_weight_at_gamma(prediction):
+    s = NoiseSchedule(ScheduleConfig(prediction_type=prediction))
+    t = torch.arange(0, 1000, 37)
+    a = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod[t]
+    on_x0 = a / (1 - a) + (1.0 if prediction == "v_prediction" else 0.0)  # what an ε/v loss weighs x0's error by
+    torch.testing.assert_close(s.loss_weight(t, 5.0), torch.minimum(on_x0, torch.tensor(5.0)) / on_x0)
+    assert s.loss_weight(t, 0.0).eq(1).all()
+    noisy = on_x0 <= 5
+    assert noisy.any() and (~noisy).any()
+    assert s.loss_weight(t, 5.0)[noisy].eq(1).all() and s.loss_weight(t, 5.0)[~noisy].lt(1).all()

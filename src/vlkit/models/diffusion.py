@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vlkit.config import Fraction, NonNegativeInt, PositiveInt, validate
+from vlkit.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, validate
 from vlkit.errors import ConfigError, VlkitError
 from vlkit.models.diffusion_schedule import NoiseSchedule, ScheduleConfig
 from vlkit.nn.attention import Attention
@@ -77,7 +77,8 @@ class UNetConfig:
 @dataclass
 class DiffusionConfig:
     """``text`` is the frozen tower's config (set from the CLIP it comes from); ``text_source``
-    records that CLIP's folder, where evaluation finds its scorer by default."""
+    records that CLIP's folder, where evaluation finds its scorer by default. ``snr_gamma`` > 0
+    weighs the loss by min-SNR-γ (:meth:`NoiseSchedule.loss_weight`); 0 is DDPM's plain MSE."""
 
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -85,6 +86,7 @@ class DiffusionConfig:
     image_size: PositiveInt = 64
     cond_drop: Fraction = 0.1
     ema_decay: Fraction = 0.999
+    snr_gamma: NonNegativeFloat = 0.0
     text_source: str = ""
 
     def __post_init__(self):
@@ -255,7 +257,8 @@ class TextToImage(nn.Module):
         drop = torch.rand(b, device=device) < self.cfg.cond_drop
         x_t = self.schedule.add_noise(pixel_values, noise, t)
         out = self.unet(x_t, t, context, mask, pooled, drop)
-        return F.mse_loss(out.float(), self.schedule.target(pixel_values, noise, t).float())
+        err = (out.float() - self.schedule.target(pixel_values, noise, t).float()).pow(2).flatten(1).mean(1)
+        return (err * self.schedule.loss_weight(t, self.cfg.snr_gamma)).mean()
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -84,6 +84,16 @@ class NoiseSchedule:
         a = self._alpha(t, x0)
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
+    def loss_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-row weights ``[B]`` that cap each timestep's loss, as a loss on x0, at ``gamma``
+        (min-SNR-γ, Hang et al. 2023, with the weight ``SNR + 1`` that v-prediction puts on x0):
+        the low-noise steps stop dominating; the noisy ones keep weight 1. 0 weighs all alike."""
+        if gamma == 0:
+            return torch.ones(t.shape, device=t.device)
+        a = self.alphas_cumprod.to(t.device)[t]
+        w = a / (1 - a) + (1 if self.cfg.prediction_type == "v_prediction" else 0)
+        return w.clamp(max=gamma) / w
+
     def timesteps(self, steps: int) -> list[int]:
         """The DDIM sampler's timesteps, from noisiest down, spaced as ``timestep_spacing`` says."""
         total = self.cfg.num_train_timesteps
