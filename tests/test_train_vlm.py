@@ -118,6 +118,10 @@ def test_recipes_that_cannot_train_are_refused_by_key(parts, tmp_path):
         load_recipe(recipe(parts["lm"], parts["data"], stage=1, train={"lm": "full"}))
     with pytest.raises(ConfigError, match="exactly one of model.vision .* and model.vision_config"):
         load_recipe(recipe(parts["lm"], parts["data"], model={"vision": "somewhere"}))
+    not_a_tower = recipe(parts["lm"], parts["data"], model={"vision": str(parts["lm"])})
+    del not_a_tower["model"]["vision_config"]
+    with pytest.raises(ConfigError, match="model.vision .*lmf.*: a LlamaLM, which has no ViT vision tower"):
+        build_model(load_recipe(not_a_tower))
     with pytest.raises(ConfigError, match="data.max_length 999 exceeds the language model's 256 positions"):
         train_vlm(load_recipe(recipe(parts["lm"], parts["data"], data={"max_length": 999})), tmp_path / "run")
     with pytest.raises(ConfigError, match="data.source .*nothing.json.*: no such file; expected a LLaVA conversation JSON or 'shapes'"):

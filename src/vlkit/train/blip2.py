@@ -30,6 +30,7 @@ from vlkit.text.tokenizer import Tokenizer
 from vlkit.train.clip import SHAPES, DataConfig, build_dataset, build_tokenizer, shapes_processor
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit
+from vlkit.train.vision_tower import pretrained_vision_tower
 from vlkit.vision.preprocess import ImageProcessor
 from vlkit.vision.vit import ViT, ViTConfig
 
@@ -133,16 +134,7 @@ def _family_loop(data: DataConfig, loop: LoopConfig) -> LoopConfig:
 def vision_from(model: Stage1Model) -> tuple[ViT, ImageProcessor]:
     """The frozen tower (its last ``vision_drop_last`` layers left out) and its preprocessing."""
     if model.vision:
-        from vlkit.loading import load
-
-        loaded = load(model.vision)
-        tower = loaded if isinstance(loaded, ViT) else getattr(loaded, "vision", None)
-        if not isinstance(tower, ViT):
-            raise ConfigError(f"model.vision {model.vision!r}: a {type(loaded).__name__}, which has no ViT vision tower; "
-                              "expected a CLIP or vision-encoder folder", ("model.vision",))  # fmt: skip
-        processor = getattr(loaded, "processor", None)
-        if not isinstance(processor, ImageProcessor):
-            raise ConfigError(f"model.vision {model.vision!r}: no image preprocessing (preprocessor_config.json)", ("model.vision",))
+        tower, processor = pretrained_vision_tower(model.vision)
     else:
         tower, processor = ViT(model.vision_config), shapes_processor(model.vision_config.image_size)
     keep = tower.cfg.depth - model.vision_drop_last

@@ -34,6 +34,7 @@ from vlkit.text.conversation import image_token_id
 from vlkit.train.checkpoint import latest_checkpoint, save_model
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit, freeze
+from vlkit.train.vision_tower import pretrained_vision_tower
 from vlkit.vision.preprocess import ImageProcessor
 from vlkit.vision.vit import ViT, ViTConfig
 
@@ -137,17 +138,7 @@ def _vision_tower(cfg: VlmModelConfig) -> tuple[ViT, ImageProcessor]:
     if cfg.vision_config is not None:
         size = cfg.vision_config.image_size
         return ViT(cfg.vision_config), ImageProcessor(size=size, crop_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    from vlkit.loading import load
-
-    loaded = load(cfg.vision)
-    tower = loaded if isinstance(loaded, ViT) else getattr(loaded, "vision", None)
-    if not isinstance(tower, ViT):
-        raise ConfigError(f"model.vision {cfg.vision!r}: a {type(loaded).__name__}, which has no ViT vision tower; expected "
-                          "a CLIP, SigLIP or vision-encoder folder", ("model.vision",))  # fmt: skip
-    processor = getattr(loaded, "processor", None)
-    if not isinstance(processor, ImageProcessor):
-        raise ConfigError(f"model.vision {cfg.vision!r}: no image preprocessing (preprocessor_config.json)", ("model.vision",))
-    return tower, processor
+    return pretrained_vision_tower(cfg.vision)
 
 
 def _language_model(cfg: VlmModelConfig) -> LlamaLM:
