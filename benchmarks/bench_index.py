@@ -10,14 +10,18 @@ Search: N unit vectors of width D (default 1M × 512), queries scored against ex
   embeddings of real photos cluster by content), queries drawn from the same mixture.
 
 Backends are vlkit's own (:mod:`vlkit.index.backends`): exact (FAISS flat inner product,
-the same maths as ``ExactSearch``), HNSW (swept over ``efSearch``) and IVF-Flat (swept over
-``nprobe``). Per-query latency is measured one query at a time (an interactive search), and
-the batch throughput alongside. Build times are reported.
+the same maths as ``ExactSearch``), RaBitQ codes re-ranked exactly (swept over the shortlist
+factor), HNSW (swept over ``efSearch``) and IVF-Flat (swept over ``nprobe``). Per-query latency
+is measured one query at a time on one thread (an interactive search): the median wall time and
+the CPU time per query (``time.process_time``: on a shared, loaded machine the wall time
+stretches but the CPU time much less), with the batch throughput alongside. Build times and the
+bytes per vector of the saved FAISS index (besides the float vectors every vlkit index keeps)
+are reported.
 
 Embedding: ``--images FOLDER --model CLIPDIR`` times ``build_index`` (decode, preprocess,
 embed) on the folder, written to a temporary index.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_index.py --n 1000000 --backends exact,ivf
+    OMP_NUM_THREADS=2 python benchmarks/bench_index.py --n 1000000 --backends exact,rabitq,ivf
     python benchmarks/bench_index.py --n 0 --images /tmp/photos --model runs/demo/clip/model
 """
 
@@ -61,22 +65,31 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def timed_single(search, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
-    """Median ms per query, one query at a time on one thread (an interactive search; the other
-    cores serve other queries), and the rows found."""
+def timed_single(search, queries: np.ndarray, k: int) -> tuple[float, float, np.ndarray]:
+    """Median wall ms and mean CPU ms per query, one query at a time on one thread (an
+    interactive search; the other cores serve other queries), and the rows found."""
     import faiss
 
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     times, rows = [], []
+    cpu = time.process_time()
     try:
         for qv in queries:
             t = time.perf_counter()
             rows.append(search(qv[None], k)[1][0])
             times.append(time.perf_counter() - t)
     finally:
+        cpu = time.process_time() - cpu
         faiss.omp_set_num_threads(threads)
-    return 1000 * float(np.median(times)), np.stack(rows)
+    return 1000 * float(np.median(times)), 1000 * cpu / len(queries), np.stack(rows)
+
+
+def bytes_per_vector(searcher, n: int) -> float:
+    """The saved FAISS index's size per vector (the codes, links or lists it holds)."""
+    import faiss
+
+    return round(faiss.serialize_index(searcher.index).size / n, 1)
 
 
 def bench_search(args, kind: str) -> list[dict]:
@@ -92,30 +105,34 @@ def bench_search(args, kind: str) -> list[dict]:
     t = time.perf_counter()
     truth = flat.search(queries, args.k)[1]
     batch_ms = 1000 * (time.perf_counter() - t) / len(queries)
-    single_ms, _ = timed_single(flat.search, queries[: args.single], args.k)
-    rows = [{"data": kind, "backend": "exact", "param": "-", "build_s": 0.0, "recall@10": 1.0,
-             "ms_per_query": single_ms, "batched_ms_per_query": batch_ms}]  # fmt: skip
+    single_ms, cpu_ms, _ = timed_single(flat.search, queries[: args.single], args.k)
+    rows = [{"data": kind, "backend": "exact", "param": "-", "build_s": 0.0, "bytes_per_vector": 4 * args.dim, "recall@10": 1.0,
+             "ms_per_query": single_ms, "cpu_ms_per_query": cpu_ms, "batched_ms_per_query": batch_ms,
+             "load": os.getloadavg()[0]}]  # fmt: skip
     print(json.dumps(rows[-1]), flush=True)
     for name in args.backends:
         if name == "exact":
             continue
         t = time.perf_counter()
-        options = {"m": args.hnsw_m, "ef_construction": args.hnsw_efc} if name == "hnsw" else {}
-        searcher = backends.SEARCHERS[name].build(base, **options)
+        options = {"hnsw": {"m": args.hnsw_m, "ef_construction": args.hnsw_efc}, "rabitq": {"bits": args.rabitq_bits}}
+        searcher = backends.SEARCHERS[name].build(base, **options.get(name, {}))
         build_s = time.perf_counter() - t
-        params = args.ef if name == "hnsw" else args.nprobe
-        for p in params:
+        size = bytes_per_vector(searcher, args.n)
+        sweep = {"hnsw": ("efSearch", args.ef), "ivf": ("nprobe", args.nprobe), "rabitq": ("shortlist", args.shortlist)}[name]
+        for p in sweep[1]:
             if name == "hnsw":
                 searcher.index.hnsw.efSearch = p
-            else:
+            elif name == "ivf":
                 searcher.index.nprobe = p
-            single_ms, found = timed_single(searcher.search, queries[: args.single], args.k)
+            else:
+                searcher.shortlist = p
+            single_ms, cpu_ms, found = timed_single(searcher.search, queries[: args.single], args.k)
             t = time.perf_counter()
             found_all = searcher.search(queries, args.k)[1]
             batch_ms = 1000 * (time.perf_counter() - t) / len(queries)
-            rows.append({"data": kind, "backend": name, "param": f"{'efSearch' if name == 'hnsw' else 'nprobe'}={p}",
-                         "build_s": round(build_s, 1), "recall@10": recall(found_all, truth), "ms_per_query": single_ms,
-                         "batched_ms_per_query": batch_ms})  # fmt: skip
+            rows.append({"data": kind, "backend": name, "param": f"{sweep[0]}={p}", "build_s": round(build_s, 1),
+                         "bytes_per_vector": size, "recall@10": recall(found_all, truth), "ms_per_query": single_ms,
+                         "cpu_ms_per_query": cpu_ms, "batched_ms_per_query": batch_ms, "load": os.getloadavg()[0]})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
         del searcher
     return rows
@@ -145,9 +162,11 @@ def main() -> None:
     p.add_argument("--data", default="isotropic,clustered")
     p.add_argument("--clusters", type=int, default=10_000)
     p.add_argument("--spread", type=float, default=1.0, help="clustered: a point's distance from its centre (1.0: cosine 0.71)")
-    p.add_argument("--backends", default="exact,ivf,hnsw")
+    p.add_argument("--backends", default="exact,rabitq,ivf,hnsw")
     p.add_argument("--ef", default="64,128,256,512")
     p.add_argument("--nprobe", default="8,16,32,64,128")
+    p.add_argument("--shortlist", default="10,20,30,50", help="rabitq: candidates re-ranked exactly, as a multiple of k")
+    p.add_argument("--rabitq-bits", type=int, default=2, help="rabitq: bits per dimension (vlkit's default 2)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (vlkit's default 32)")
     p.add_argument("--hnsw-efc", type=int, default=80, help="HNSW efConstruction (vlkit's default 80)")
     p.add_argument("--images", help="a folder of images for the embedding-throughput run")
@@ -159,6 +178,7 @@ def main() -> None:
     args.backends = args.backends.split(",")
     args.ef = [int(v) for v in args.ef.split(",")]
     args.nprobe = [int(v) for v in args.nprobe.split(",")]
+    args.shortlist = [int(v) for v in args.shortlist.split(",")]
     print(f"load average {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     report = {"search": [], "embed": None}
     if args.n:
@@ -167,11 +187,12 @@ def main() -> None:
     if args.images:
         report["embed"] = bench_embed(args)
         print(json.dumps(report["embed"]), flush=True)
-    print("\n| data | backend | param | build s | recall@10 | ms/query (one at a time) | ms/query (batched) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| data | backend | param | build s | bytes/vector | recall@10 | ms/query (one at a time) | CPU ms/query | "
+          "ms/query (batched) | load |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["search"]:
-        print(f"| {r['data']} | {r['backend']} | {r['param']} | {r['build_s']} | {r['recall@10']:.3f} | "
-              f"{r['ms_per_query']:.2f} | {r['batched_ms_per_query']:.2f} |")  # fmt: skip
+        print(f"| {r['data']} | {r['backend']} | {r['param']} | {r['build_s']} | {r['bytes_per_vector']} | {r['recall@10']:.3f} | "
+              f"{r['ms_per_query']:.2f} | {r['cpu_ms_per_query']:.2f} | {r['batched_ms_per_query']:.2f} | {r['load']:.1f} |")  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
     if args.out:
         with open(args.out, "w") as f:
