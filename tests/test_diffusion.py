@@ -205,6 +205,12 @@ def test_eval_generation_writes_metrics_and_a_grid(run, tmp_path, capsys):
     assert 0 <= results["clip_score"] <= 100
     assert Image.open(out / "samples.png").size[0] == 8 * 18 + 2
     assert len((out / "prompts.txt").read_text().splitlines()) == 4 + 40
+    assert results["seed"] == 0
+    other = tmp_path / "validation"
+    assert main(["eval", "generation", "--model", str(run), "--samples", "4", "--steps", "2", "--noise-seed", "7", "--out", str(other)]) == 0
+    assert json.loads((other / "results.json").read_text())["seed"] == 7
+    assert (other / "prompts.txt").read_text() == (out / "prompts.txt").read_text()
+    assert Image.open(other / "samples.png").tobytes() != Image.open(out / "samples.png").tobytes()
 
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])

@@ -17,5 +17,5 @@ def test_generation_part_reports_the_named_metrics_and_the_side_by_side_grid(tmp
         assert 0 <= metrics[key] <= 1 and 0 <= metrics[f"{key}_guidance1"] <= 1
     assert (tmp_path / "generation" / "checkpoints" / "latest").is_file()
     grid = Image.open(tmp_path / "figures" / "generation_grid.png")
-    assert grid.size == (2 * generation.SHOWN * 18 + 2, 8 * 18 + 2)  # guidance 1 | guidance 4, a row per prompt
-    assert "figures/generation_grid.png" in section and "guidance 4" in section
+    assert grid.size == (2 * generation.SHOWN * 18 + 2, 8 * 18 + 2)  # guidance 1 | the chosen guidance, a row per prompt
+    assert "figures/generation_grid.png" in section and f"guidance {generation.GUIDANCE:g}" in section

@@ -16,7 +16,7 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each); -n images of each")
     p.add_argument("--model", required=True, help="text-to-image model or run folder (vlkit train diffusion)")
     p.add_argument("-n", type=positive_int, default=8, help="images per prompt")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1: none, 0: unconditional)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none, 0: unconditional; 2 suits the shapes recipe)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM's eta: 0 deterministic, 1 as much fresh noise as DDPM "
                    "(cleaner images from a briefly trained model; still reproducible by --seed)")
@@ -31,8 +31,10 @@ def add_eval_arguments(ev, positive_int) -> None:
     ev.add_argument("--scorer", help="generation: the shapes CLIP that scores the images (default: the CLIP whose text tower "
                     "the model uses, as recorded at training)")  # fmt: skip
     ev.add_argument("--samples", type=positive_int, default=200, help="generation: single-object prompts to generate for")
-    ev.add_argument("--guidance", type=float, default=4.0, help="generation: classifier-free guidance scale")
+    ev.add_argument("--guidance", type=float, default=2.0, help="generation: classifier-free guidance scale (2: best for the shapes recipe)")
     ev.add_argument("--steps", type=positive_int, default=25, help="generation: DDIM sampling steps")
+    ev.add_argument("--noise-seed", type=int, default=0, help="generation: image i starts from the noise of seed + i; "
+                    "another seed gives validation samples of the same prompts (e.g. to choose --guidance)")  # fmt: skip
     ev.add_argument("--eta", type=float, default=1.0, help="generation: DDIM's eta (0 deterministic, 1 as much noise as DDPM, "
                     "which samples the short-trained shapes model better)")
 
@@ -88,7 +90,8 @@ def cmd_eval_generation(args) -> int:
         raise VlkitError(f"no scorer CLIP: the model records {model.cfg.text_source!r}, which does not exist here; pass --scorer DIR "
                          "(the shapes CLIP, e.g. runs/demo/clip)")  # fmt: skip
     judge = ShapesJudge(vlkit.load(scorer))
-    results = evaluate(model, judge, n_single=args.samples, guidance=args.guidance, steps=args.steps, eta=args.eta, progress=True)
+    results = evaluate(model, judge, n_single=args.samples, guidance=args.guidance, steps=args.steps, seed=args.noise_seed, eta=args.eta,
+                       progress=True)  # fmt: skip
     results["judge_on_rendered"] = reference_check(judge, args.samples)  # the ceiling each metric can reach
     print(json.dumps({k: v for k, v in results.items() if k != "images"}, indent=2))
     out = Path(args.out) if args.out else Path(args.model) / "eval_generation"
