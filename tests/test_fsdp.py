@@ -1,7 +1,8 @@
 """The training loop on two CPU processes (gloo): with ``loop.parallel=fsdp`` (FSDP2 shards every
 decoder layer and the root) and with DDP, two optimizer steps with gradient accumulation give the
 weights and optimizer state of one process training on the same global batches; an FSDP run
-stopped after one step and resumed from its checkpoint ends there too."""
+stopped after one step and resumed from its checkpoint ends there too. Each rank draws its own
+random numbers (diffusion's noise), and a resumed run draws on each rank what it would have."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlkit.errors import ConfigError
@@ -77,6 +78,26 @@ def train(out: Path, parallel: str = "ddp", world: World = World(), lora: bool =
     return model
 
 
+class Draws(CausalLM):
+    """The tiny LM whose loss also draws random numbers, as a diffusion model's noise; it keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn: list[torch.Tensor] = []
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(input_ids.shape[0])
+        self.drawn.append(noise)
+        return super().forward(input_ids) + noise.mean() * 1e-3
+
+
+def draws(out: Path, world: World, run: str, name: str, **kwargs) -> None:
+    """Train :class:`Draws` into ``out / run`` and save what this rank drew as ``name``."""
+    model = Draws()
+    fit(model, Tokens(), collate, loop(), OPTIM, out / run, "llama", world=world, **kwargs)
+    save_file({"drawn": torch.cat(model.drawn)}, str(out / f"{name}-rank{world.rank}.safetensors"))
+
+
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -91,6 +112,9 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         train(out / "fsdp-resumed", "fsdp", world, stop_at=1)
         train(out / "fsdp-resumed", "fsdp", world, resume=True)
         train(out / "fsdp-lora", "fsdp", world, lora=True)
+        draws(out, world, "draws", "draws")
+        draws(out, world, "draws-resumed", "draws-stopped", stop_at=1)
+        draws(out, world, "draws-resumed", "draws-resumed", resume=True)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
@@ -120,7 +144,8 @@ def test_two_ranks_take_the_single_process_steps(runs, run):
     assert max(moved.values()) > 1e-2, "the steps must move the weights"
     if run.endswith("lora"):
         assert all(moved[k] == 0 for k in initial) and any("lora_B" in k and moved[k] > 0 for k in moved)
-    assert weights.keys() == want_weights.keys() and state.keys() == want_state.keys()
+    ranks = {k for k in state if k.startswith("state.rng_ranks.")}  # rank 1's random stream: not in a single process
+    assert weights.keys() == want_weights.keys() and state.keys() - ranks == want_state.keys() and ranks
     for key, value in want_weights.items():
         torch.testing.assert_close(weights[key], value, atol=2e-5, rtol=1e-4, msg=f"{run}: weight {key}")
     optimizer = [k for k in want_state if k.startswith("state.optimizer.")]
@@ -141,3 +166,15 @@ def test_scalar_parameters_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"loop.parallel: FSDP2 cannot shard the scalar parameter\(s\) \['logit_scale'\]"):
         shard(model)
     assert not dist.is_initialized()
+
+
+def test_ranks_draw_their_own_random_numbers_and_resume_them(runs):
+    """Rank 1 must not repeat rank 0's noise on its half of the batch; a run stopped after step 1 and
+    resumed draws in step 2, on each rank, what the unbroken run drew."""
+    drawn = {(name, r): load_file(str(runs / f"{name}-rank{r}.safetensors"))["drawn"]
+             for name in ("draws", "draws-stopped", "draws-resumed") for r in range(WORLD_SIZE)}  # fmt: skip
+    assert drawn["draws", 0].shape == (8,)  # 2 steps × 2 micro-batches × 2 rows
+    assert (drawn["draws", 0] - drawn["draws", 1]).abs().min() > 0
+    for r in range(WORLD_SIZE):
+        torch.testing.assert_close(drawn["draws-stopped", r], drawn["draws", r][:4], rtol=0, atol=0)
+        torch.testing.assert_close(drawn["draws-resumed", r], drawn["draws", r][4:], rtol=0, atol=0)

@@ -184,6 +184,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _seed_rank(seed: int, world: World) -> None:
+    """Give each rank its own random stream (noise, dropout, masks), so that ranks do not draw
+    the same numbers for different samples; rank 0's is the single-process run's."""
+    if world.rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
+
+
+def _rng_states(world: World) -> list[dict]:
+    """Every rank's RNG state, rank 0's first (gathered onto every rank: all must call this)."""
+    if not world.distributed:
+        return [_rng_state()]
+    import torch.distributed as dist
+
+    states: list[dict | None] = [None] * world.world_size
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
 @dataclass
 class Progress:
     """How far a run has got; saved in every checkpoint so a resumed run carries it on."""
@@ -211,12 +229,14 @@ def _start(run_dir: Path, resume: bool, model: torch.nn.Module, optimizer, sched
         if world.is_main:
             print(f"{run_dir}: no checkpoint to resume from; starting a fresh run")
         return Progress()
-    return _restore(ckpt, model, optimizer, scheduler, run_dir / "recipe.json", recipe)
+    return _restore(ckpt, model, optimizer, scheduler, run_dir / "recipe.json", recipe, world)
 
 
-def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_file: Path, recipe: dict | None) -> Progress:
+def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_file: Path, recipe: dict | None,
+             world: World) -> Progress:
     """Load a checkpoint into the model, optimizer, schedule and RNG, once its weights are seen
-    to fit the model (nothing is changed when they do not)."""
+    to fit the model (nothing is changed when they do not). Each rank takes back its own random
+    stream; a rank the checkpoint has none for (a run resumed on more processes) starts a new one."""
     if problems := weight_mismatches(ckpt, model):
         raise CheckpointError(
             f"{ckpt / 'model.safetensors'}: does not fit the model this recipe builds: {'; '.join(problems)}. "
@@ -228,7 +248,11 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
         state = load_state(ckpt / "training_state")
         load_full_state(model, optimizer, load_file(str(ckpt / "model.safetensors")), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ranks = [state["rng"], *state.get("rng_ranks", [])]
+        if world.rank < len(ranks):
+            _set_rng_state(ranks[world.rank])
+        else:
+            _seed_rank(int(state["step"]), world)
         return Progress(int(state["step"]), int(state["skipped"]), float(state["elapsed"]))
     except CheckpointError:
         raise
@@ -253,11 +277,13 @@ def _recipe_change(recipe_file: Path, recipe: dict | None) -> str:
     return f"The recipe differs from {recipe_file} in {', '.join(changed[:6])}{more}. "
 
 
-def _training_state(optimizer_state: dict, scheduler, progress: Progress) -> dict:
+def _training_state(optimizer_state: dict, scheduler, progress: Progress, rng: list[dict]) -> dict:
+    """What a resume needs besides the weights; ``rng``: every rank's RNG state, rank 0's first."""
     return {
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng[0],
+        "rng_ranks": rng[1:],
         "step": progress.step,
         "skipped": progress.skipped,
         "elapsed": progress.elapsed,
@@ -352,6 +378,8 @@ def fit(
         shard(model)
     optimizer, scheduler = _optimizer(model, optim, loop.steps, lrs)
     progress = _start(run_dir, resume, model, optimizer, scheduler, recipe, world)
+    if progress.step == 0:
+        _seed_rank(loop.seed, world)
     start, elapsed_before = progress.step, progress.elapsed
     if start > loop.steps:
         raise ConfigError(
@@ -389,9 +417,9 @@ def fit(
     def save() -> Path | None:
         check_trained()
         weights, optimizer_state = full_state(model, optimizer)  # every rank: FSDP gathers onto the main one
-        saved = None
+        rng, saved = _rng_states(world), None
         if world.is_main:
-            state = _training_state(optimizer_state, scheduler, progress)
+            state = _training_state(optimizer_state, scheduler, progress, rng)
             saved = save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints, weights)
         world.barrier()  # no rank reads the run folder (a resume, a next stage) before the checkpoint is there
         return saved
