@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from vlkit.errors import VlkitError
+from vlkit.eval.generation import ETA, GUIDANCE, STEPS
 
 
 def add_parser(subparsers, positive_int) -> None:
@@ -16,9 +17,10 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each); -n images of each")
     p.add_argument("--model", required=True, help="text-to-image model or run folder (vlkit train diffusion)")
     p.add_argument("-n", type=positive_int, default=8, help="images per prompt")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none, 0: unconditional; 2 suits the shapes recipe)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help=f"classifier-free guidance scale (1: none, 0: unconditional; {GUIDANCE:g} suits the shapes recipe)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM sampling steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM's eta: 0 deterministic, 1 as much fresh noise as DDPM "
+    p.add_argument("--eta", type=float, default=ETA, help="DDIM's eta: 0 deterministic, 1 as much fresh noise as DDPM "
                    "(cleaner images from a briefly trained model; still reproducible by --seed)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--out", default="grid.png", help="the grid image (a row per prompt); a .png or .jpg file")
@@ -31,11 +33,12 @@ def add_eval_arguments(ev, positive_int) -> None:
     ev.add_argument("--scorer", help="generation: the shapes CLIP that scores the images (default: the CLIP whose text tower "
                     "the model uses, as recorded at training)")  # fmt: skip
     ev.add_argument("--samples", type=positive_int, default=200, help="generation: single-object prompts to generate for")
-    ev.add_argument("--guidance", type=float, default=2.0, help="generation: classifier-free guidance scale (2: best for the shapes recipe)")
-    ev.add_argument("--steps", type=positive_int, default=25, help="generation: DDIM sampling steps")
+    ev.add_argument("--guidance", type=float, default=GUIDANCE,
+                    help=f"generation: classifier-free guidance scale ({GUIDANCE:g}: chosen for the shapes recipe)")
+    ev.add_argument("--steps", type=positive_int, default=STEPS, help="generation: DDIM sampling steps")
     ev.add_argument("--noise-seed", type=int, default=0, help="generation: image i starts from the noise of seed + i; "
                     "another seed gives validation samples of the same prompts (e.g. to choose --guidance)")  # fmt: skip
-    ev.add_argument("--eta", type=float, default=1.0, help="generation: DDIM's eta (0 deterministic, 1 as much noise as DDPM, "
+    ev.add_argument("--eta", type=float, default=ETA, help="generation: DDIM's eta (0 deterministic, 1 as much noise as DDPM, "
                     "which samples the short-trained shapes model better)")
 
 

@@ -10,25 +10,20 @@ import torch
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict
 from vlkit.demo.timing import step_seconds
-from vlkit.eval.generation import ShapesJudge, evaluate, image_grid, reference_check, relation_prompts, single_prompts, to_pil
+from vlkit.eval.generation import (
+    ETA, GUIDANCE, STEPS, ShapesJudge, evaluate, image_grid, reference_check, relation_prompts, single_prompts, to_pil,
+)
 from vlkit.train.diffusion import ShapesCaptions, build_model, load_recipe, train_diffusion
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 REQUIRES: tuple[str, ...] = ("clip",)
-GUIDANCE = 2.0
-"""Chosen on validation noise (seed 50 000, 200 prompts) for the recipe's 2200-step model: shape
-accuracy 0.535 / 0.615 / 0.595 / 0.495 at guidance 1 / 2 / 3 / 4; stronger guidance distorts shapes."""
-STEPS = 25
-ETA = 1.0
-"""DDIM with DDPM's noise: on the demo's short training it drew cleaner, more often right shapes than
-deterministic DDIM (40 prompts at step 750: colour 0.75 vs 0.70, shape 0.28 vs 0.23)."""
 SHOWN = 4
 """Images per prompt and guidance in the report's grid."""
 
 
 def diffusion_recipe(out: Path, quick: bool, overrides: list[str]):
     data = read(RECIPES / "diffusion_shapes.yaml")
-    data = apply_overrides(data, [f"text_encoder={out / 'clip'}"] + (["loop.steps=150", "optim.warmup_steps=20"] if quick else []))
+    data = apply_overrides(data, [f"text_encoder={out / 'clip'}"] + (["loop.steps=300", "optim.warmup_steps=40"] if quick else []))
     return load_recipe(data, overrides, RECIPES / "diffusion_shapes.yaml")
 
 
