@@ -122,8 +122,8 @@ class ShapesJudge:
             out.append(bool(first.argmax() == a and second.argmax() == b))
         return torch.tensor(out)
 
-def evaluate(model, judge: ShapesJudge, n_single: int = 200, n_relation: int = 40, guidance: float = 4.0, steps: int = 25,
-             seed: int = 0, eta: float = 0.0, progress: bool = False) -> dict:  # fmt: skip
+def evaluate(model, judge: ShapesJudge, n_single: int = 200, n_relation: int = 40, guidance: float = GUIDANCE,
+             steps: int = STEPS, seed: int = 0, eta: float = ETA, progress: bool = False) -> dict:  # fmt: skip
     """Generate for ``n_single`` single-object and ``n_relation`` two-object prompts and score them;
     returns the metrics and, under ``"images"``, the generated images with their prompts."""
     if n_single < 1 or n_relation < 0:
