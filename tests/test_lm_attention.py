@@ -144,3 +144,30 @@ def test_vit_self_attention_unchanged():
     q, k, v = attn.qkv(x).chunk(3, dim=-1)
     want = attn.proj(merge(F.scaled_dot_product_attention(heads(q, 3), heads(k, 3), heads(v, 3))))
     assert (attn(x) - want).abs().max() <= TOL
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32():
+    """Under bf16 autocast on a CPU, a training forward computes the attention weights in fp32
+    (PyTorch's bf16 CPU backward is several times slower): outputs and gradients follow an fp32
+    computation from the same bf16 q/k/v, closer than bf16 attention gets; inference stays bf16."""
+    torch.manual_seed(0)
+    attn = Attention(64, 4)
+    x = torch.randn(2, 24, 64, requires_grad=True)
+    mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    mask[1, ..., 18:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, mask)
+    qkv = F.linear(x.bfloat16(), attn.qkv.weight.bfloat16(), attn.qkv.bias.bfloat16()).view(2, 24, 12, 16).transpose(1, 2)
+    q, k, v = qkv.split(4, dim=1)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).bfloat16()
+    low = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = F.linear(exact.transpose(1, 2).reshape(2, 24, 64), attn.proj.weight.bfloat16(), attn.proj.bias.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, want)
+    assert not torch.equal(exact, low)  # the test can tell the two apart
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inference = attn(x, mask)
+    lowered = F.linear(low.transpose(1, 2).reshape(2, 24, 64), attn.proj.weight.bfloat16(), attn.proj.bias.bfloat16())
+    assert torch.equal(inference, lowered)

@@ -13,6 +13,22 @@ from vlkit.nn.linear import Linear
 from vlkit.nn.rope import apply_rotary
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, gqa: bool) -> torch.Tensor:
+    """``scaled_dot_product_attention``, computed in fp32 when it trains on a CPU in bf16/fp16:
+    PyTorch's CPU backward in those dtypes runs 2-7x slower than in fp32 at the sizes vlkit
+    trains (benchmarks/RESULTS.md); the forward alone stays in the input's dtype."""
+    if q.device.type == "cpu" and q.dtype in LOW_PRECISION and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back down
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
 class CacheSlot(Protocol):
     """One layer's place in a KV cache (``vlkit.lm.cache.KVCache.layers[i]``)."""
 
@@ -86,7 +102,7 @@ class Attention(nn.Module):
             q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.gqa)
+        out = sdpa(q, k, v, mask, causal and mask is None, self.gqa)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.q_size))
 
     def attend(self, queries: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,5 +112,5 @@ class Attention(nn.Module):
         h, kv, hd, qs = self.num_heads, self.num_kv_heads, self.head_dim, self.q_size
         q = self.qkv.rows(queries, 0, qs).view(b, m, h, hd).transpose(1, 2)
         k, v = self.qkv.rows(x, qs).view(b, n, 2, kv, hd).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+        out = sdpa(q, k, v, mask, False, self.gqa)
         return self.proj(out.transpose(1, 2).reshape(b, m, qs))
