@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _vlm_train_util import RECORDS, TOKENS_PER_IMAGE, image, llava_folder, tokenizer_folder
+from _vlm_train_util import RECORDS, TOKENS_PER_IMAGE, VISION, image, llava_folder, tokenizer_folder
 from vlkit.data.conversations import (
     ChatSample,
     ConversationCollate,
@@ -26,9 +26,12 @@ from vlkit.data.formats.common import BadRecord, FormatError, Skips
 from vlkit.data.formats.llava import Conversation, index_llava, llava_record, read_llava
 from vlkit.data.images import BadSample
 from vlkit.data.pairs import Skipped
-from vlkit.losses import IGNORE_INDEX
+from vlkit.lm.llama import LlamaConfig
+from vlkit.losses import IGNORE_INDEX, causal_lm_loss
+from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.text.lm_tokenizer import LMTokenizer
+from vlkit.vision.vit import ViTConfig
 from vlkit.vision.preprocess import ImageProcessor
 
 PIXELS = ImageProcessor(size=32, crop_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -114,6 +117,35 @@ def test_several_images_expand_in_place_and_only_answers_are_supervised(tmp_path
     batch = ConversationCollate(processor)([data.encode(0), sample])
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["input_ids"].shape == (2, len(sample))
     assert batch["attention_mask"][0].sum() == len(data.encode(0)) and batch["skipped"] == []
+
+
+def test_the_answer_loss_weighs_every_answer_alike():
+    """``causal_lm_loss(..., "answer")``: the mean over answers (runs of supervised labels, across
+    rows) of each answer's mean token loss; "token" is the plain mean over supervised tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 7)
+    labels = torch.full((2, 9), IGNORE_INDEX)
+    labels[0, 2:4], labels[0, 7:], labels[1, 1:6] = torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([4, 5, 6, 0, 1])
+    token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), reduction="none")
+    token = token.view(2, 8)  # token[r, t]: position t predicting label t + 1
+    answers = [token[0, 1:3].mean(), token[0, 6:8].mean(), token[1, 0:5].mean()]
+    assert torch.allclose(causal_lm_loss(logits, labels, "answer"), torch.stack(answers).mean(), atol=1e-6)
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    assert torch.allclose(causal_lm_loss(logits, labels), token[supervised].mean(), atol=1e-6)
+    assert not torch.allclose(causal_lm_loss(logits, labels, "answer"), causal_lm_loss(logits, labels))
+
+
+def test_the_collate_carries_the_loss_reduction_to_the_model(tmp_path, processor, tokenizer):
+    data = dataset(LlavaSource(llava_folder(tmp_path)), processor)
+    samples = [data.encode(0), data.encode(1)]
+    assert "loss_reduction" not in ConversationCollate(processor)(samples)
+    batch = ConversationCollate(processor, "answer")(samples)
+    assert batch.pop("loss_reduction") == "answer" and batch.pop("skipped") == []
+    torch.manual_seed(0)
+    lm = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = Llava(LlavaConfig(vision=ViTConfig(**VISION), lm=lm, image_token_id=processor.image_token_id))
+    logits = model(**batch).logits
+    assert torch.equal(model(**batch, loss_reduction="answer").loss, causal_lm_loss(logits, batch["labels"], "answer"))
 
 
 def test_a_long_sample_is_cut_only_past_its_last_answer_token(tmp_path, processor, tokenizer):

@@ -93,13 +93,29 @@ def siglip_loss(
     return -F.logsigmoid(z * logits).sum() / n
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of each position's logits against the next label, labels of -100
-    skipped, in fp32 (transformers' ``ForCausalLMLoss``)."""
+LOSS_REDUCTIONS = ("token", "answer")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "token") -> torch.Tensor:
+    """Cross entropy of each position's logits against the next label, labels of -100 skipped,
+    in fp32. ``reduction`` "token": the mean over supervised tokens (transformers'
+    ``ForCausalLMLoss``); "answer": the mean over answers (runs of consecutive supervised labels)
+    of each answer's mean, so a one-word answer counts as much as a 20-token box or caption."""
     if tuple(labels.shape) != tuple(logits.shape[:2]):
         raise VlkitError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])} like input_ids")
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    if reduction == "token":
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    supervised = targets != IGNORE_INDEX
+    starts = supervised & ~F.pad(supervised, (1, 0), value=False)[:, :-1]
+    run = (starts.flatten().cumsum(0) - 1).view_as(targets)  # each supervised position's answer index
+    runs = int(starts.sum())
+    if runs == 0:
+        return losses.sum() * 0.0
+    sizes = torch.bincount(run[supervised], minlength=runs).to(losses.dtype)
+    weights = torch.zeros_like(losses).masked_scatter_(supervised.flatten(), 1.0 / sizes[run[supervised]])
+    return (losses * weights).sum() / runs
 
 
 def global_rows(n: int, device=None) -> torch.Tensor:

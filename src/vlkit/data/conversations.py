@@ -236,10 +236,12 @@ def measure_lengths(source: Sequence[ChatSample], processor: LlavaProcessor, ind
 class ConversationCollate:
     """Samples → a right-padded training batch (``input_ids``, ``attention_mask``, ``labels``,
     ``pixel_values`` when any sample has images); skipped samples are left out and listed in
-    ``batch["skipped"]`` for the loop to count."""
+    ``batch["skipped"]`` for the loop to count. A ``loss_reduction`` other than "token" goes
+    into the batch for the model's loss (:func:`vlkit.losses.causal_lm_loss`)."""
 
-    def __init__(self, processor: LlavaProcessor):
+    def __init__(self, processor: LlavaProcessor, loss_reduction: str = "token"):
         self.processor = processor
+        self.loss_reduction = loss_reduction
 
     def __call__(self, items: list) -> dict:
         skipped = [it.skip for it in items if isinstance(it, Skipped)]
@@ -247,6 +249,8 @@ class ConversationCollate:
         batch: dict = {"skipped": skipped}
         if samples:
             batch.update(self.processor.collate(samples, "right"))
+            if self.loss_reduction != "token":
+                batch["loss_reduction"] = self.loss_reduction
         return batch
 
 

@@ -196,16 +196,18 @@ class Llava(nn.Module):
         logits_to_keep: int = 0,
         image_sizes=None,
         pixel_values_videos: torch.Tensor | None = None,
+        loss_reduction: str = "token",
     ) -> LlavaOutput:
         """transformers' LLaVA call: ``input_ids`` ``[B, L]`` with the image tokens expanded, every
         image of the batch in ``pixel_values``, padding (left or right) in ``attention_mask``;
-        positions follow the mask. ``labels`` ``[B, L]`` (-100 where not supervised) give ``.loss``."""
+        positions follow the mask. ``labels`` ``[B, L]`` (-100 where not supervised) give ``.loss``,
+        averaged as ``loss_reduction`` says (:func:`vlkit.losses.causal_lm_loss`)."""
         embeds = self.inputs_embeds(input_ids, pixel_values, image_sizes, pixel_values_videos)
         if attention_mask is not None:
             attention_mask = attention_mask.to(embeds.device)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                       logits_to_keep=logits_to_keep)
-        loss = None if labels is None else causal_lm_loss(out.logits, labels)
+        loss = None if labels is None else causal_lm_loss(out.logits, labels, loss_reduction)
         return LlavaOutput(out.logits, loss, out.cache)
 
     def generate(

@@ -432,7 +432,8 @@ def fit(
             log.skipped(progress.step + 1, skips)
             if batch:
                 sync = micro == loop.grad_accum - 1 or not world.distributed
-                loss_sum += _backward(wrapped, {k: v.to(device) for k, v in batch.items()}, loop, device, sync)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                loss_sum += _backward(wrapped, batch, loop, device, sync)
                 n = batch["input_ids" if "input_ids" in batch else "pixel_values"].shape[0] * world.world_size
                 seen += n
                 log.samples(n)

@@ -27,6 +27,7 @@ from vlkit.data.skips import ON_BAD_SAMPLE, SKIPPED_FILE
 from vlkit.errors import CheckpointError, ConfigError, VlkitError
 from vlkit.files import atomic_folder
 from vlkit.lm.llama import LlamaLM
+from vlkit.losses import LOSS_REDUCTIONS
 from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.nn.lora import LoraConfig, add_lora, merge_lora
@@ -92,12 +93,15 @@ LM_MODES = ("full", "lora", "frozen")
 @dataclass
 class VlmTrainConfig:
     """What trains, at which peak learning rate (null: ``optim.lr``). ``lm``: "full", "lora" (the
-    ``lora`` section) or "frozen"; ``vision_lr`` null keeps the tower frozen. The connector always trains."""
+    ``lora`` section) or "frozen"; ``vision_lr`` null keeps the tower frozen. The connector always trains.
+    ``loss``: "token" averages the loss over answer tokens (LLaVA's); "answer" over answers, so
+    one-word answers are not drowned by long captions and boxes in a mixed batch."""
 
     connector_lr: PositiveFloat | None = None
     lm: Annotated[str, OneOf(LM_MODES)] = "frozen"
     lm_lr: PositiveFloat | None = None
     vision_lr: PositiveFloat | None = None
+    loss: Annotated[str, OneOf(LOSS_REDUCTIONS)] = "token"
 
 
 @dataclass
@@ -333,7 +337,7 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         if dataset.left_out and world.is_main:
             print(f"left out {dataset.left_out} records without images: {why}")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        summary = fit(model, dataset, ConversationCollate(processor), loop, recipe.optim, out, "llava", world=world,
+        summary = fit(model, dataset, ConversationCollate(processor, recipe.train.loss), loop, recipe.optim, out, "llava", world=world,
                       resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs)  # fmt: skip
         summary.update(trainable=trained, parameters=counts["total"], skipped_records=skips.total)
         if summary["steps"] == recipe.loop.steps and world.is_main:
