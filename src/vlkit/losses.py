@@ -106,16 +106,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
     if reduction == "token":
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     supervised = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits.float()[supervised], targets[supervised], reduction="none")
     starts = supervised & ~F.pad(supervised, (1, 0), value=False)[:, :-1]
-    run = (starts.flatten().cumsum(0) - 1).view_as(targets)  # each supervised position's answer index
-    runs = int(starts.sum())
-    if runs == 0:
-        return losses.sum() * 0.0
-    sizes = torch.bincount(run[supervised], minlength=runs).to(losses.dtype)
-    weights = torch.zeros_like(losses).masked_scatter_(supervised.flatten(), 1.0 / sizes[run[supervised]])
-    return (losses * weights).sum() / runs
+    answer = starts.flatten().cumsum(0)[supervised.flatten()] - 1  # each supervised token's answer
+    if len(answer) == 0:
+        return logits.sum() * 0.0
+    sums = torch.zeros(int(answer[-1]) + 1, device=losses.device).index_add_(0, answer, losses)
+    return (sums / torch.bincount(answer)).mean()
 
 
 def global_rows(n: int, device=None) -> torch.Tensor:

@@ -20,7 +20,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """``scaled_dot_product_attention``, computed in fp32 when it trains on a CPU in bf16/fp16:
     PyTorch's CPU backward in those dtypes runs 2-7x slower than in fp32 at the sizes vlkit
     trains (benchmarks/RESULTS.md); the forward alone stays in the input's dtype."""
-    if q.device.type == "cpu" and q.dtype in LOW_PRECISION and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if q.device.type == "cpu" and q.dtype in LOW_PRECISION and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         if mask is not None and mask.is_floating_point():
             mask = mask.float()
         with torch.autocast("cpu", enabled=False):  # autocast would cast the fp32 inputs back down
