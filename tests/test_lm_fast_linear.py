@@ -23,10 +23,11 @@ needs_onednn = pytest.mark.skipif(fast._ONEDNN is None, reason="torch has no one
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls that reach oneDNN, which takes every size here (tiny test weights too)."""
+    """Counts the calls that reach oneDNN, which takes every size here (tiny test weights and single rows too)."""
     seen = []
     real = fast._ONEDNN
     monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(fast, "_matvec_onednn", True)
 
     def spy(*args):
         seen.append(args[0].shape)
@@ -93,6 +94,7 @@ def test_small_weights_stay_with_f_linear(monkeypatch):
     """oneDNN's fixed cost per call loses to MKL below ``ONEDNN_MIN_WEIGHT`` elements."""
     seen = []
     real = fast._ONEDNN
+    monkeypatch.setattr(fast, "_matvec_onednn", True)
     monkeypatch.setattr(fast, "_ONEDNN", lambda *args: seen.append(1) or real(*args))
     small, large = torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8 - 1), torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8)
     with torch.inference_mode():
@@ -100,6 +102,34 @@ def test_small_weights_stay_with_f_linear(monkeypatch):
         assert not seen
         linear(torch.randn(1, large.shape[1]), large)
         assert seen
+
+
+@needs_onednn
+@pytest.mark.parametrize("matvec_onednn", [False, True])
+def test_single_rows_go_the_way_measured_faster(monkeypatch, calls, matvec_onednn):
+    """A single row (a batch-1 decode step) goes to oneDNN only where its mat-vec was measured faster;
+    several rows always do; either way the result is ``F.linear``'s up to rounding."""
+    monkeypatch.setattr(fast, "_matvec_onednn", matvec_onednn)
+    w = torch.randn(40, 48)
+    with torch.inference_mode():
+        for x in (torch.randn(1, 1, 48), torch.randn(48), torch.randn(1, 7, 48)[:, -1:]):
+            torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert len(calls) == (3 if matvec_onednn else 0)
+        linear(torch.randn(2, 1, 48), w)
+    assert len(calls) == (4 if matvec_onednn else 1)
+
+
+@needs_onednn
+def test_the_mat_vec_choice_is_measured_once(monkeypatch):
+    measured, real = [], fast.onednn_matvec_pays
+    assert isinstance(real(256, 64, 2), bool)
+    monkeypatch.setattr(fast, "_matvec_onednn", None)
+    monkeypatch.setattr(fast, "onednn_matvec_pays", lambda: measured.append(1) or False)
+    w = torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8)
+    with torch.inference_mode():
+        for _ in range(3):
+            linear(torch.randn(1, w.shape[1]), w)
+    assert measured == [1] and fast._matvec_onednn is False
 
 
 def _llama() -> LlamaLM:

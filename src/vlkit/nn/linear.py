@@ -1,12 +1,16 @@
 """The linear layer vlkit's blocks build: ``nn.Linear`` (same parameters, same keys) that a model can
 switch to oneDNN's matmul for inference on an x86 CPU. There, in fp32, oneDNN runs a language model's
-matmuls about twice as fast as the MKL path ``F.linear`` takes (a decode step's mat-vecs and the
-prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 arithmetic (its own
+matmuls up to twice as fast as the MKL path ``F.linear`` takes (on AMD EPYCs, a decode step's mat-vecs
+and the prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 arithmetic (its own
 summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative). Below
 ``ONEDNN_MIN_WEIGHT`` elements its fixed cost per call (~11 µs against MKL's ~3) outweighs that,
-so small matrices stay with ``F.linear``."""
+so small matrices stay with ``F.linear``. Single rows (a batch-1 decode step) go whichever way
+:func:`onednn_matvec_pays` measures faster on this CPU: Intel's MKL mat-vec beats oneDNN's."""
 
 from __future__ import annotations
+
+import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +31,36 @@ ONEDNN_MIN_WEIGHT = 2**17
 """The smallest weight (elements; 0.5 MB in fp32) worth oneDNN's call: measured break-even ~256x256."""
 
 
+_matvec_onednn: bool | None = None
+"""Whether single rows go through oneDNN on this CPU: measured on first use by :func:`onednn_matvec_pays`."""
+
+
+def onednn_matvec_pays(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> bool:
+    """Whether oneDNN's mat-vec beats ``F.linear``'s on this CPU, best of ``rounds`` on a weight (64 MB by
+    default) that streams from memory as a decode step's do. It does by ~1.6x on the AMD EPYCs measured
+    and loses by ~15% on an Intel Xeon (Sapphire Rapids), whose MKL mat-vec is fast."""
+    weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
+    best = {False: math.inf, True: math.inf}
+    for _ in range(rounds):
+        for onednn in best:
+            start = time.perf_counter()
+            _ONEDNN(x, weight, None, "none", [], "") if onednn else F.linear(x, weight)
+            best[onednn] = min(best[onednn], time.perf_counter() - start)
+    return best[True] < best[False]
+
+
+def _single_rows_onednn() -> bool:
+    global _matvec_onednn
+    if _matvec_onednn is None:
+        _matvec_onednn = onednn_matvec_pays()
+    return _matvec_onednn
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where that is exact and pays: fp32 on a CPU
     with oneDNN, no gradient recorded (the op has no backward), no autocast (which would cast),
-    a weight of at least ``ONEDNN_MIN_WEIGHT`` elements."""
+    a weight of at least ``ONEDNN_MIN_WEIGHT`` elements; for a single row, only where oneDNN's mat-vec is
+    the faster here."""
     if (
         _ONEDNN is not None
         and weight.numel() >= ONEDNN_MIN_WEIGHT
@@ -39,6 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
+        and (x.numel() > x.shape[-1] or _single_rows_onednn())
     ):
         return _ONEDNN(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
