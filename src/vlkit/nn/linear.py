@@ -5,7 +5,7 @@ and the prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 ar
 summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative). Below
 ``ONEDNN_MIN_WEIGHT`` elements its fixed cost per call (~11 µs against MKL's ~3) outweighs that,
 so small matrices stay with ``F.linear``. Single rows (a batch-1 decode step) go whichever way
-:func:`onednn_matvec_pays` measures faster on this CPU: Intel's MKL mat-vec beats oneDNN's."""
+:func:`onednn_matvec_pays` measures faster on this CPU (on the Intel Xeon measured, MKL's mat-vec won)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ _matvec_onednn: bool | None = None
 def onednn_matvec_pays(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> bool:
     """Whether oneDNN's mat-vec beats ``F.linear``'s on this CPU, best of ``rounds`` on a weight (64 MB by
     default) that streams from memory as a decode step's do. It does by ~1.6x on the AMD EPYCs measured
-    and loses by ~15% on an Intel Xeon (Sapphire Rapids), whose MKL mat-vec is fast."""
+    and loses by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast."""
     weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
     best = {False: math.inf, True: math.inf}
     for _ in range(rounds):
@@ -50,6 +50,7 @@ def onednn_matvec_pays(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> 
 
 
 def _single_rows_onednn() -> bool:
+    """The measured choice for single rows, measured the first time it is asked for."""
     global _matvec_onednn
     if _matvec_onednn is None:
         _matvec_onednn = onednn_matvec_pays()
