@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vlkit  # noqa: E402
+import vlkit.nn.linear as fast  # noqa: E402
 from vlkit.lm import LlamaLM, OPTLM  # noqa: E402
 
 from _lm_models import hf_logits, hf_model, padded_batch, real, save  # noqa: E402
@@ -42,9 +43,14 @@ def batch():
     return padded_batch()
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["f.linear", "onednn"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 @torch.no_grad()
-def test_logits_match_transformers_on_left_padded_batch(tmp_path, batch, name):
+def test_logits_match_transformers_on_left_padded_batch(tmp_path, batch, name, onednn, monkeypatch):
+    """Through ``F.linear``, and through oneDNN (which tiny weights skip unless told to take them)."""
+    if onednn and fast._ONEDNN is None:
+        pytest.skip("torch has no oneDNN linear on this CPU")
+    monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0 if onednn else 2**62)
     family, overrides = VARIANTS[name]
     hf = hf_model(family, **overrides)
     model = vlkit.load(save(hf, tmp_path))
