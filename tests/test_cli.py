@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+import vlkit.demo as demo
 from vlkit.cli import main
 
 TINY = [
@@ -82,6 +83,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert key in metrics["clip"]
     for key in ("zeroshot_top1", "t2i_r1", "i2t_r1"):
         assert 0.0 <= metrics["clip"][key] <= 1.0
+    assert all(demo.plan(out, [p]) == [p] for p in demo.PARTS)  # every part left a folder a later --parts run reuses
     report = (out / "report.md").read_text()
     for png in ("clip_loss.png", "clip_retrieval.png", "clip_confusion.png"):
         assert (out / "figures" / png).stat().st_size > 1000 and png in report

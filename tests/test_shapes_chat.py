@@ -88,10 +88,24 @@ def test_prompts_are_the_evaluations():
 
 
 def test_lm_texts():
-    texts = list(lm_texts(ShapesWorld(), 3))
+    texts = [t for group in lm_texts(ShapesWorld(), 3) for t in group]
     assert any(t.endswith("? yes") or t.endswith("? no") for t in texts)
     assert any(": [" in t and t.endswith("]") for t in texts)
+    assert any(t.startswith("Question: ") and "? Short answer: " in t for t in texts)
     assert caption(ShapesWorld().scene(0)) in texts
+
+
+def test_lm_texts_one_group_per_scene_captions_first():
+    world = ShapesWorld()
+    groups = list(lm_texts(world, 4))
+    assert len(groups) == 4
+    for i, group in enumerate(groups):
+        scene = world.scene(i)
+        captions = [c.text for c in scene.captions] + [caption(scene)]
+        assert sorted(group[:len(captions)]) == sorted(captions)
+        assert len(group) == len(captions) + len(scene.vqa) + len(scene.referring)
+        assert not set(captions) & set(group[len(captions):])
+    assert groups == list(lm_texts(world, 4))
 
 
 def test_bad_config():

@@ -16,7 +16,7 @@ from vlkit.cli import main
 from vlkit.data.formats.common import BadRecord
 from vlkit.lm.generate import generate_text
 from vlkit.lm.llama import LlamaLM
-from vlkit.train.lm import load_recipe, train_lm
+from vlkit.train.lm import load_recipe, pack, train_lm
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=2",
         "model.max_position_embeddings=64", "data.block_size=32", "data.scenes=40", "loop.batch_size=4",
@@ -49,6 +49,28 @@ def test_folder_loads_with_tokenizer_and_generation_defaults(run):
     assert losses[-1] < losses[0] - 1.0
     texts = generate_text(model, tok, **tok("what color is the"), generation_config=model.generation_config, max_new_tokens=3)
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_pack_keeps_each_group_together_and_in_order(run):
+    out, _ = run
+    tok = vlkit.load(out).tokenizer
+    groups = [["a red circle", "what color is the circle? red"], ["two shapes"], ["a blue star", "the star: [1, 2, 3, 4]", "no"]]
+    ids = pack(groups, tok, seed=3).tolist()
+    texts = [tok.decode(part, skip_special_tokens=True).strip() for part in _split(ids, tok.eos_token_id)]
+    assert sorted(texts) == sorted(t for g in groups for t in g)
+    starts = sorted((texts.index(g[0]), g) for g in groups)
+    assert [t for _, g in starts for t in g] == texts
+    assert len({tuple(pack(groups, tok, seed=s).tolist()) for s in range(6)}) > 1
+
+
+def _split(ids, sep):
+    part = []
+    for i in ids:
+        if i == sep:
+            yield part
+            part = []
+        else:
+            part.append(i)
 
 
 def test_resume_is_exact(tmp_path):

@@ -36,6 +36,9 @@ GRID = 1000
 HELD_OUT_SEED = 1_000_003
 """The seed of the held-out (evaluation) world; training worlds use their own seed."""
 QUESTION_TYPES = ("color", "shape", "count", "yesno", "relation")
+BLIP2_QUESTION = "Question: {question} Short answer: {answer}"
+"""A question as BLIP-2's zero-shot VQA prompt poses it, answered; half the LM's questions
+take this form, so a frozen LM answers that prompt."""
 KINDS = ("caption", "vqa", "grounding", "multi")
 """Conversation kinds: one caption, one VQA pair, one grounding pair, or a multi-turn mix."""
 
@@ -197,15 +200,18 @@ def eval_grounding(world: ShapesWorld, n: int) -> list[EvalItem]:
     return items
 
 
-def lm_texts(world: ShapesWorld, n: int) -> Iterator[str]:
-    """The world's texts without images, for pre-training the language model: per scene its
-    captions, each question with its answer, and each referring expression with its box."""
+def lm_texts(world: ShapesWorld, n: int) -> Iterator[list[str]]:
+    """The world's texts without images, for pre-training the language model, one list per
+    scene: its captions first, then its questions with answers and its referring expressions
+    with boxes, each list in a seeded order. Kept together, a scene's texts teach the LM to
+    answer from what precedes a question, which is where a VLM puts the image."""
     for i in range(n):
         scene = world.scene(i)
-        yield from (c.text for c in scene.captions)
-        yield caption(scene)
-        yield from (f"{q['question']} {q['answer']}" for q in scene.vqa)
-        yield from (f"{r['text']}: {box_text(r['box'], scene.image_size)}" for r in scene.referring)
+        rng = np.random.default_rng([world.seed, i, 11])
+        captions = [c.text for c in scene.captions] + [caption(scene)]
+        asks = [(BLIP2_QUESTION if rng.random() < 0.5 else "{question} {answer}").format(**q) for q in scene.vqa]
+        asks += [f"{r['text']}: {box_text(r['box'], scene.image_size)}" for r in scene.referring]
+        yield [captions[k] for k in rng.permutation(len(captions))] + [asks[k] for k in rng.permutation(len(asks))]
 
 
 def export_llava(chat: ShapesChat, count: int, out: str | Path) -> Path:

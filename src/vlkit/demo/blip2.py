@@ -4,7 +4,6 @@ captions (through the LM, and by the Q-Former alone) and zero-shot VQA on held-o
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ import torch
 import vlkit
 from vlkit.config import apply_overrides, read
 from vlkit.data.shapes import ShapesWorld
+from vlkit.data.shapes_chat import QUESTION_TYPES
+from vlkit.demo.folders import publish
 from vlkit.demo.timing import step_seconds
 from vlkit.demo.vlm import split_overrides
 from vlkit.eval import shapes as shapes_eval
@@ -84,8 +85,10 @@ def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple
         part = questions[start : start + 50]
         prompts = [Blip2Answerer.question_prompt(q["question"]) for _, q in part]
         answers += answerer.generate([s.render() for s, _ in part], prompts, max_new_tokens=8)
-    vqa = float(np.mean([normalize_answer(a) == normalize_answer(q["answer"]) for a, (_, q) in zip(answers, questions)]))
-    metrics = {"caption_cider": cider(lm_caps, refs), "caption_cider_itg": cider(itg_caps, refs), "vqa_accuracy": vqa}
+    correct = np.array([normalize_answer(a) == normalize_answer(q["answer"]) for a, (_, q) in zip(answers, questions)])
+    types = np.array([q["type"] for _, q in questions])
+    metrics = {"caption_cider": cider(lm_caps, refs), "caption_cider_itg": cider(itg_caps, refs), "vqa_accuracy": float(correct.mean()),
+               **{f"vqa_{t}": float(correct[types == t].mean()) for t in QUESTION_TYPES if (types == t).any()}}
     examples = [{"scene": scenes[i], "caption": lm_caps[i], "itg": itg_caps[i], "question": questions[i][1]["question"],
                  "answer": answers[i], "truth": questions[i][1]["answer"]} for i in range(4)]  # fmt: skip
     return metrics, examples
@@ -109,19 +112,13 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     model = vlkit.load(runs[2])
     print(f"[blip2] stage 2: captions of {sizes['caption']} and zero-shot VQA on {sizes['vqa']} held-out scenes")
     generative, examples = evaluate_stage2(model, first, recipes[1].data.image_size, sizes)
-    _publish(Path(summaries[2]["checkpoint"]), root)
+    publish(Path(summaries[2]["checkpoint"]), root)
     metrics = {"t2i_r1_itc": retrieval["t2i_r1_itc"], "t2i_r1": retrieval["t2i_r1"], **generative,
                "trainable_params": summaries[1]["trainable_params"] + summaries[2]["trainable_params"],
                "train_seconds": summaries[1]["train_seconds"] + summaries[2]["train_seconds"],
                "stage1_seconds": summaries[1]["train_seconds"], "stage2_seconds": summaries[2]["train_seconds"],
                **{k: v for k, v in retrieval.items() if k not in ("t2i_r1_itc", "t2i_r1")}}  # fmt: skip
     return metrics, _section(out, metrics, examples, recipes, sizes)
-
-
-def _publish(checkpoint: Path, target: Path) -> None:
-    """The stage-2 model's files into the part's folder (``vlkit.load(out / 'blip2')``), ``config.json`` last."""
-    for f in sorted((p for p in checkpoint.iterdir() if p.is_file()), key=lambda p: p.name == "config.json"):
-        shutil.copy2(f, target / f.name)
 
 
 def _section(out: Path, metrics: dict, examples: list[dict], recipes: dict, sizes: dict) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict
 from vlkit.data.shapes import CLASS_NAMES, TEMPLATES
+from vlkit.demo.folders import publish
 from vlkit.demo.timing import step_seconds
 from vlkit.eval import shapes as shapes_eval
 from vlkit.eval.report import plot_confusion
@@ -49,6 +50,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
           f"of training on this machine ({recipe.loop.batch_size / per_step:.0f} samples/s measured), then ~1 min of evaluation")
     run = out / "clip"
     summary = train_clip(recipe, run)
+    publish(Path(summary["checkpoint"]), run)
     model = vlkit.load(run)
     print("[clip] evaluating on 1000 held-out single-object images and 1000 held-out captions")
     res = shapes_eval.evaluate(model, shapes_world(recipe.data))

@@ -9,6 +9,7 @@ import torch
 
 import vlkit
 from vlkit.config import apply_overrides, read, to_dict
+from vlkit.demo.folders import publish
 from vlkit.demo.timing import step_seconds
 from vlkit.eval.generation import (
     ETA, GUIDANCE, STEPS, ShapesJudge, evaluate, image_grid, reference_check, relation_prompts, single_prompts, to_pil,
@@ -60,6 +61,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
           f"of training on this machine, then sampling {n_single + n_relation} prompts twice (guidance 1 and {GUIDANCE}) to score them")  # fmt: skip
     run_dir = out / "generation"
     summary = train_diffusion(recipe, run_dir)
+    publish(Path(summary["checkpoint"]), run_dir)
     model = vlkit.load(run_dir)
     judge = ShapesJudge(vlkit.load(out / "clip"))
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ referring expressions, the answer's ``[x1, y1, x2, y2]`` read on the 0–999 gri
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ import vlkit
 from vlkit.boxes import parse_box
 from vlkit.config import apply_overrides, read
 from vlkit.data.shapes_chat import QUESTION_TYPES, ShapesChatConfig, eval_captions, eval_grounding, eval_vqa
+from vlkit.demo.folders import publish
 from vlkit.demo.timing import step_seconds
 from vlkit.eval.generative import answerer
 from vlkit.eval.metrics import cider_scores, grounding_accuracy, normalize_answer
@@ -168,12 +168,6 @@ def _wrap(text: str, width: int = 30) -> str:
     return "\n".join(lines + [line])
 
 
-def _publish(model_dir: Path, target: Path) -> None:
-    """The trained model's files into ``target`` (the part's folder), ``config.json`` last."""
-    for f in sorted(model_dir.iterdir(), key=lambda p: p.name == "config.json"):
-        shutil.copy2(f, target / f.name)
-
-
 # ---------------------------------------------------------------- the part
 def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     per_stage = split_overrides(overrides)
@@ -184,7 +178,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     root = out / "vlm"
     runs = {s: root / f"stage{s}" for s in (1, 2)}
     summaries = {s: train_vlm(recipes[s], runs[s]) for s in (1, 2)}
-    _publish(runs[2] / MODEL_DIR, root)
+    publish(runs[2] / MODEL_DIR, root)
     model = vlkit.load(root)
     world = ShapesChatConfig(held_out=True, image_size=recipes[2].data.shapes.get("image_size", 64)).world
     t = time.perf_counter()

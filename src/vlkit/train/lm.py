@@ -139,19 +139,21 @@ def shapes_world(data: LMDataConfig) -> ShapesWorld:
     return ShapesWorld(image_size=data.image_size, seed=data.seed)
 
 
-def corpus(data: LMDataConfig, skips: Skips) -> list[str]:
+def corpus(data: LMDataConfig, skips: Skips) -> list[list[str]]:
+    """The texts in groups that pre-training keeps together and in order: a shapes scene's
+    texts, or a JSONL line alone."""
     if data.source == SHAPES:
         return list(lm_texts(shapes_world(data), data.scenes))
     if not Path(data.source).is_file():
         raise ConfigError(f"data.source {data.source!r}: no such file; expected {SHAPES!r} (the shapes world's texts) "
                           f"or a JSONL file ({TEXT_JSONL})", ("data.source",))
-    return read_texts(data.source, skips)
+    return [[text] for text in read_texts(data.source, skips)]
 
 
-def tokenizer_corpus(data: LMDataConfig, texts: list[str]) -> Iterable[str]:
+def tokenizer_corpus(data: LMDataConfig, groups: list[list[str]]) -> Iterable[str]:
     """The texts, and for the shapes world also its VLM conversations' prompts and the chat
     roles, so every word the VLM will read is a token of its own."""
-    yield from texts
+    yield from (text for group in groups for text in group)
     if data.source == SHAPES:
         chat = ShapesChat(ShapesChatConfig(scenes=500, seed=data.seed, image_size=data.image_size))
         for i in range(len(chat)):
@@ -159,18 +161,19 @@ def tokenizer_corpus(data: LMDataConfig, texts: list[str]) -> Iterable[str]:
         yield from ["user", "assistant", "system"] * 2
 
 
-def build_tokenizer(data: LMDataConfig, texts: list[str]) -> LMTokenizer:
+def build_tokenizer(data: LMDataConfig, groups: list[list[str]]) -> LMTokenizer:
     if data.tokenizer:
         return LMTokenizer.from_folder(data.tokenizer)
-    return train_tokenizer(tokenizer_corpus(data, texts), data.vocab_size)
+    return train_tokenizer(tokenizer_corpus(data, groups), data.vocab_size)
 
 
-def pack(texts: list[str], tokenizer: LMTokenizer, seed: int) -> np.ndarray:
-    """BOS text EOS for each text in a seeded order, concatenated."""
+def pack(groups: list[list[str]], tokenizer: LMTokenizer, seed: int) -> np.ndarray:
+    """BOS text EOS for each text, concatenated: the groups in a seeded order, each group's
+    texts together and in their own order."""
     if tokenizer.eos_token_id is None:
         raise VlkitError(f"{tokenizer.origin}: no EOS token; pre-training separates texts with it")
-    order = np.random.default_rng(seed).permutation(len(texts))
-    encoded = tokenizer.backend.encode_batch([texts[k] for k in order], add_special_tokens=True)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    encoded = tokenizer.backend.encode_batch([text for k in order for text in groups[k]], add_special_tokens=True)
     eos = tokenizer.eos_token_id
     return np.fromiter((i for e in encoded for i in (*e.ids, eos)), dtype=np.int64)
 
@@ -200,9 +203,9 @@ def train_lm(recipe: LMRecipe, out: str | Path, resume: bool = False, stop_at: i
     try:
         torch.manual_seed(recipe.loop.seed)
         skips = Skips(recipe.data.on_bad_sample)
-        texts = corpus(recipe.data, skips)
-        tokenizer = build_tokenizer(recipe.data, texts)
-        ids = pack(texts, tokenizer, recipe.data.seed)
+        groups = corpus(recipe.data, skips)
+        tokenizer = build_tokenizer(recipe.data, groups)
+        ids = pack(groups, tokenizer, recipe.data.seed)
         dataset = PackedBlocks(ids, recipe.data.block_size)
         if len(dataset) == 0:
             raise VlkitError(f"the texts give {len(ids)} tokens, less than one block of data.block_size "
