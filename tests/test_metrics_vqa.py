@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlkit.eval.metrics import normalize_answer, vqa_accuracy
+from vlkit.eval.metrics import accuracy_by_type, normalize_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,10 @@ def test_answers_only_punctuation_normalised_when_they_disagree():
 def test_no_answers_is_an_error():
     with pytest.raises(ValueError, match="no human answers"):
         vqa_accuracy("yes", [])
+
+
+def test_accuracy_by_type_in_the_given_order_and_only_types_present():
+    right = [True, False, True, True, False]
+    types = ["count", "color", "color", "count", "count"]
+    assert accuracy_by_type(right, types, ("color", "shape", "count")) == {"color": 0.5, "count": 2 / 3}
+    assert list(accuracy_by_type(right, types, ("count", "color"))) == ["count", "color"]

@@ -18,7 +18,7 @@ from vlkit.demo.timing import step_seconds
 from vlkit.demo.vlm import split_overrides
 from vlkit.eval import shapes as shapes_eval
 from vlkit.eval.metrics.cider import cider
-from vlkit.eval.metrics import normalize_answer
+from vlkit.eval.metrics import accuracy_by_type, normalize_answer
 from vlkit.eval.retrieval import image_tokens, itc_itm_retrieval
 from vlkit.models.blip2_processor import CAPTION_PROMPT, Blip2Answerer
 from vlkit.train.blip2 import load_recipe, train_blip2
@@ -85,10 +85,10 @@ def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple
         part = questions[start : start + 50]
         prompts = [Blip2Answerer.question_prompt(q["question"]) for _, q in part]
         answers += answerer.generate([s.render() for s, _ in part], prompts, max_new_tokens=8)
-    correct = np.array([normalize_answer(a) == normalize_answer(q["answer"]) for a, (_, q) in zip(answers, questions)])
-    types = np.array([q["type"] for _, q in questions])
-    metrics = {"caption_cider": cider(lm_caps, refs), "caption_cider_itg": cider(itg_caps, refs), "vqa_accuracy": float(correct.mean()),
-               **{f"vqa_{t}": float(correct[types == t].mean()) for t in QUESTION_TYPES if (types == t).any()}}
+    right = [normalize_answer(a) == normalize_answer(q["answer"]) for a, (_, q) in zip(answers, questions)]
+    by_type = accuracy_by_type(right, [q["type"] for _, q in questions], QUESTION_TYPES)
+    metrics = {"caption_cider": cider(lm_caps, refs), "caption_cider_itg": cider(itg_caps, refs), "vqa_accuracy": sum(right) / len(right),
+               **{f"vqa_{t}": v for t, v in by_type.items()}}
     examples = [{"scene": scenes[i], "caption": lm_caps[i], "itg": itg_caps[i], "question": questions[i][1]["question"],
                  "answer": answers[i], "truth": questions[i][1]["answer"]} for i in range(4)]  # fmt: skip
     return metrics, examples

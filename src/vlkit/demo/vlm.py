@@ -11,7 +11,6 @@ referring expressions, the answer's ``[x1, y1, x2, y2]`` read on the 0–999 gri
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from vlkit.data.shapes_chat import QUESTION_TYPES, ShapesChatConfig, eval_captio
 from vlkit.demo.folders import publish
 from vlkit.demo.timing import step_seconds
 from vlkit.eval.generative import answerer
-from vlkit.eval.metrics import cider_scores, grounding_accuracy, normalize_answer
+from vlkit.eval.metrics import accuracy_by_type, cider_scores, grounding_accuracy, normalize_answer
 from vlkit.report import draw_loss
 from vlkit.train.vlm import MODEL_DIR, load_recipe, train_vlm
 
@@ -97,9 +96,6 @@ def evaluate(model, world, sizes: dict[str, int] = SIZES) -> tuple[dict, dict]:
     vqa = eval_vqa(world, sizes["vqa"])
     preds = _generate(answer, world, vqa, 6)
     right = [normalize_answer(p) == normalize_answer(q.target) for p, q in zip(preds, vqa)]
-    by_type = defaultdict(list)
-    for q, ok in zip(vqa, right):
-        by_type[q.type].append(ok)
     caps = eval_captions(world, sizes["caption"])
     cap_preds = _generate(answer, world, caps, 48)
     cider, per = cider_scores({str(i): p for i, p in enumerate(cap_preds)}, {str(i): c.target for i, c in enumerate(caps)})
@@ -109,7 +105,7 @@ def evaluate(model, world, sizes: dict[str, int] = SIZES) -> tuple[dict, dict]:
     g = grounding_accuracy(boxes, [it.target for it in ground])
     metrics = {
         "vqa_accuracy": sum(right) / len(right),
-        "vqa_by_type": {t: sum(by_type[t]) / len(by_type[t]) for t in QUESTION_TYPES if by_type[t]},
+        "vqa_by_type": accuracy_by_type(right, [q.type for q in vqa], QUESTION_TYPES),
         "caption_cider": cider,
         "grounding_acc50": g["acc@0.5"],
         "grounding_mean_iou": g["mean_iou"],

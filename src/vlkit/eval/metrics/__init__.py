@@ -15,7 +15,7 @@ from vlkit.eval.metrics.choice import extract_choice, extract_number, numeric_ma
 from vlkit.eval.metrics.cider import cider, cider_scores
 from vlkit.eval.metrics.rouge import lcs_length, rouge_l, rouge_l_scores
 from vlkit.text.caption import tokenize_caption
-from vlkit.eval.metrics.vqa import normalize_answer, vqa_accuracy
+from vlkit.eval.metrics.vqa import accuracy_by_type, normalize_answer, vqa_accuracy
 from vlkit.eval.retrieval import recall_at_k, retrieval
 from vlkit.eval.zeroshot import classification_metrics
 
@@ -31,7 +31,7 @@ def caption_metrics(predictions: dict, references: dict, tokenize: bool = True) 
 
 
 __all__ = [
-    "bleu", "bleu_scores", "caption_metrics", "cider", "cider_scores", "classification_metrics",
+    "accuracy_by_type", "bleu", "bleu_scores", "caption_metrics", "cider", "cider_scores", "classification_metrics",
     "extract_choice", "extract_number", "format_box", "grounding_accuracy", "iou", "lcs_length",
     "normalize_answer", "numeric_match", "parse_box", "recall_at_k", "retrieval", "rouge_l",
     "rouge_l_scores", "tokenize_caption", "vqa_accuracy", "xywh_to_xyxy",

@@ -102,3 +102,8 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
         matches = sum(1 for j, a in enumerate(gts) if j != i and a == pred)
         total += min(1.0, matches / 3.0)
     return total / len(gts)
+
+
+def accuracy_by_type(right: list[bool], types: list[str], order: tuple[str, ...]) -> dict[str, float]:
+    """The share of ``right`` answers among each question type present, in ``order``."""
+    return {t: sum(r for r, k in zip(right, types) if k == t) / n for t in order if (n := types.count(t))}
