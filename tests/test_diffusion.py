@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,10 +16,13 @@ from safetensors.torch import load_file
 import vlkit
 from _diffusion_util import CONTEXT, TINY, tiny_clip
 from vlkit.cli import main
+from vlkit.data.pairs import Collate
+from vlkit.data.shapes import BACKGROUND, ShapesWorld
 from vlkit.errors import VlkitError
 from vlkit.models.diffusion import TextToImage
 from vlkit.train.checkpoint import latest_checkpoint
-from vlkit.train.diffusion import load_recipe, train_diffusion
+from vlkit.train.clip import shapes_processor
+from vlkit.train.diffusion import ShapesCaptions, WeightedCollate, load_recipe, train_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +88,47 @@ def test_training_loss_is_the_weighted_mean_squared_error(model):
     on_x0 = a / (1 - a) + 1
     per_row = (out - (a.sqrt()[:, None, None, None] * noise - (1 - a).sqrt()[:, None, None, None] * x0)).pow(2).mean((1, 2, 3))
     torch.testing.assert_close(loss, (per_row * on_x0.clamp(max=2.0) / on_x0).mean())
+
+
+def test_pixel_weights_give_each_image_a_weighted_mean(model):
+    """With ``pixel_weights`` the per-row error is Σ w e² / Σ w over pixels (channels averaged);
+    uniform weights give the plain loss back."""
+    m = copy.deepcopy(model).train()
+    size = m.cfg.image_size
+    x0 = torch.rand(4, 3, size, size) * 2 - 1
+    tok = m.tokenize(["a red circle"] * 4)
+    weights = 1 + 3 * (torch.rand(4, size, size) < 0.2).float()
+    losses = {}
+    for name, w in {"plain": None, "uniform": torch.full((4, size, size), 2.5), "weighted": weights}.items():
+        torch.manual_seed(7)
+        losses[name] = m(x0, tok["input_ids"], tok["attention_mask"], pixel_weights=w)
+    torch.manual_seed(7)
+    t = torch.randint(0, m.cfg.schedule.num_train_timesteps, (4,))
+    noise, drop = torch.randn_like(x0), torch.rand(4) < m.cfg.cond_drop
+    context, mask, pooled = m.encode_text(tok["input_ids"], tok["attention_mask"])
+    out = m.unet(m.schedule.add_noise(x0, noise, t), t, context, mask, pooled, drop)
+    err = (out - m.schedule.target(x0, noise, t)).pow(2).mean(1)
+    per_row = (err * weights).sum((1, 2)) / weights.sum((1, 2))
+    torch.testing.assert_close(losses["weighted"], (per_row * m.schedule.loss_weight(t, m.cfg.snr_gamma)).mean())
+    torch.testing.assert_close(losses["uniform"], losses["plain"])
+    assert not torch.isclose(losses["weighted"], losses["plain"])
+
+
+def test_object_weight_marks_exactly_the_objects_pixels(clip_dir, tmp_path):
+    """Each pixel of the rendered scene off the background weighs ``1 + object_weight``, every
+    background pixel 1; the collate stacks the weights and training runs with them."""
+    world = ShapesWorld(16, 1, 2, 0)
+    data = ShapesCaptions(world, shapes_processor(16), 4, object_weight=3.0)
+    batch = WeightedCollate(vlkit.load(clip_dir).tokenizer)([data[i] for i in range(4)])
+    assert batch["pixel_weights"].shape == (4, 16, 16) and batch["pixel_values"].shape == (4, 3, 16, 16)
+    for i in range(4):
+        image = np.asarray(world.scene(i).render())
+        objects = (image != BACKGROUND).any(-1)
+        assert 0 < objects.sum() < objects.size
+        expected = torch.from_numpy(np.where(objects, 4.0, 1.0)).float()
+        torch.testing.assert_close(batch["pixel_weights"][i], expected, rtol=0, atol=0)
+    assert "pixel_weights" not in Collate(vlkit.load(clip_dir).tokenizer)([ShapesCaptions(world, shapes_processor(16), 4)[0]])
+    assert train(tmp_path / "weighted", clip_dir, "--data.object_weight=1") == 0
 
 
 def test_ema_update_warms_up_then_decays_at_the_configured_rate(model):

@@ -14,7 +14,7 @@ from vlkit.demo.timing import step_seconds
 from vlkit.eval.generation import (
     ETA, GUIDANCE, STEPS, ShapesJudge, evaluate, image_grid, reference_check, relation_prompts, single_prompts, to_pil,
 )
-from vlkit.train.diffusion import ShapesCaptions, build_model, load_recipe, train_diffusion
+from vlkit.train.diffusion import build_model, load_recipe, train_diffusion, training_data
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 REQUIRES: tuple[str, ...] = ("clip",)
@@ -30,14 +30,9 @@ def diffusion_recipe(out: Path, quick: bool, overrides: list[str]):
 
 def _estimate_step_seconds(recipe) -> float:
     """Time two training steps of the recipe's model on this machine (after one warm-up)."""
-    from vlkit.data.pairs import Collate
-    from vlkit.data.shapes import ShapesWorld
-    from vlkit.train.clip import shapes_processor
-
     model = build_model(load_recipe(to_dict(recipe)))
-    d = recipe.data
-    data = ShapesCaptions(ShapesWorld(d.image_size, d.min_objects, d.max_objects, d.seed), shapes_processor(d.image_size), recipe.loop.batch_size)
-    batch = Collate(model.tokenizer)([data[i] for i in range(recipe.loop.batch_size)])
+    data, collate = training_data(recipe.data, model.tokenizer, recipe.loop.batch_size)
+    batch = collate([data[i] for i in range(recipe.loop.batch_size)])
     batch.pop("skipped")
     return step_seconds(lambda: model(**batch), recipe.loop.precision)
 

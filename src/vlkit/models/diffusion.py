@@ -247,9 +247,16 @@ class TextToImage(nn.Module):
         out = self.text(input_ids, attention_mask)
         return out.tokens, attention_mask.bool(), out.pooled
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The loss of one DDPM training step: random timesteps and noise, the condition dropped
-        with probability ``cond_drop``, mean squared error against ε or v."""
+        with probability ``cond_drop``, squared error against ε or v averaged over each image's
+        pixels, weighted by ``pixel_weights`` ``[B,H,W]`` if given (a weighted mean per image)."""
         context, mask, pooled = self.encode_text(input_ids, attention_mask)
         b, device = pixel_values.shape[0], pixel_values.device
         t = torch.randint(0, self.cfg.schedule.num_train_timesteps, (b,), device=device)
@@ -257,7 +264,11 @@ class TextToImage(nn.Module):
         drop = torch.rand(b, device=device) < self.cfg.cond_drop
         x_t = self.schedule.add_noise(pixel_values, noise, t)
         out = self.unet(x_t, t, context, mask, pooled, drop)
-        err = (out.float() - self.schedule.target(pixel_values, noise, t).float()).pow(2).flatten(1).mean(1)
+        err = (out.float() - self.schedule.target(pixel_values, noise, t).float()).pow(2).mean(1)
+        if pixel_weights is None:
+            err = err.flatten(1).mean(1)
+        else:
+            err = (err * pixel_weights).flatten(1).sum(1) / pixel_weights.flatten(1).sum(1)
         return (err * self.schedule.loss_weight(t, self.cfg.snr_gamma)).mean()
 
     @torch.no_grad()

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlkit.config import Bound, NonNegativeInt, PositiveInt, build, key_rows, key_table, to_dict, validate
+from vlkit.config import Bound, NonNegativeFloat, NonNegativeInt, PositiveInt, build, key_rows, key_table, to_dict, validate
 from vlkit.data.pairs import Collate
-from vlkit.data.shapes import ShapesWorld
+from vlkit.data.shapes import BACKGROUND, ShapesWorld
 from vlkit.errors import ConfigError, VlkitError
 from vlkit.models.diffusion import DiffusionConfig, TextToImage
 from vlkit.train.clip import shapes_processor
@@ -26,13 +26,16 @@ ObjectSize = Annotated[float, Bound(0, 1, low_open=True, high_open=True)]
 
 @dataclass
 class DiffusionDataConfig:
-    """Scenes of ``min_objects``–``max_objects`` objects from the shapes world of ``seed``."""
+    """Scenes of ``min_objects``–``max_objects`` objects from the shapes world of ``seed``.
+    ``object_weight`` > 0 weighs the loss on the objects' pixels ``1 + object_weight`` times the
+    background's (see :meth:`TextToImage.forward`), so small objects are not drowned out."""
 
     image_size: PositiveInt = 64
     min_objects: PositiveInt = 1
     max_objects: PositiveInt = 2
     object_sizes: tuple[ObjectSize, ObjectSize] = (0.25, 0.4)
     seed: NonNegativeInt = 0
+    object_weight: NonNegativeFloat = 0.0
 
     def __post_init__(self):
         validate(self)
@@ -65,11 +68,13 @@ DERIVED = {
 @dataclass
 class ShapesCaptions(Dataset):
     """Item ``i``: scene ``i`` of the world, with one of its captions that names its objects
-    (chosen by seed; a bare count such as "two objects" names nothing to draw)."""
+    (chosen by seed; a bare count such as "two objects" names nothing to draw), and with
+    ``object_weight`` > 0 the per-pixel loss weights ``[H, W]`` (1 off the objects)."""
 
     world: ShapesWorld
     processor: ImageProcessor
     length: int
+    object_weight: float = 0.0
     shuffle = False
 
     def __len__(self) -> int:
@@ -79,7 +84,22 @@ class ShapesCaptions(Dataset):
         scene = self.world.scene(i)
         captions = [c.text for c in scene.captions if c.refs]
         rng = np.random.default_rng([self.world.seed, i, 11])
-        return [(self.processor(scene.render()), captions[int(rng.integers(len(captions)))])]
+        image = scene.render()
+        caption = captions[int(rng.integers(len(captions)))]
+        if not self.object_weight:
+            return [(self.processor(image), caption)]
+        objects = torch.from_numpy((np.asarray(image) != BACKGROUND).any(-1))
+        return [(self.processor(image), caption, 1 + self.object_weight * objects.float())]
+
+
+class WeightedCollate(Collate):
+    """:class:`Collate` that also stacks each item's per-pixel loss weights into ``pixel_weights``."""
+
+    def __call__(self, items: list) -> dict:
+        batch = super().__call__([[(img, caption) for img, caption, _ in it] if isinstance(it, list) else it for it in items])
+        if weights := [w for it in items if isinstance(it, list) for _, _, w in it]:
+            batch["pixel_weights"] = torch.stack(weights)
+        return batch
 
 
 def text_tower(folder: str | Path):
@@ -109,6 +129,13 @@ def build_model(recipe: DiffusionRecipe) -> TextToImage:
     return model
 
 
+def training_data(d: DiffusionDataConfig, tokenizer, length: int) -> tuple[ShapesCaptions, Collate]:
+    """The first ``length`` captioned scenes of the data config's world and the collate for them."""
+    shapes = ShapesWorld(d.image_size, d.min_objects, d.max_objects, d.seed, tuple(d.object_sizes))
+    dataset = ShapesCaptions(shapes, shapes_processor(d.image_size), length, d.object_weight)
+    return dataset, WeightedCollate(tokenizer) if d.object_weight else Collate(tokenizer)
+
+
 def train_diffusion(recipe: DiffusionRecipe, out: str | Path, resume: bool = False, stop_at: int | None = None) -> dict:
     """Train per the recipe into the run folder ``out``; returns the training summary."""
     out = Path(out)
@@ -116,12 +143,10 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, resume: bool = Fal
     try:
         torch.manual_seed(recipe.loop.seed)
         model = build_model(recipe)
-        d = recipe.data
-        shapes = ShapesWorld(d.image_size, d.min_objects, d.max_objects, d.seed, tuple(d.object_sizes))
-        dataset = ShapesCaptions(shapes, shapes_processor(d.image_size), recipe.loop.steps * recipe.loop.batch_size)
+        dataset, collate = training_data(recipe.data, model.tokenizer, recipe.loop.steps * recipe.loop.batch_size)
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         return fit(
-            model, dataset, Collate(model.tokenizer), recipe.loop, recipe.optim, out, "diffusion", world=world, resume=resume,
+            model, dataset, collate, recipe.loop, recipe.optim, out, "diffusion", world=world, resume=resume,
             device=device, after_step=TextToImage.update_ema, stop_at=stop_at, recipe=to_dict(recipe),
         )  # fmt: skip
     finally:
