@@ -10,18 +10,18 @@ Search: N unit vectors of width D (default 1M × 512), queries scored against ex
   embeddings of real photos cluster by content), queries drawn from the same mixture.
 
 Backends are vlkit's own (:mod:`vlkit.index.backends`): exact (FAISS flat inner product,
-the same maths as ``ExactSearch``), RaBitQ codes re-ranked exactly (swept over the shortlist
-factor), HNSW (swept over ``efSearch``) and IVF-Flat (swept over ``nprobe``). Per-query latency
-is measured one query at a time on one thread (an interactive search): the median wall time and
-the CPU time per query (``time.process_time``: on a shared, loaded machine the wall time
-stretches but the CPU time much less), with the batch throughput alongside. Build times and the
-bytes per vector of the saved FAISS index (besides the float vectors every vlkit index keeps)
-are reported.
+the same maths as ``ExactSearch``), PQ and RaBitQ codes re-ranked exactly (swept over the
+shortlist factor), HNSW (swept over ``efSearch``) and IVF-Flat (swept over ``nprobe``).
+Per-query latency is measured one query at a time (an interactive search), on every thread FAISS
+has (``OMP_NUM_THREADS``) and again on one thread: the median wall time, and the CPU time per
+query on all threads (``time.process_time``: on a shared, loaded machine the wall time stretches
+but the CPU time much less), with the batch throughput alongside. Build times and the bytes per
+vector of the saved FAISS index (besides the float vectors every vlkit index keeps) are reported.
 
 Embedding: ``--images FOLDER --model CLIPDIR`` times ``build_index`` (decode, preprocess,
 embed) on the folder, written to a temporary index.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_index.py --n 1000000 --backends exact,rabitq,ivf
+    OMP_NUM_THREADS=2 python benchmarks/bench_index.py --n 1000000 --backends exact,pq,rabitq,ivf
     python benchmarks/bench_index.py --n 0 --images /tmp/photos --model runs/demo/clip/model
 """
 
@@ -65,24 +65,24 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)]))
 
 
-def timed_single(search, queries: np.ndarray, k: int) -> tuple[float, float, np.ndarray]:
-    """Median wall ms and mean CPU ms per query, one query at a time on one thread (an
-    interactive search; the other cores serve other queries), and the rows found."""
+def timed_single(search, queries: np.ndarray, k: int, threads: int) -> tuple[float, float]:
+    """Median wall ms and mean CPU ms per query, one query at a time on ``threads`` threads (an
+    interactive search)."""
     import faiss
 
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    times, rows = [], []
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    times = []
     cpu = time.process_time()
     try:
         for qv in queries:
             t = time.perf_counter()
-            rows.append(search(qv[None], k)[1][0])
+            search(qv[None], k)
             times.append(time.perf_counter() - t)
     finally:
         cpu = time.process_time() - cpu
-        faiss.omp_set_num_threads(threads)
-    return 1000 * float(np.median(times)), 1000 * cpu / len(queries), np.stack(rows)
+        faiss.omp_set_num_threads(before)
+    return 1000 * float(np.median(times)), 1000 * cpu / len(queries)
 
 
 def bytes_per_vector(searcher, n: int) -> float:
@@ -105,10 +105,12 @@ def bench_search(args, kind: str) -> list[dict]:
     t = time.perf_counter()
     truth = flat.search(queries, args.k)[1]
     batch_ms = 1000 * (time.perf_counter() - t) / len(queries)
-    single_ms, cpu_ms, _ = timed_single(flat.search, queries[: args.single], args.k)
+    threads = faiss.omp_get_max_threads()
+    single_ms, cpu_ms = timed_single(flat.search, queries[: args.single], args.k, threads)
+    one_ms = timed_single(flat.search, queries[: args.single], args.k, 1)[0]
     rows = [{"data": kind, "backend": "exact", "param": "-", "build_s": 0.0, "bytes_per_vector": 4 * args.dim, "recall@10": 1.0,
-             "ms_per_query": single_ms, "cpu_ms_per_query": cpu_ms, "batched_ms_per_query": batch_ms,
-             "load": os.getloadavg()[0]}]  # fmt: skip
+             "threads": threads, "ms_per_query": single_ms, "cpu_ms_per_query": cpu_ms, "ms_per_query_1_thread": one_ms,
+             "batched_ms_per_query": batch_ms, "load": os.getloadavg()[0]}]  # fmt: skip
     print(json.dumps(rows[-1]), flush=True)
     for name in args.backends:
         if name == "exact":
@@ -118,7 +120,8 @@ def bench_search(args, kind: str) -> list[dict]:
         searcher = backends.SEARCHERS[name].build(base, **options.get(name, {}))
         build_s = time.perf_counter() - t
         size = bytes_per_vector(searcher, args.n)
-        sweep = {"hnsw": ("efSearch", args.ef), "ivf": ("nprobe", args.nprobe), "rabitq": ("shortlist", args.shortlist)}[name]
+        sweep = {"hnsw": ("efSearch", args.ef), "ivf": ("nprobe", args.nprobe), "pq": ("shortlist", args.shortlist),
+                 "rabitq": ("shortlist", args.shortlist)}[name]  # fmt: skip
         for p in sweep[1]:
             if name == "hnsw":
                 searcher.index.hnsw.efSearch = p
@@ -126,13 +129,15 @@ def bench_search(args, kind: str) -> list[dict]:
                 searcher.index.nprobe = p
             else:
                 searcher.shortlist = p
-            single_ms, cpu_ms, found = timed_single(searcher.search, queries[: args.single], args.k)
+            single_ms, cpu_ms = timed_single(searcher.search, queries[: args.single], args.k, threads)
+            one_ms = timed_single(searcher.search, queries[: args.single], args.k, 1)[0]
             t = time.perf_counter()
             found_all = searcher.search(queries, args.k)[1]
             batch_ms = 1000 * (time.perf_counter() - t) / len(queries)
             rows.append({"data": kind, "backend": name, "param": f"{sweep[0]}={p}", "build_s": round(build_s, 1),
-                         "bytes_per_vector": size, "recall@10": recall(found_all, truth), "ms_per_query": single_ms,
-                         "cpu_ms_per_query": cpu_ms, "batched_ms_per_query": batch_ms, "load": os.getloadavg()[0]})  # fmt: skip
+                         "bytes_per_vector": size, "recall@10": recall(found_all, truth), "threads": threads,
+                         "ms_per_query": single_ms, "cpu_ms_per_query": cpu_ms, "ms_per_query_1_thread": one_ms,
+                         "batched_ms_per_query": batch_ms, "load": os.getloadavg()[0]})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
         del searcher
     return rows
@@ -162,10 +167,10 @@ def main() -> None:
     p.add_argument("--data", default="isotropic,clustered")
     p.add_argument("--clusters", type=int, default=10_000)
     p.add_argument("--spread", type=float, default=1.0, help="clustered: a point's distance from its centre (1.0: cosine 0.71)")
-    p.add_argument("--backends", default="exact,rabitq,ivf,hnsw")
+    p.add_argument("--backends", default="exact,pq,rabitq,ivf,hnsw")
     p.add_argument("--ef", default="64,128,256,512")
     p.add_argument("--nprobe", default="8,16,32,64,128")
-    p.add_argument("--shortlist", default="10,20,30,50", help="rabitq: candidates re-ranked exactly, as a multiple of k")
+    p.add_argument("--shortlist", default="10,20,30,50", help="pq, rabitq: candidates re-ranked exactly, as a multiple of k")
     p.add_argument("--rabitq-bits", type=int, default=2, help="rabitq: bits per dimension (vlkit's default 2)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (vlkit's default 32)")
     p.add_argument("--hnsw-efc", type=int, default=80, help="HNSW efConstruction (vlkit's default 80)")
@@ -187,12 +192,13 @@ def main() -> None:
     if args.images:
         report["embed"] = bench_embed(args)
         print(json.dumps(report["embed"]), flush=True)
-    print("\n| data | backend | param | build s | bytes/vector | recall@10 | ms/query (one at a time) | CPU ms/query | "
-          "ms/query (batched) | load |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| data | backend | param | build s | bytes/vector | recall@10 | threads | ms/query (one at a time) | CPU ms/query | "
+          "ms/query (one at a time, 1 thread) | ms/query (batched) | load |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report["search"]:
         print(f"| {r['data']} | {r['backend']} | {r['param']} | {r['build_s']} | {r['bytes_per_vector']} | {r['recall@10']:.3f} | "
-              f"{r['ms_per_query']:.2f} | {r['cpu_ms_per_query']:.2f} | {r['batched_ms_per_query']:.2f} | {r['load']:.1f} |")  # fmt: skip
+              f"{r['threads']} | {r['ms_per_query']:.2f} | {r['cpu_ms_per_query']:.2f} | {r['ms_per_query_1_thread']:.2f} | "
+              f"{r['batched_ms_per_query']:.2f} | {r['load']:.1f} |")  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
     if args.out:
         with open(args.out, "w") as f:

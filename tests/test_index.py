@@ -180,10 +180,10 @@ def test_faiss_above_threshold_is_chosen_reported_and_accurate(tmp_path, clip_di
     shapes_images(photos, n=12)
     monkeypatch.setattr(backends, "EXACT_MAX", 8)
     model = vlkit.load(clip_dir)
-    for kind, out in (("auto", "rabitq"), ("hnsw", "hnsw"), ("ivf", "ivf")):
+    for kind, out in (("auto", "pq"), ("rabitq", "rabitq"), ("hnsw", "hnsw"), ("ivf", "ivf")):
         summary = build_index(model, clip_dir, photos, tmp_path / kind, kind=kind, precision="fp32", progress=False)
         assert summary["kind"] == out
-        reason = "12 vectors > 8: approximate search (FAISS RaBitQ, exact re-ranking)" if kind == "auto" else f"--kind {kind}"
+        reason = "12 vectors > 8: approximate search (FAISS PQ fast scan, exact re-ranking)" if kind == "auto" else f"--kind {kind}"
         assert reason == summary["kind_reason"]
         assert (tmp_path / kind / backends.FAISS_FILE).is_file()
         idx = PhotoIndex.load(tmp_path / kind)
@@ -197,15 +197,18 @@ def test_faiss_above_threshold_is_chosen_reported_and_accurate(tmp_path, clip_di
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     queries = x[:50] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
     truth = backends.ExactSearch(x).search(queries, 10)[1]
-    for searcher in (backends.IVFSearch.build(x), backends.HNSWSearch.build(x), backends.RaBitQSearch.build(x)):
+    for searcher in (backends.IVFSearch.build(x), backends.HNSWSearch.build(x), backends.RaBitQSearch.build(x), backends.PQSearch.build(x)):
         got = searcher.search(queries, 10)[1]
         assert got.shape == truth.shape and np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)]) >= 0.95
     (tmp_path / "hnsw" / backends.FAISS_FILE).write_bytes((tmp_path / "ivf" / backends.FAISS_FILE).read_bytes())
     with pytest.raises(VlkitError, match="a FAISS IndexIVFFlat; index.json says kind 'hnsw'"):
         PhotoIndex.load(tmp_path / "hnsw")
     (tmp_path / "auto" / backends.FAISS_FILE).write_bytes((tmp_path / "ivf" / backends.FAISS_FILE).read_bytes())
-    with pytest.raises(VlkitError, match="a FAISS IndexIVFFlat; index.json says kind 'rabitq'"):
+    with pytest.raises(VlkitError, match="a FAISS IndexIVFFlat; index.json says kind 'pq'"):
         PhotoIndex.load(tmp_path / "auto")
+    (tmp_path / "rabitq" / backends.FAISS_FILE).write_bytes((tmp_path / "ivf" / backends.FAISS_FILE).read_bytes())
+    with pytest.raises(VlkitError, match="a FAISS IndexIVFFlat; index.json says kind 'rabitq'"):
+        PhotoIndex.load(tmp_path / "rabitq")
 
 
 def unit_rows(rng, n: int, d: int) -> np.ndarray:
@@ -213,14 +216,15 @@ def unit_rows(rng, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_rabitq_finds_true_neighbours_without_clusters_and_round_trips(tmp_path):
-    """Isotropic vectors, the case IVF cannot handle: the re-ranked RaBitQ scan still finds the exact
-    top 10 with exact scores, and a saved index (codes only) searches the same after loading."""
+@pytest.mark.parametrize("kind", ["pq", "rabitq"])
+def test_code_scans_find_true_neighbours_without_clusters_and_round_trip(tmp_path, kind):
+    """Isotropic vectors, the case IVF cannot handle: a re-ranked scan of PQ or RaBitQ codes still
+    finds the exact top 10 with exact scores, and a saved index (codes only) searches the same after loading."""
     pytest.importorskip("faiss")
     rng = np.random.default_rng(1)
     x, queries = unit_rows(rng, 20_000, 64), unit_rows(rng, 50, 64)
     exact_scores, truth = backends.ExactSearch(x).search(queries, 10)
-    searcher = backends.build(x, "rabitq")
+    searcher = backends.build(x, kind)
     scores, rows = searcher.search(queries, 10)
     assert rows.shape == truth.shape and np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]) >= 0.95
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ x.T, rows, axis=1), rtol=0, atol=1e-6)
@@ -229,20 +233,21 @@ def test_rabitq_finds_true_neighbours_without_clusters_and_round_trips(tmp_path)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ivf.search(queries, 10)[1], truth)]) < 0.9
     searcher.save(tmp_path)
     assert (tmp_path / backends.FAISS_FILE).stat().st_size < x.nbytes / 4  # codes, not a second copy of the floats
-    loaded = backends.load(tmp_path, x, "rabitq")
-    assert isinstance(loaded, backends.RaBitQSearch)
+    loaded = backends.load(tmp_path, x, kind)
+    assert type(loaded) is backends.SEARCHERS[kind]
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], rows)
     with pytest.raises(VlkitError, match="holds 20000 vectors; expected 19999"):
-        backends.load(tmp_path, x[:-1], "rabitq")
-    small = backends.RaBitQSearch.build(x[:5])  # k beyond the index: every vector, best first
+        backends.load(tmp_path, x[:-1], kind)
+    small = backends.SEARCHERS[kind].build(x[:5])  # k beyond the index: every vector, best first
     assert small.search(queries[:2], 10)[1].shape == (2, 5)
     np.testing.assert_array_equal(small.search(queries[:2], 10)[1], backends.ExactSearch(x[:5]).search(queries[:2], 10)[1])
 
 
 def test_automatic_kind_by_size(monkeypatch):
     assert backends.choose_kind(backends.EXACT_MAX) == "exact"
-    assert backends.choose_kind(backends.EXACT_MAX + 1) == "rabitq"
-    assert [backends.choose_kind(10**6, kind) for kind in ("exact", "ivf", "hnsw")] == ["exact", "ivf", "hnsw"]
+    assert backends.choose_kind(backends.EXACT_MAX + 1) == "pq"
+    kinds = ("exact", "rabitq", "ivf", "hnsw")
+    assert [backends.choose_kind(10**6, kind) for kind in kinds] == list(kinds)
 
 
 def test_exact_search_orders_and_clamps_k():

@@ -47,7 +47,7 @@ def add_parsers(sub, positive_int) -> None:
     idx.add_argument("--model", required=True, help="CLIP/SigLIP model folder")
     idx.add_argument("--images", required=True, help="folder of images (searched recursively)")
     idx.add_argument("--out", required=True, help="index folder; an existing index of the same folder is updated")
-    idx.add_argument("--kind", default="auto", choices=KINDS, help="search backend: exact, FAISS rabitq / ivf / hnsw, or auto (by size: exact, then rabitq)")
+    idx.add_argument("--kind", default="auto", choices=KINDS, help="search backend: exact, FAISS pq / rabitq / ivf / hnsw, or auto (by size: exact, then pq)")
     idx.add_argument("--batch-size", type=positive_int, default=32)
     idx.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     idx.set_defaults(fn=cmd_index)

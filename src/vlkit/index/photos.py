@@ -3,7 +3,7 @@
 ``vlkit index --model CLIPDIR --images FOLDER --out INDEX`` writes the folder ``INDEX``:
 
 - ``index.json``: the images folder, the model that made the index (:mod:`.identity`), the
-  search backend (``exact``, or FAISS ``rabitq`` / ``ivf`` / ``hnsw``, chosen by size, :mod:`.backends`), counts, and the
+  search backend (``exact``, or FAISS ``pq`` / ``rabitq`` / ``ivf`` / ``hnsw``, chosen by size, :mod:`.backends`), counts, and the
   unreadable files (with their size and modification time, so an unchanged bad file is not
   read again);
 - ``files.jsonl``: one ``{"path", "size", "mtime_ns"}`` per row of ``embeddings.npy``
@@ -231,7 +231,7 @@ def build_index(model, model_path: str | Path, images: str | Path, out: str | Pa
         backend = backends.build(vectors, chosen)
     if kind == "auto":
         reason = (f"{len(files)} vectors {'<=' if chosen == 'exact' else '>'} {backends.EXACT_MAX}: "
-                  f"{'exact search' if chosen == 'exact' else 'approximate search (FAISS RaBitQ, exact re-ranking)'}")  # fmt: skip
+                  f"{'exact search' if chosen == 'exact' else 'approximate search (FAISS PQ fast scan, exact re-ranking)'}")  # fmt: skip
     else:
         reason = f"--kind {kind}"
     present = {s.path for s in current}
