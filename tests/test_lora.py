@@ -95,7 +95,8 @@ def test_vlkit_adapter_in_peft_gives_the_same_logits(tmp_path, case):
 
     merge_lora(model)
     assert not lora_layers(model) and all(type(m) is Linear and m.onednn for m in model.modules() if isinstance(m, Linear))
-    assert (logits(model, ids, mask) - adapted).abs().max() <= 1e-5
+    scale = adapted.abs().max().clamp(min=1)  # merging only re-rounds: ~1e-6 of the logits' size
+    assert (logits(model, ids, mask) - adapted).abs().max() <= 1e-5 * scale
     to_hf(model, tmp_path / "merged")
     merged_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     peft_merged = peft_model.merge_and_unload()
