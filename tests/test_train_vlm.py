@@ -102,6 +102,13 @@ def test_stage2_starts_from_stage1_and_refuses_a_different_model(parts, stage1):
     linear = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out), model={"connector": "linear"}))
     with pytest.raises(CheckpointError, match=r'stage1/model: its connector is "mlp" but this recipe builds "linear" \(model.connector\)'):
         load_init(build_model(linear), str(out))
+    spelled_out = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out),
+                                     model={"connector_options": {"act": "gelu", "bias": True}}))
+    assert load_init(build_model(spelled_out), str(out)) == out / "model"  # the defaults, written down
+    no_bias = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out),
+                                 model={"connector_options": {"bias": False}}))
+    with pytest.raises(CheckpointError, match=r"its connector_options.bias is true but this recipe builds false"):
+        load_init(build_model(no_bias), str(out))
     wider = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out),
                                model={"vision_config": {**VISION, "width": 64}}))
     with pytest.raises(CheckpointError, match=r"its vision.width is 32 but this recipe builds 64 \(the tower of model.vision\)"):

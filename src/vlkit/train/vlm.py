@@ -196,6 +196,13 @@ def stage_one_folder(init_from: str | Path) -> Path:
         raise ConfigError(f"init_from: {err}; expected stage 1's run folder", ("init_from",)) from None
 
 
+def _with_option_defaults(cfg: dict) -> dict:
+    """``cfg`` with its connector's options completed by their defaults, so that an option left out
+    and the same option given at its default build the same model."""
+    config_class = CONNECTORS[cfg["connector"]][0]
+    return {**cfg, "connector_options": to_dict(from_dict(config_class, cfg["connector_options"], "connector_options"))}
+
+
 def check_init(folder: Path, cfg: LlavaConfig) -> None:
     """Stage 1's model config against the one this recipe builds: the first difference is an
     error naming both values and the recipe key that sets it."""
@@ -206,8 +213,8 @@ def check_init(folder: Path, cfg: LlavaConfig) -> None:
         raise CheckpointError(f"init_from: {folder / 'config.json'} holds a {raw.get('model_type')!r} model; "
                               "expected a vlkit LLaVA (stage 1's run)")  # fmt: skip
     raw.pop("model_type")
-    there = to_dict(from_dict(LlavaConfig, raw, str(folder / "config.json")))
-    here = to_dict(cfg)
+    there = _with_option_defaults(to_dict(from_dict(LlavaConfig, raw, str(folder / "config.json"))))
+    here = _with_option_defaults(to_dict(cfg))
     keys = {"vision": "the tower of model.vision", "lm": "the LM of model.lm", "connector": "model.connector",
             "connector_options": "model.connector_options", "vision_feature_layer": "model.vision_feature_layer",
             "vision_feature_select_strategy": "model.vision_feature_select_strategy",
