@@ -10,12 +10,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from vlkit.data.export import export_shapes
-from vlkit.data.pairs import CaptionFolder, Collate
+from vlkit.data.pairs import CaptionFolder, Collate, ShapesPairs
 from vlkit.data.shapes import (
     BACKGROUND,
     CLASS_NAMES,
@@ -30,6 +31,7 @@ from vlkit.data.shapes import (
 )
 from vlkit.errors import VlkitError
 from vlkit.data.shapes import TEMPLATES
+from vlkit.eval.shapes import mirror_accuracy, mirror_split
 from vlkit.text.tokenizer import word_level, words_of
 from vlkit.vision.preprocess import ImageProcessor
 
@@ -140,6 +142,35 @@ def test_relation_captions_are_false_for_the_mirrored_scene():
             assert not caption.describes(mirrored(scene, axis)), f"scene {i}: {caption.text!r}"
             checked += 1
     assert checked > 100
+
+
+def test_mirror_split_pairs_each_left_right_caption_with_a_scene_it_is_false_of():
+    world = ShapesWorld(seed=0)
+    scenes, mirrors, captions = mirror_split(world, 60)
+    assert len(scenes) == len(mirrors) == len(captions) == 60
+    for scene, mirror, caption in zip(scenes, mirrors, captions):
+        assert caption.relation[1] in ("left of", "right of")
+        assert caption.describes(scene) and not caption.describes(mirror)
+        assert [(o.color, o.shape, o.size, o.cy) for o in mirror.objects] == [(o.color, o.shape, o.size, o.cy) for o in scene.objects]
+        flipped = np.asarray(mirror.render())[:, ::-1].astype(int) - np.asarray(scene.render()).astype(int)
+        assert (np.abs(flipped).max(axis=-1) > 0).mean() < 0.05, "the mirror is not the scene drawn left to right"
+    truth = torch.tensor([float(c.describes(s)) for s, c in zip(scenes, captions)])
+    false = torch.tensor([float(c.describes(m)) for m, c in zip(mirrors, captions)])
+    assert mirror_accuracy(truth, false) == 1.0
+    assert mirror_accuracy(false, truth) == 0.0
+    assert mirror_accuracy(torch.zeros(60), torch.zeros(60)) == 0.5  # blind to left and right: chance
+
+
+def test_shapes_pairs_caption_each_member_with_what_its_siblings_refute():
+    world = ShapesWorld(seed=0)
+    pairs = ShapesPairs(world, lambda image: None, 200)
+    drawn = [(world.family(world.scene(i), i, 4), [text for _, text in pairs[i]]) for i in range(200)]
+    refuted = []
+    for family, texts in drawn:
+        for k, (scene, text) in enumerate(zip(family, texts)):
+            assert any(c.text == text and c.describes(scene) for c in scene.captions), text
+            refuted.append(not any(c.text == text and c.describes(s) for j, s in enumerate(family) if j != k for c in s.captions))
+    assert sum(refuted) / len(refuted) > 0.95  # all but members no caption tells apart
 
 
 def test_variant_differs_from_its_source_and_stays_valid():

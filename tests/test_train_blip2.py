@@ -69,6 +69,8 @@ def test_stage1_trains_the_qformer_under_the_frozen_clip_tower(parts):
     assert moved
     log = [json.loads(line) for line in (parts["stage1"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    for r in log:  # the three objectives apart, which add up to the loss (one micro-batch a step)
+        assert r["loss"] == pytest.approx(r["loss_itc"] + r["loss_itm"] + r["loss_itg"], rel=1e-5)
 
 
 def test_vision_drop_last_reads_an_earlier_layer(parts, tmp_path):

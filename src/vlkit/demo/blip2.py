@@ -56,11 +56,21 @@ def _estimate_step_seconds(recipe) -> float:
 
 @torch.no_grad()
 def evaluate_stage1(model, image_size: int, n: int) -> dict:
-    """Retrieval on the shapes benchmark's held-out split: ITC, then ITM on each text's top 16."""
+    """Retrieval on the shapes benchmark's held-out split: ITC, then ITM on each text's top 16; and
+    left/right relations against the mirrored scene (:func:`~vlkit.eval.shapes.mirror_split`) by each."""
     world = ShapesWorld(image_size)
     scenes, captions = shapes_eval.retrieval_split(world, n)
     tokens = image_tokens(model, shapes_eval.pixels(model, scenes))
-    return itc_itm_retrieval(model, tokens, [c.text for c in captions], shapes_eval.truth_matrix(scenes, captions))[0]
+    results = itc_itm_retrieval(model, tokens, [c.text for c in captions], shapes_eval.truth_matrix(scenes, captions))[0]
+    sided, mirrors, sided_captions = shapes_eval.mirror_split(world, n // 2)
+    ids = model.tokenizer([c.text for c in sided_captions])
+    text = model.encode_text(ids["input_ids"], ids["attention_mask"])
+    itc, itm = [], []
+    for group in (sided, mirrors):
+        group_tokens = image_tokens(model, shapes_eval.pixels(model, group))
+        itc.append((model.image_features(group_tokens) @ text[:, :, None]).squeeze(-1).max(dim=1).values)
+        itm.append(model.itm_scores(group_tokens, ids["input_ids"], ids["attention_mask"]))
+    return results | {"relation_mirror_itc": shapes_eval.mirror_accuracy(*itc), "relation_mirror_itm": shapes_eval.mirror_accuracy(*itm)}
 
 
 @torch.no_grad()
@@ -143,7 +153,9 @@ def _section(out: Path, metrics: dict, examples: list[dict], recipes: dict, size
         *[f"| {k} | {metrics[k]:.3f} |" for k in shown],
         "",
         f"Retrieval: {sizes['retrieval']} held-out scenes with one caption each (a caption is correct for every scene it is "
-        "true of); `t2i_r1_itc` ranks by ITC alone, `t2i_r1` after ITM re-scores each text's top 16. Captions: CIDEr-D of "
+        "true of); `t2i_r1_itc` ranks by ITC alone, `t2i_r1` after ITM re-scores each text's top 16. `relation_mirror_itc` "
+        f"/ `_itm`: {sizes['retrieval'] // 2} held-out captions that put one object left or right of another, scored higher on "
+        "their scene than on the scene mirrored (chance 0.5). Captions: CIDEr-D of "
         f"{sizes['caption']} held-out scenes against all their captions, through the LM (prompt \"a photo of\") and by the "
         f"Q-Former's ITG head alone (`caption_cider_itg`). VQA: {sizes['vqa']} held-out questions, zero-shot "
         "(\"Question: {} Short answer:\"); the model never trained on questions.",

@@ -77,7 +77,9 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
             "",
             "Zero-shot: 1000 held-out single-object images, 40 classes (color × shape), prompts averaged over "
             f"{len(TEMPLATES)} templates. Retrieval: 1000 held-out 1–3-object scenes with one caption "
-            "each; a retrieved image counts as correct when the caption is true of its scene.",
+            "each; a retrieved image counts as correct when the caption is true of its scene. `relation_mirror_acc`: 400 "
+            "held-out captions that put one object left or right of another, scored higher on their scene than on the "
+            "scene mirrored (chance 0.5).",
             "",
             "![loss](figures/clip_loss.png)",
             "",

@@ -96,7 +96,8 @@ class LMHead(nn.Module):
 
 class Blip2QFormer(nn.Module):
     """``forward(pixel_values, input_ids, attention_mask)`` → ITC + ITM + ITG (equal weights);
-    :attr:`last_losses` keeps the three parts of the last call. The temperature is learned as
+    :attr:`last_losses` keeps the three parts of the last call (training logs them in
+    ``metrics.jsonl`` as ``loss_itc``, ``loss_itm``, ``loss_itg``). The temperature is learned as
     ``logit_scale = log(1 / temperature)`` (0 = plain cosines, as transformers scores ITC)."""
 
     def __init__(self, cfg: Blip2QFormerConfig):

@@ -303,7 +303,9 @@ def _wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.n
 
 class MetricsLog:
     """The progress bar and ``metrics.jsonl``: a record every ``log_every`` steps, with the
-    samples/s of the steps since the last one. Only the main rank writes."""
+    samples/s of the steps since the last one, and the parts of a loss made of several
+    (``loss_itc`` ..., from a model's ``last_losses``: its last micro-batch on the main rank).
+    Only the main rank writes."""
 
     def __init__(self, run_dir: Path, loop: LoopConfig, world: World, start: int):
         self.path, self.every, self.on = run_dir / "metrics.jsonl", loop.log_every, world.is_main
@@ -332,6 +334,7 @@ class MetricsLog:
                       "elapsed_s": progress.elapsed, "skipped": progress.skipped}  # fmt: skip
             if hasattr(model, "logit_scale"):
                 record["logit_scale"] = float(model.logit_scale.detach().exp())
+            record |= {f"loss_{part}": value for part, value in getattr(model, "last_losses", {}).items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}")
