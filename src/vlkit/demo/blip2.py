@@ -68,7 +68,7 @@ def evaluate_stage1(model, image_size: int, n: int) -> dict:
     itc, itm = [], []
     for group in (sided, mirrors):
         group_tokens = image_tokens(model, shapes_eval.pixels(model, group))
-        itc.append((model.image_features(group_tokens) @ text[:, :, None]).squeeze(-1).max(dim=1).values)
+        itc.append(model.similarity(model.image_features(group_tokens), text).diagonal())
         itm.append(model.itm_scores(group_tokens, ids["input_ids"], ids["attention_mask"]))
     return results | {"relation_mirror_itc": shapes_eval.mirror_accuracy(*itc), "relation_mirror_itm": shapes_eval.mirror_accuracy(*itm)}
 
