@@ -196,6 +196,17 @@ def test_an_error_caused_by_an_override_names_it():
         load_recipe(read(RECIPE), ["--model.vision.class_token=false"])
 
 
+def test_a_mapping_merges_into_a_section_and_replaces_a_value():
+    from vlkit.train.vlm import load_recipe as load_vlm_recipe
+
+    stage2 = read(RECIPE.with_name("llava_shapes_stage2.yaml"))
+    assert len(stage2["data"]["shapes"]["mix"]) > 1 and stage2["model"]["connector_options"]
+    recipe = load_vlm_recipe(stage2, ["--data.shapes.mix={vqa: 1}", "--data.shapes={scenes: 100}", "--model.connector_options={}"])
+    assert recipe.data.shapes.mix == {"vqa": 1}, "a dict-valued field takes the mapping as its whole value"
+    assert recipe.model.connector_options == {}
+    assert recipe.data.shapes.scenes == 100 and recipe.data.shapes.seed == stage2["data"]["shapes"]["seed"], "a section merges"
+
+
 def test_override_values_keep_their_meaning():
     recipe = load_recipe(read(RECIPE), ["--data.source=2024", "--loop={steps: 5}", "--data.source=2024-13-45"])
     assert recipe.data.source == "2024-13-45"  # a string field takes the text as written

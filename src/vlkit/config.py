@@ -320,11 +320,27 @@ def _check_override(item: str, parts: list[str], value, raw: str, schema: type):
     return value
 
 
-def _merge(node: dict, key: str, value) -> None:
-    """Set ``node[key]``; a mapping merges into an existing mapping instead of replacing it."""
-    if isinstance(value, dict) and isinstance(node.get(key), dict):
+_UNKNOWN = object()
+"""No schema says what a key is: a mapping merges into a mapping there."""
+
+
+def _section(cls, key: str):
+    """The config class of ``cls``'s field ``key`` when it is a section; None for a value (a
+    field typed ``dict`` is one value); :data:`_UNKNOWN` without a schema."""
+    if cls is _UNKNOWN or cls is None:
+        return _UNKNOWN
+    hint = _hints(cls).get(key)
+    tp = _split(_optional(hint) or hint)[0] if hint is not None else None
+    return tp if _is_dataclass_type(tp) else None
+
+
+def _merge(node: dict, key: str, value, cls=_UNKNOWN) -> None:
+    """Set ``node[key]``; a mapping merges into a section (``cls``'s field ``key`` a config
+    class) key by key, and replaces a value: ``--data.shapes.mix={vqa: 1}`` keeps no other weight."""
+    section = _section(cls, key)
+    if isinstance(value, dict) and isinstance(node.get(key), dict) and section is not None:
         for k, v in value.items():
-            _merge(node[key], k, v)
+            _merge(node[key], k, v, section)
     else:
         node[key] = value
 
@@ -335,15 +351,15 @@ def apply_overrides(data: dict, overrides: list[str], schema: type | None = None
     out = copy.deepcopy(data)
     for item in overrides:
         parts, value = parse_override(item, schema)
-        node = out
+        node, cls = out, schema or _UNKNOWN
         for i, p in enumerate(parts[:-1]):
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"override {_shown(item)}: {'.'.join(parts[: i + 1])!r} is {_shown(child)}, not a section")
-            node = child
+            node, cls = child, _section(cls, p)
         if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
             raise ConfigError(f"override {_shown(item)}: {'.'.join(parts)!r} is a section, not a value; set its keys instead")
-        _merge(node, parts[-1], value)
+        _merge(node, parts[-1], value, cls)
     return out
 
 

@@ -176,7 +176,7 @@ def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     summaries = {s: train_vlm(recipes[s], runs[s]) for s in (1, 2)}
     publish(runs[2] / MODEL_DIR, root)
     model = vlkit.load(root)
-    world = ShapesChatConfig(held_out=True, image_size=recipes[2].data.shapes.get("image_size", 64)).world
+    world = ShapesChatConfig(held_out=True, image_size=recipes[2].data.shapes.image_size).world
     t = time.perf_counter()
     metrics, examples = evaluate(model, world, QUICK_SIZES if quick else SIZES)
     eval_seconds = time.perf_counter() - t

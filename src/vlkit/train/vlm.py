@@ -23,6 +23,7 @@ from vlkit.config import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, buil
 from vlkit.connectors import CONNECTORS, build_connector
 from vlkit.data.conversations import ChatSample, ConversationCollate, ConversationDataset, LlavaSource
 from vlkit.data.formats.common import Skips
+from vlkit.data.shapes_chat import ShapesChat, ShapesChatConfig
 from vlkit.data.skips import ON_BAD_SAMPLE, SKIPPED_FILE
 from vlkit.errors import CheckpointError, ConfigError, VlkitError
 from vlkit.files import atomic_folder
@@ -67,8 +68,8 @@ class VlmModelConfig:
 @dataclass
 class VlmDataConfig:
     """``source``: a LLaVA conversation JSON (images under ``image_folder``, default the JSON's
-    folder), or "shapes": the shapes world's conversations with ``shapes`` as the options of
-    ``vlkit.data.shapes_chat.ShapesChatConfig``. ``template``: stage 2's conversation template
+    folder), or "shapes": the shapes world's conversations as the ``shapes`` section sets them
+    (``vlkit.data.shapes_chat.ShapesChatConfig``; ignored for a JSON). ``template``: stage 2's conversation template
     (null: the tokenizer's chat template, else llava_v1, which is what inference uses); stage 1
     always uses "plain". ``max_length``: tokens per sample (null: the LM's context); longer samples
     are cut where no image or answer token is lost, else skipped. ``bucket_window``: micro-batches
@@ -76,7 +77,7 @@ class VlmDataConfig:
 
     source: str = ""
     image_folder: str | None = None
-    shapes: dict = field(default_factory=dict)
+    shapes: ShapesChatConfig = field(default_factory=ShapesChatConfig)
     template: str | None = None
     max_length: PositiveInt | None = None
     bucket_window: NonNegativeInt = 16
@@ -276,9 +277,7 @@ def trainable_counts(model: Llava) -> dict[str, int]:
 # ---------------------------------------------------------------- data
 def build_source(data: VlmDataConfig, skips: Skips) -> Sequence[ChatSample]:
     if data.source == SHAPES:
-        from vlkit.data.shapes_chat import ShapesChat, ShapesChatConfig
-
-        return ShapesChat(from_dict(ShapesChatConfig, data.shapes, "data.shapes"))
+        return ShapesChat(data.shapes)
     path = Path(data.source)
     if not path.is_file():
         raise ConfigError(f"data.source {data.source!r}: no such file; expected a LLaVA conversation JSON or {SHAPES!r}",
