@@ -326,9 +326,9 @@ _UNKNOWN = object()
 
 def _section(cls, key: str):
     """The config class of ``cls``'s field ``key`` when it is a section; None for a value (a
-    field typed ``dict`` is one value); :data:`_UNKNOWN` without a schema."""
+    field typed ``dict`` is one value, and so is everything inside it); :data:`_UNKNOWN` without a schema."""
     if cls is _UNKNOWN or cls is None:
-        return _UNKNOWN
+        return cls
     hint = _hints(cls).get(key)
     tp = _split(_optional(hint) or hint)[0] if hint is not None else None
     return tp if _is_dataclass_type(tp) else None
