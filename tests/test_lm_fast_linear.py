@@ -132,6 +132,37 @@ def test_the_mat_vec_choice_is_measured_once(monkeypatch):
     assert measured == [1] and fast._matvec_onednn is False
 
 
+@needs_onednn
+def test_the_blocked_copy_follows_the_weight(calls):
+    """oneDNN reads a blocked copy of each weight, kept beside it; an in-place update or a new tensor
+    renews it, and turning the fast path off frees it."""
+    layer = use_onednn(Linear(48, 40))
+    x = torch.randn(3, 48)
+    with torch.inference_mode():
+        layer(x)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    layer.weight.data = torch.randn(40, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3
+    if fast._REORDER is not None:
+        assert fast.packed(layer.weight).is_mkldnn and layer.weight in fast._packs
+        use_onednn(layer, False)
+        assert layer.weight not in fast._packs
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 2, 8, 49])
+def test_the_blocked_copy_serves_any_row_count(rows, calls):
+    w, b = torch.randn(40, 48), torch.randn(40)
+    x = torch.randn(rows, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def _llama() -> LlamaLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -171,6 +202,23 @@ def test_training_is_nn_linear_exactly_and_inference_agrees(build, calls):
         fast_logits = lm(input_ids=ids).logits
     assert calls, "inference did not go through oneDNN"
     torch.testing.assert_close(fast_logits, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("build", [_llama, _opt], ids=["llama", "opt"])
+def test_inference_after_a_training_step_sees_the_new_weights(build, calls):
+    """Evaluate, train a step, evaluate again (as a training loop does): the second evaluation reads the
+    updated weights, not the blocked copies the first one made."""
+    lm = build()
+    plain = use_onednn(copy.deepcopy(lm), False)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        lm(input_ids=ids)
+    for model in (lm, plain):
+        model(input_ids=ids).logits.square().mean().backward()
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.inference_mode():
+        torch.testing.assert_close(lm(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_and_a_save_load_round_trip_are_unchanged(tmp_path):

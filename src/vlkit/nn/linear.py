@@ -5,7 +5,11 @@ and the prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 ar
 summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative). Below
 ``ONEDNN_MIN_WEIGHT`` elements its fixed cost per call (~11 µs against MKL's ~3) outweighs that,
 so small matrices stay with ``F.linear``. Single rows (a batch-1 decode step) go whichever way
-:func:`onednn_matvec_pays` measures faster on this CPU (on the Intel Xeon measured, MKL's mat-vec won)."""
+:func:`onednn_matvec_pays` measures faster on this CPU (on the Intel Xeon measured, MKL's mat-vec won).
+
+oneDNN reads each weight in its own blocked layout (:func:`packed`), made once per weight and kept
+beside it while the weight lives: given the plain layout, it re-lays the weight out on every call of
+more than one row, which made an 8-row step read the weights at half the speed of one row."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def _onednn_matmul():
@@ -26,6 +31,27 @@ def _onednn_matmul():
 
 
 _ONEDNN = _onednn_matmul()
+_REORDER = None if _ONEDNN is None else getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+
+PACK_ROWS = 8
+"""The row count oneDNN picks a weight's blocked layout for; on an AMD EPYC (AVX2) that layout ran 1,
+2, 8, 49 and 392 rows 5-40% faster than the plain one, and 8 rows 1.6x (``benchmarks/RESULTS.md``)."""
+
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""weight → ((its version, its data pointer), oneDNN's blocked copy)."""
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of ``weight`` (the weight itself where torch cannot make one), made on
+    first use and again once the weight changed, in place or by a new tensor; freed with the weight.
+    (A tensor made under ``inference_mode`` has no version counter: only a new tensor renews its copy.)"""
+    if _REORDER is None:
+        return weight
+    key = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
+    hit = _packs.get(weight)
+    if hit is None or hit[0] != key:
+        hit = _packs[weight] = (key, _REORDER(weight.detach(), PACK_ROWS))
+    return hit[1]
 
 ONEDNN_MIN_WEIGHT = 2**17
 """The smallest weight (elements; 0.5 MB in fp32) worth oneDNN's call: measured break-even ~256x256."""
@@ -40,11 +66,12 @@ def onednn_matvec_pays(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> 
     default) that streams from memory as a decode step's do. It does by ~1.6x on the AMD EPYCs measured
     and loses by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast."""
     weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
+    blocked = packed(weight)
     best = {False: math.inf, True: math.inf}
     for _ in range(rounds):
         for onednn in best:
             start = time.perf_counter()
-            _ONEDNN(x, weight, None, "none", [], "") if onednn else F.linear(x, weight)
+            _ONEDNN(x, blocked, None, "none", [], "") if onednn else F.linear(x, weight)
             best[onednn] = min(best[onednn], time.perf_counter() - start)
     return best[True] < best[False]
 
@@ -72,7 +99,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and not torch.is_autocast_enabled("cpu")
         and (x.numel() > x.shape[-1] or _single_rows_onednn())
     ):
-        return _ONEDNN(x, weight, bias, "none", [], "")
+        return _ONEDNN(x, packed(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -94,8 +121,12 @@ class Linear(nn.Linear):
 
 
 def use_onednn(module: nn.Module, on: bool = True) -> nn.Module:
-    """Set (or clear) ``onednn`` on every :class:`Linear` inside ``module``; returns ``module``."""
+    """Set (or clear) ``onednn`` on every :class:`Linear` inside ``module``; clearing also frees the
+    blocked copies of the module's weights. Returns ``module``."""
     for m in module.modules():
         if isinstance(m, Linear):
             m.onednn = on
+    if not on:
+        for p in module.parameters():
+            _packs.pop(p, None)
     return module
