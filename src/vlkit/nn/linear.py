@@ -8,8 +8,9 @@ so small matrices stay with ``F.linear``. Single rows (a batch-1 decode step) go
 :func:`onednn_matvec_pays` measures faster on this CPU (on the Intel Xeon measured, MKL's mat-vec won).
 
 oneDNN reads each weight in its own blocked layout (:func:`packed`), made once per weight and kept
-beside it while the weight lives: given the plain layout, it re-lays the weight out on every call of
-more than one row, which made an 8-row step read the weights at half the speed of one row."""
+beside it while the weight lives (about as much memory again): given the plain layout, it
+re-lays the weight out on every call of more than one row, which made an 8-row step read the weights
+at half the speed of one row."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ _ONEDNN = _onednn_matmul()
 _REORDER = None if _ONEDNN is None else getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 
 PACK_ROWS = 8
-"""The row count oneDNN picks a weight's blocked layout for; on an AMD EPYC (AVX2) that layout ran 1,
-2, 8, 49 and 392 rows 5-40% faster than the plain one, and 8 rows 1.6x (``benchmarks/RESULTS.md``)."""
+"""The row count oneDNN picks a weight's blocked layout for. On an AMD EPYC (AVX2) that layout beat the
+plain one by 1.05x for one row, 1.6-1.7x for 2 and 8 rows, 1.1-1.2x for 49 and 392 (RESULTS.md, session 17)."""
 
 _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """weight → ((its version, its data pointer), oneDNN's blocked copy)."""
@@ -52,6 +53,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
     if hit is None or hit[0] != key:
         hit = _packs[weight] = (key, _REORDER(weight.detach(), PACK_ROWS))
     return hit[1]
+
 
 ONEDNN_MIN_WEIGHT = 2**17
 """The smallest weight (elements; 0.5 MB in fp32) worth oneDNN's call: measured break-even ~256x256."""
