@@ -27,7 +27,7 @@ def calls(monkeypatch):
     seen = []
     real = fast._ONEDNN
     monkeypatch.setattr(fast, "ONEDNN_MIN_WEIGHT", 0)
-    monkeypatch.setattr(fast, "_matvec_onednn", True)
+    monkeypatch.setattr(fast, "_matvec", "onednn")
 
     def spy(*args):
         seen.append(args[0].shape)
@@ -94,7 +94,7 @@ def test_small_weights_stay_with_f_linear(monkeypatch):
     """oneDNN's fixed cost per call loses to MKL below ``ONEDNN_MIN_WEIGHT`` elements."""
     seen = []
     real = fast._ONEDNN
-    monkeypatch.setattr(fast, "_matvec_onednn", True)
+    monkeypatch.setattr(fast, "_matvec", "onednn")
     monkeypatch.setattr(fast, "_ONEDNN", lambda *args: seen.append(1) or real(*args))
     small, large = torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8 - 1), torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8)
     with torch.inference_mode():
@@ -105,31 +105,34 @@ def test_small_weights_stay_with_f_linear(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("matvec_onednn", [False, True])
-def test_single_rows_go_the_way_measured_faster(monkeypatch, calls, matvec_onednn):
-    """A single row (a batch-1 decode step) goes to oneDNN only where its mat-vec was measured faster;
-    several rows always do; either way the result is ``F.linear``'s up to rounding."""
-    monkeypatch.setattr(fast, "_matvec_onednn", matvec_onednn)
+@pytest.mark.parametrize("way", ["mkl", "onednn", "blocked"])
+def test_single_rows_go_the_way_measured_fastest(monkeypatch, calls, way):
+    """A single row (a batch-1 decode step) goes to oneDNN, with the plain weight or its blocked copy,
+    only where that was measured fastest; several rows always read the blocked copy; either way the
+    result is ``F.linear``'s up to rounding."""
+    monkeypatch.setattr(fast, "_matvec", way)
     w = torch.randn(40, 48)
     with torch.inference_mode():
         for x in (torch.randn(1, 1, 48), torch.randn(48), torch.randn(1, 7, 48)[:, -1:]):
             torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-        assert len(calls) == (3 if matvec_onednn else 0)
+        assert len(calls) == (0 if way == "mkl" else 3)
+        assert (w in fast._packs) == (way == "blocked" and fast._REORDER is not None)
         linear(torch.randn(2, 1, 48), w)
-    assert len(calls) == (4 if matvec_onednn else 1)
+    assert len(calls) == (1 if way == "mkl" else 4)
+    assert (w in fast._packs) == (fast._REORDER is not None)
 
 
 @needs_onednn
 def test_the_mat_vec_choice_is_measured_once(monkeypatch):
-    measured, real = [], fast.onednn_matvec_pays
-    assert isinstance(real(256, 64, 2), bool)
-    monkeypatch.setattr(fast, "_matvec_onednn", None)
-    monkeypatch.setattr(fast, "onednn_matvec_pays", lambda: measured.append(1) or False)
+    measured, real = [], fast.fastest_matvec
+    assert real(256, 64, 2) in {"mkl", "onednn", "blocked"}
+    monkeypatch.setattr(fast, "_matvec", None)
+    monkeypatch.setattr(fast, "fastest_matvec", lambda: measured.append(1) or "mkl")
     w = torch.randn(8, fast.ONEDNN_MIN_WEIGHT // 8)
     with torch.inference_mode():
         for _ in range(3):
             linear(torch.randn(1, w.shape[1]), w)
-    assert measured == [1] and fast._matvec_onednn is False
+    assert measured == [1] and fast._matvec == "mkl"
 
 
 @needs_onednn
@@ -156,11 +159,13 @@ def test_the_blocked_copy_follows_the_weight(calls):
 
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 2, 8, 49])
-def test_the_blocked_copy_serves_any_row_count(rows, calls):
+def test_the_blocked_copy_serves_any_row_count(rows, calls, monkeypatch):
+    monkeypatch.setattr(fast, "_matvec", "blocked")
     w, b = torch.randn(40, 48), torch.randn(40)
     x = torch.randn(rows, 48)
     with torch.inference_mode():
         torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
 
 
 def _llama() -> LlamaLM:

@@ -5,7 +5,7 @@ and the prefill's GEMMs alike; ``benchmarks/RESULTS.md``), with the same fp32 ar
 summation order: results differ from ``F.linear`` by rounding, ~1e-6 relative). Below
 ``ONEDNN_MIN_WEIGHT`` elements its fixed cost per call (~11 µs against MKL's ~3) outweighs that,
 so small matrices stay with ``F.linear``. Single rows (a batch-1 decode step) go whichever way
-:func:`onednn_matvec_pays` measures faster on this CPU (on the Intel Xeon measured, MKL's mat-vec won).
+:func:`fastest_matvec` measures fastest on this CPU (on the Intel Xeon measured, MKL's mat-vec won).
 
 oneDNN reads each weight in its own blocked layout (:func:`packed`), made once per weight and kept
 beside it while the weight lives (about as much memory again): given the plain layout, it
@@ -59,38 +59,42 @@ ONEDNN_MIN_WEIGHT = 2**17
 """The smallest weight (elements; 0.5 MB in fp32) worth oneDNN's call: measured break-even ~256x256."""
 
 
-_matvec_onednn: bool | None = None
-"""Whether single rows go through oneDNN on this CPU: measured on first use by :func:`onednn_matvec_pays`."""
+_matvec: str | None = None
+"""How single rows go on this CPU: ``"mkl"`` (``F.linear``), ``"onednn"`` (the plain weight) or ``"blocked"``
+(the blocked copy); measured on first use by :func:`fastest_matvec`."""
 
 
-def onednn_matvec_pays(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> bool:
-    """Whether oneDNN's mat-vec beats ``F.linear``'s on this CPU, best of ``rounds`` on a weight (64 MB by
-    default) that streams from memory as a decode step's do. It does by ~1.6x on the AMD EPYCs measured
-    and loses by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast."""
+def fastest_matvec(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> str:
+    """The fastest mat-vec on this CPU (a key of :data:`_matvec`), best of ``rounds`` on a weight (64 MB by
+    default) that streams from memory as a decode step's do. oneDNN's beat MKL's by ~1.6x on the AMD EPYCs
+    measured and lost by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast; the blocked
+    copy beat the plain weight by ~5% on an AVX2 EPYC (2026-12-04) and lost on an AVX-512 one (session 4)."""
     weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
-    blocked = packed(weight)
-    best = {False: math.inf, True: math.inf}
+    ways = {"mkl": (F.linear, weight), "onednn": (_ONEDNN, weight)}
+    if _REORDER is not None:
+        ways["blocked"] = (_ONEDNN, _REORDER(weight, PACK_ROWS))
+    best = dict.fromkeys(ways, math.inf)
     for _ in range(rounds):
-        for onednn in best:
+        for name, (op, w) in ways.items():
             start = time.perf_counter()
-            _ONEDNN(x, blocked, None, "none", [], "") if onednn else F.linear(x, weight)
-            best[onednn] = min(best[onednn], time.perf_counter() - start)
-    return best[True] < best[False]
+            op(x, w) if op is F.linear else op(x, w, None, "none", [], "")
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
 
 
-def _single_rows_onednn() -> bool:
-    """The measured choice for single rows, measured the first time it is asked for."""
-    global _matvec_onednn
-    if _matvec_onednn is None:
-        _matvec_onednn = onednn_matvec_pays()
-    return _matvec_onednn
+def _single_row_way() -> str:
+    """The measured way for single rows, measured the first time it is asked for."""
+    global _matvec
+    if _matvec is None:
+        _matvec = fastest_matvec()
+    return _matvec
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where that is exact and pays: fp32 on a CPU
     with oneDNN, no gradient recorded (the op has no backward), no autocast (which would cast),
-    a weight of at least ``ONEDNN_MIN_WEIGHT`` elements; for a single row, only where oneDNN's mat-vec is
-    the faster here."""
+    a weight of at least ``ONEDNN_MIN_WEIGHT`` elements. Several rows read the weight's blocked copy;
+    a single row goes the way measured fastest here (:func:`fastest_matvec`)."""
     if (
         _ONEDNN is not None
         and weight.numel() >= ONEDNN_MIN_WEIGHT
@@ -99,9 +103,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
-        and (x.numel() > x.shape[-1] or _single_rows_onednn())
     ):
-        return _ONEDNN(x, packed(weight), bias, "none", [], "")
+        way = "blocked" if x.numel() > x.shape[-1] else _single_row_way()
+        if way != "mkl":
+            return _ONEDNN(x, packed(weight) if way == "blocked" else weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
