@@ -70,14 +70,15 @@ def fastest_matvec(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> str:
     measured and lost by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast; the blocked
     copy beat the plain weight by ~5% on an AVX2 EPYC (2026-12-04) and lost on an AVX-512 one (session 4)."""
     weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
-    ways = {"mkl": (F.linear, weight), "onednn": (_ONEDNN, weight)}
-    if _REORDER is not None:
-        ways["blocked"] = (_ONEDNN, _REORDER(weight, PACK_ROWS))
+    blocked = None if _REORDER is None else _REORDER(weight, PACK_ROWS)
+    ways = {"mkl": lambda: F.linear(x, weight), "onednn": lambda: _ONEDNN(x, weight, None, "none", [], "")}
+    if blocked is not None:
+        ways["blocked"] = lambda: _ONEDNN(x, blocked, None, "none", [], "")
     best = dict.fromkeys(ways, math.inf)
     for _ in range(rounds):
-        for name, (op, w) in ways.items():
+        for name, way in ways.items():
             start = time.perf_counter()
-            op(x, w) if op is F.linear else op(x, w, None, "none", [], "")
+            way()
             best[name] = min(best[name], time.perf_counter() - start)
     return min(best, key=best.get)
 
