@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from vlkit.connectors.qformer import QFormerConfig
 from vlkit.errors import CheckpointError, VlkitError
+from vlkit.eval.retrieval import itc_itm_retrieval
 from vlkit.losses import hard_negatives, qformer_itc_loss
 from vlkit.models.blip2_qformer import Blip2QFormer, Blip2QFormerConfig
 from vlkit.vision.vit import ViTConfig
@@ -160,6 +161,29 @@ def test_queries_ignore_the_text_in_itc_and_itg_and_read_it_in_itm():
             assert max_diff(a, alone) < 1e-5, pattern
     # ITM's logits move with the text; ITC's image side cannot (encode_image takes no text)
     assert max_diff(model.itm_scores(tokens, ids, mask), model.itm_scores(tokens, other, mask)) > 1e-3
+
+
+@torch.no_grad()
+def test_retrieval_rescores_the_itc_top_k_by_itm_log_odds_plus_the_itc_logit():
+    model = tiny().eval()
+    pixels, ids, mask = batch()
+    texts = [str(i) for i in range(len(ids))]
+    model.tokenizer = lambda names: {"input_ids": ids[[int(n) for n in names]], "attention_mask": mask[[int(n) for n in names]]}
+    tokens = model.image_tokens(pixels)
+    positives = torch.eye(len(ids), dtype=torch.bool)
+    _, got = itc_itm_retrieval(model, tokens, texts, positives, k=2)
+    cos = model.similarity(model.encode_image(pixels), model.encode_text(ids, mask)).T  # [texts, images]
+    itc = cos * model.logit_scale.exp()
+    assert model.logit_scale.exp() > 2  # the ITC term's scale shows
+    want = torch.full_like(itc, float("-inf"))
+    for t in range(len(ids)):
+        for i in itc[t].topk(2).indices.tolist():
+            logits = model.itm_head(model.qformer.encode(tokens[i : i + 1], ids[t : t + 1], "itm", text_mask=mask[t : t + 1]).queries[0]).mean(0)
+            want[t, i] = logits[1] - logits[0] + itc[t, i]
+    assert torch.allclose(got, want, atol=1e-5)
+    # the same vector added to both rows of the head moves each match logit, not the log-odds
+    model.itm_head.weight += torch.randn(W)
+    assert torch.allclose(itc_itm_retrieval(model, tokens, texts, positives, k=2)[1], want, atol=1e-5)
 
 
 @torch.no_grad()
@@ -381,7 +405,7 @@ def test_itc_and_itm_scores_match_transformers(retrieval_folder):
     want_itm = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True).logits_per_image
     tokens = ours.image_tokens(pixels)
     assert max_diff(ours.itm_logits(tokens, ids, mask), want_itm) < 1e-5
-    assert max_diff(ours.itm_scores(tokens, ids, mask), want_itm[:, 1]) < 1e-5
+    assert max_diff(ours.itm_scores(tokens, ids, mask), want_itm[:, 1] - want_itm[:, 0]) < 1e-5
     assert max_diff(want_itm[0], want_itm[1]) > 1e-4  # the pairs differ, so a swapped row would show
 
 

@@ -30,8 +30,8 @@ def retrieval(image_features: torch.Tensor, text_features: torch.Tensor, positiv
 
 def rerank(itc: torch.Tensor, k: int, pair_scores, batch_size: int = 256) -> torch.Tensor:
     """Scores ``[Q, G]`` after re-scoring: each query's top ``k`` items by ``itc`` get
-    ``pair_scores(queries, items) + itc`` (LAVIS's rule for ITM), every other item ``-inf``, so it
-    ranks below them. ``pair_scores`` takes index tensors and returns one score per pair."""
+    ``pair_scores(queries, items) + itc``, every other item ``-inf``, so it ranks below them.
+    ``pair_scores`` takes index tensors and returns one score per pair."""
     k = min(k, itc.shape[1])
     top = itc.topk(k, dim=1)
     queries = torch.arange(itc.shape[0], device=itc.device).repeat_interleave(k)
@@ -63,16 +63,18 @@ def image_tokens(model, pixel_batches, precision: str = "fp32", progress: bool =
 @torch.no_grad()
 def itc_itm_retrieval(model, tokens: torch.Tensor, texts: list[str], positives: torch.Tensor, k: int = 16,
                       batch_size: int = 256) -> tuple[dict, torch.Tensor]:  # fmt: skip
-    """BLIP-2's retrieval: ITC (the best query's cosine) ranks, ITM re-scores each query's top ``k``
-    (:func:`rerank`). Returns the recalls after ITM (``i2t_r1`` ...), by ITC alone (``i2t_r1_itc`` ...),
-    and the text→image scores ``[T, I]`` after ITM."""
+    """BLIP-2's retrieval: ITC ranks; each query's top ``k`` is re-scored by ITM's match log-odds plus
+    the ITC logit, each on the scale its loss trained (:func:`rerank`; LAVIS's match logit plus plain
+    cosine scored below ITC alone on a shapes split, this rule on none: benchmarks/RESULTS.md).
+    Returns the recalls after ITM (``i2t_r1`` ...), by ITC alone (``i2t_r1_itc`` ...), and the
+    text→image scores ``[T, I]`` after ITM."""
     ids = model.tokenizer(texts)
     device = next(model.parameters()).device
     input_ids, mask = ids["input_ids"].to(device), ids["attention_mask"].to(device)
     image_feats = torch.cat([model.image_features(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)])
     text_feats = torch.cat([model.encode_text(input_ids[i : i + batch_size], mask[i : i + batch_size])
                             for i in range(0, len(texts), batch_size)])  # fmt: skip
-    itc = model.similarity(image_feats, text_feats)
+    itc = model.itc_logits(image_feats, text_feats)
 
     def pairs(images: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         return model.itm_scores(tokens[images], input_ids[text_rows], mask[text_rows])

@@ -9,8 +9,8 @@ that teach the queries to pull out what text can use.
 - ITG: ``[DEC]`` replaces ``[CLS]``; the text is causal and sees every query, the queries never
   see the text; a BERT-style LM head predicts the next token.
 
-Retrieval ranks by ITC and re-scores the top k with ITM (:meth:`Blip2QFormer.itm_scores`,
-:func:`vlkit.eval.retrieval.rerank`); :meth:`Blip2QFormer.caption` writes captions with the
+Retrieval ranks by ITC and re-scores the top k by ITM's log-odds plus the ITC logit
+(:meth:`Blip2QFormer.itm_scores`, :meth:`Blip2QFormer.itc_logits`, :func:`vlkit.eval.retrieval.rerank`); :meth:`Blip2QFormer.caption` writes captions with the
 ITG head alone, through the one generation loop (:mod:`vlkit.lm.generate`).
 """
 
@@ -144,9 +144,17 @@ class Blip2QFormer(nn.Module):
         return self.itm_head(out.queries).mean(dim=1)
 
     def itm_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B]``: each pair's "match" logit (what retrieval re-ranks by, as LAVIS does)."""
+        """``[B]``: each pair's match log-odds, ``logit[match] - logit[no match]``. The two-way softmax
+        ignores a shift of both logits, so the match logit alone (LAVIS's score) carries a per-pair
+        offset the head was never trained to fix; the log-odds is the score ITM learned."""
         self._check_text(input_ids, attention_mask)
-        return self.itm_logits(image_tokens, input_ids, attention_mask)[:, 1]
+        logits = self.itm_logits(image_tokens, input_ids, attention_mask)
+        return logits[:, 1] - logits[:, 0]
+
+    def itc_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """ITC scores ``[images, texts]`` on the scale the contrastive loss trained them: cosines over
+        the temperature (:meth:`similarity` times ``logit_scale.exp()``)."""
+        return self.similarity(image_features, text_features) * self.logit_scale.exp()
 
     def itg_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, V]`` next-token logits of the causal text, which sees every query."""
