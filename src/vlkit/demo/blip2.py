@@ -153,7 +153,8 @@ def _section(out: Path, metrics: dict, examples: list[dict], recipes: dict, size
         *[f"| {k} | {metrics[k]:.3f} |" for k in shown],
         "",
         f"Retrieval: {sizes['retrieval']} held-out scenes with one caption each (a caption is correct for every scene it is "
-        "true of); `t2i_r1_itc` ranks by ITC alone, `t2i_r1` after ITM re-scores each text's top 16 (ITM's match log-odds plus the ITC logit). `relation_mirror_itc` "
+        "true of); `t2i_r1_itc` ranks by ITC alone, `t2i_r1` after ITM re-scores each text's top 16 (ITM's match "
+        "log-odds plus the ITC logit). `relation_mirror_itc` "
         f"/ `_itm`: {sizes['retrieval'] // 2} held-out captions that put one object left or right of another, scored higher on "
         "their scene than on the scene mirrored (chance 0.5). Captions: CIDEr-D of "
         f"{sizes['caption']} held-out scenes against all their captions, through the LM (prompt \"a photo of\") and by the "

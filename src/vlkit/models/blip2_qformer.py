@@ -10,8 +10,9 @@ that teach the queries to pull out what text can use.
   see the text; a BERT-style LM head predicts the next token.
 
 Retrieval ranks by ITC and re-scores the top k by ITM's log-odds plus the ITC logit
-(:meth:`Blip2QFormer.itm_scores`, :meth:`Blip2QFormer.itc_logits`, :func:`vlkit.eval.retrieval.rerank`); :meth:`Blip2QFormer.caption` writes captions with the
-ITG head alone, through the one generation loop (:mod:`vlkit.lm.generate`).
+(:meth:`Blip2QFormer.itm_scores`, :meth:`Blip2QFormer.itc_logits`, :func:`vlkit.eval.retrieval.rerank`);
+:meth:`Blip2QFormer.caption` writes captions with the ITG head alone, through the one generation
+loop (:mod:`vlkit.lm.generate`).
 """
 
 from __future__ import annotations
