@@ -64,16 +64,21 @@ _matvec: str | None = None
 (the blocked copy); measured on first use by :func:`fastest_matvec`."""
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's linear with no fused activation (the op's trailing arguments)."""
+    return _ONEDNN(x, weight, bias, "none", [], "")
+
+
 def fastest_matvec(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> str:
     """The fastest mat-vec on this CPU (a key of :data:`_matvec`), best of ``rounds`` on a weight (64 MB by
     default) that streams from memory as a decode step's do. oneDNN's beat MKL's by ~1.6x on the AMD EPYCs
     measured and lost by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast; the blocked
     copy beat the plain weight by ~5% on an AVX2 EPYC (2026-12-04) and lost on an AVX-512 one (session 4)."""
     weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
-    blocked = None if _REORDER is None else _REORDER(weight, PACK_ROWS)
-    ways = {"mkl": lambda: F.linear(x, weight), "onednn": lambda: _ONEDNN(x, weight, None, "none", [], "")}
-    if blocked is not None:
-        ways["blocked"] = lambda: _ONEDNN(x, blocked, None, "none", [], "")
+    ways = {"mkl": lambda: F.linear(x, weight), "onednn": lambda: _onednn(x, weight)}
+    if _REORDER is not None:
+        blocked = _REORDER(weight, PACK_ROWS)
+        ways["blocked"] = lambda: _onednn(x, blocked)
     best = dict.fromkeys(ways, math.inf)
     for _ in range(rounds):
         for name, way in ways.items():
@@ -107,7 +112,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         way = "blocked" if x.numel() > x.shape[-1] else _single_row_way()
         if way != "mkl":
-            return _ONEDNN(x, packed(weight) if way == "blocked" else weight, bias, "none", [], "")
+            return _onednn(x, packed(weight) if way == "blocked" else weight, bias)
     return F.linear(x, weight, bias)
 
 
