@@ -8,14 +8,17 @@ the kernel's accounting, so a loaded machine stretches wall times but not these)
 work goes, and whether the clients themselves hold the two cores the server needs.
 
     python benchmarks/bench_serve.py                       # builds a small random VLM (see --size)
-    python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 30
+    python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 30 [--requests shapes]
 
 The server runs as its own process (``vlkit serve``), so the clients' Python does not share its
 interpreter. ``--engine-only`` sends the same requests to the server's engine in this process
 instead (no HTTP): the ratio the model and its batching allow, which the HTTP ratio cannot beat.
 Each request is one user turn with an image (a ``data:`` URL) and a question, greedy,
-``--max-tokens`` new tokens at most. Bounded: each phase stops sending after
-``--seconds`` (requests in flight finish) or ``--max-requests``; the server is stopped at the end.
+``--max-tokens`` new tokens at most: by default a numbered question about a drawn ellipse;
+``--requests shapes`` sends the demo VLM's held-out prompts instead (questions of every type,
+captions and referring expressions, 2 : 1 : 1), whose answers are as long as the model's real ones.
+Bounded: each phase stops sending after ``--seconds`` (requests in flight finish) or
+``--max-requests``; the server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -110,9 +113,7 @@ def image_urls(n: int) -> list[str]:
     for i in range(n):
         img = Image.new("RGB", (96, 96), "black")
         ImageDraw.Draw(img).ellipse([8 + i % 5 * 6, 10, 60 + i % 3 * 9, 70], fill=colors[i % len(colors)])
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        out.append(png_url(img))
     return out
 
 
@@ -125,10 +126,36 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def content(i: int, images: list[str]) -> list[dict]:
-    """Request ``i``'s user turn: an image and a numbered question (the same in every phase)."""
-    question = f"Question {i}: what shape is in the picture, and what color is it?"
-    return [{"type": "image_url", "image_url": {"url": images[i % len(images)]}}, {"type": "text", "text": question}]
+def png_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def ellipse_requests(n: int = 16):
+    """Request ``i``'s user turn: one of ``n`` ellipses and a numbered question (the same in every phase)."""
+    images = image_urls(n)
+
+    def content(i: int) -> list[dict]:
+        question = f"Question {i}: what shape is in the picture, and what color is it?"
+        return [{"type": "image_url", "image_url": {"url": images[i % n]}}, {"type": "text", "text": question}]
+
+    return content
+
+
+def shapes_requests(n: int = 40):
+    """The demo VLM's own held-out prompts, in its evaluation's proportions and interleaved (two
+    questions, a caption, a box, ...): the questions' types in turn, so the answers run from one
+    token to a ~20-token box as they do when the model is used for what it was trained on."""
+    from vlkit.data.shapes_chat import ShapesChatConfig, eval_captions, eval_grounding, eval_vqa
+
+    world = ShapesChatConfig(held_out=True).world
+    quarter = n // 4
+    vqa, caps, boxes = eval_vqa(world, 2 * quarter), eval_captions(world, quarter), eval_grounding(world, quarter)
+    items = [it for k in range(quarter) for it in (vqa[2 * k], vqa[2 * k + 1], caps[k], boxes[k])]
+    parts = [[{"type": "image_url", "image_url": {"url": png_url(world.scene(it.index).render())}},
+              {"type": "text", "text": it.prompt}] for it in items]  # fmt: skip
+    return lambda i: parts[i % len(parts)]
 
 
 class HttpTarget:
@@ -219,7 +246,7 @@ class EngineTarget:
         self.engine.close()
 
 
-def phase(target, clients: int, seconds: float, max_requests: int, images: list[str]) -> dict:
+def phase(target, clients: int, seconds: float, max_requests: int, content) -> dict:
     """``clients`` threads, each sending one request after another until ``seconds`` pass."""
     latencies: list[float] = []
     tokens, errors, sent = [0], [], [0]
@@ -239,7 +266,7 @@ def phase(target, clients: int, seconds: float, max_requests: int, images: list[
                 sent[0] += 1
             t0 = time.monotonic()
             try:
-                n = send(content(i, images))
+                n = send(content(i))
                 with lock:
                     latencies.append(time.monotonic() - t0)
                     tokens[0] += n
@@ -273,12 +300,15 @@ def phase(target, clients: int, seconds: float, max_requests: int, images: list[
             "client_cores_busy": round(client_cpu / wall, 2)}  # fmt: skip
 
 
+REQUESTS = {"ellipse": ellipse_requests, "shapes": shapes_requests}
+
+
 def phases(target, args) -> tuple[dict, dict, dict]:
     """A warm-up, then ``--clients`` clients, then one: the same requests in the same order."""
-    images = image_urls(16)
-    phase(target, 1, min(5.0, args.seconds), 3, images)
-    many = phase(target, args.clients, args.seconds, args.max_requests, images)
-    one = phase(target, 1, args.seconds, args.max_requests, images)
+    content = REQUESTS[args.requests]()
+    phase(target, 1, min(5.0, args.seconds), 3, content)
+    many = phase(target, args.clients, args.seconds, args.max_requests, content)
+    one = phase(target, 1, args.seconds, args.max_requests, content)
     return many, one, target.stats()
 
 
@@ -290,6 +320,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per phase at most")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", choices=sorted(REQUESTS), default="ellipse",
+                   help="ellipse: a numbered question about one of 16 drawn ellipses; shapes: the demo VLM's held-out "
+                        "questions, captions and boxes (2 : 1 : 1)")
     p.add_argument("--threads", type=int, default=2, help="the server's OMP_NUM_THREADS")
     p.add_argument("--out", help="append the result as a JSON line to this file")
     p.add_argument("--engine-only", action="store_true",
@@ -321,7 +354,7 @@ def main() -> None:
                 if proc.returncode not in (0, -15, None):
                     print(log.read_text()[-3000:], file=sys.stderr)
     result = {"model": str(args.model or f"random {args.size}"), "target": "engine" if args.engine_only else "http",
-              "threads": args.threads, "max_tokens": args.max_tokens, "seconds": args.seconds,
+              "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens, "seconds": args.seconds,
               "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "one": one, "many": many,
               "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
               "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows")}}  # fmt: skip
