@@ -82,10 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, threads: int, max_tokens: int, log: Path) -> subprocess.Popen:
+def start_server(model: Path, port: int, threads: int, max_tokens: int, engine: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "vlkit.cli", "serve", "--model", f"vlm={model}", "--port", str(port),
-           "--max-tokens-cap", str(max_tokens), "--log-level", "warning"]  # fmt: skip
+           "--max-tokens-cap", str(max_tokens), "--engine", engine, "--log-level", "warning"]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -117,13 +117,22 @@ def image_urls(n: int) -> list[str]:
     return out
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux's /proc; None elsewhere)."""
+def _proc_stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds so far of process ``pid`` and the processes it started (its
+    engine processes) (Linux's /proc; None elsewhere)."""
+    fields = _proc_stat(pid)
+    if fields is None:
+        return None
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    stats = [fields] + [f for f in map(_proc_stat, children) if f is not None and int(f[1]) == pid]
+    return sum(int(f[11]) + int(f[12]) for f in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def png_url(img) -> str:
@@ -324,6 +333,8 @@ def main() -> None:
                    help="ellipse: a numbered question about one of 16 drawn ellipses; shapes: the demo VLM's held-out "
                         "questions, captions and boxes (2 : 1 : 1)")
     p.add_argument("--threads", type=int, default=2, help="the server's OMP_NUM_THREADS")
+    p.add_argument("--server-engine", choices=["process", "thread"], default="process",
+                   help="vlkit serve --engine: the model in a process of its own (the default) or a thread of the server")
     p.add_argument("--out", help="append the result as a JSON line to this file")
     p.add_argument("--engine-only", action="store_true",
                    help="send the same requests to the server's engine in this process, without HTTP (the ceiling)")
@@ -341,7 +352,7 @@ def main() -> None:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             log = Path(tmp) / "server.log"
-            proc = start_server(model, port, args.threads, args.max_tokens, log)
+            proc = start_server(model, port, args.threads, args.max_tokens, args.server_engine, log)
             try:
                 wait_ready(url, proc, 180)
                 many, one, engine = phases(HttpTarget(url, proc.pid, args.max_tokens), args)
@@ -353,7 +364,8 @@ def main() -> None:
                     proc.kill()
                 if proc.returncode not in (0, -15, None):
                     print(log.read_text()[-3000:], file=sys.stderr)
-    result = {"model": str(args.model or f"random {args.size}"), "target": "engine" if args.engine_only else "http",
+    result = {"model": str(args.model or f"random {args.size}"),
+              "target": "engine" if args.engine_only else f"http ({args.server_engine} engine)",
               "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens, "seconds": args.seconds,
               "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "one": one, "many": many,
               "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),

@@ -34,13 +34,13 @@ def vlm_folder(path: Path) -> Path:
     return path
 
 
-def lm_folder(path: Path) -> Path:
+def lm_folder(path: Path, positions: int = 256) -> Path:
     import transformers
 
     path = chatml_folder(path)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                                    initializer_range=0.3, bos_token_id=None, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)  # fmt: skip
     torch.manual_seed(0)
@@ -72,3 +72,20 @@ def data_url(data: bytes | Image.Image, media: str = "image/png") -> str:
 def image_message(text: str, *urls: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def concurrently(fn, n: int, timeout: float = 60.0) -> list:
+    """``[fn(0), ..., fn(n - 1)]``, each called on its own thread, all at once (None where one failed)."""
+    import threading
+
+    out: list = [None] * n
+
+    def one(i):
+        out[i] = fn(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out

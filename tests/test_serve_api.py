@@ -7,7 +7,6 @@ requests are batched (and answer as they do alone); a client that leaves mid-str
 from __future__ import annotations
 
 import base64
-import threading
 import time
 
 import pytest
@@ -25,7 +24,8 @@ from vlkit.eval.embed import embed_images, embed_texts  # noqa: E402
 from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
 from vlkit.serve.server import serving  # noqa: E402
 
-from _serve_util import NEW, clip_folder, data_url, image_message, lm_folder, picture, png, vlm_folder  # noqa: E402
+from _serve_util import (  # noqa: E402
+    NEW, clip_folder, concurrently, data_url, image_message, lm_folder, picture, png, vlm_folder)
 
 
 @pytest.fixture(scope="module")
@@ -306,17 +306,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url
                if i % 2 else [{"role": "user", "content": f"Question number {i}: what do you see?"}] for i in range(8)]
     alone = [ask(client, p).choices[0].message.content for p in prompts]
     before = httpx.get(f"{url}/health").json()["models"]["vlm"]
-    answers: dict[int, str] = {}
-
-    def one(i):
-        answers[i] = ask(client, prompts[i]).choices[0].message.content
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert [answers.get(i) for i in range(8)] == alone
+    assert concurrently(lambda i: ask(client, prompts[i]).choices[0].message.content, 8) == alone
     after = httpx.get(f"{url}/health").json()["models"]["vlm"]
     assert after["max_rows"] > 1  # rows were decoded together
     steps = after["steps"] - before["steps"]

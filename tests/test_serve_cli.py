@@ -1,5 +1,5 @@
-"""``vlkit serve`` from the command line: it starts on the port given, serves the named models and
-stops on SIGTERM; a folder that holds no servable model, or a name given twice, is refused before
+"""``vlkit serve`` from the command line: it starts on the port given, serves the named models (the
+chat model from an engine process of its own) and stops on SIGTERM, its engine process with it; a folder that holds no servable model, or a name given twice, is refused before
 anything listens."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ import httpx  # noqa: E402
 
 from vlkit.cli import main  # noqa: E402
 
-from _serve_util import clip_folder  # noqa: E402
+from _serve_util import clip_folder, lm_folder  # noqa: E402
 
 
 def free_port() -> int:
@@ -27,12 +28,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except OSError:
+            pass
+    return out
+
+
 def test_serve_starts_serves_and_stops(tmp_path):
-    clip = clip_folder(tmp_path / "clip")
+    clip, lm = clip_folder(tmp_path / "clip"), lm_folder(tmp_path / "lm")
     port = free_port()
     env = {**os.environ, "VLKIT_API_KEY": "k", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vlkit.cli", "serve", "--model", f"tower={clip}", "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "vlkit.cli", "serve", "--model", f"tower={clip}", "--model", f"lm={lm}",
+                             "--port", str(port), "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    engines = []
     try:
         deadline, health = time.monotonic() + 90, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -42,9 +57,15 @@ def test_serve_starts_serves_and_stops(tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert health is not None and health.status_code == 200, proc.stdout.read().decode() if proc.poll() is not None else ""
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"}).json()
-        assert [m["id"] for m in models["data"]] == ["tower"]
+        key = {"Authorization": "Bearer k"}
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=key).json()
+        assert [m["id"] for m in models["data"]] == ["tower", "lm"]
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401  # the key came from VLKIT_API_KEY
+        body = {"model": "lm", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=key, timeout=60).json()
+        assert 1 <= answer["usage"]["completion_tokens"] <= 4
+        engines = children(proc.pid)
+        assert engines  # the LM's engine process
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -54,6 +75,10 @@ def test_serve_starts_serves_and_stops(tmp_path):
             proc.wait(10)
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal it caught
     assert b"Traceback" not in proc.stdout.read()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in engines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in engines)  # the engine process stopped with the server
 
 
 def test_bad_model_folders_are_refused(tmp_path, capsys):

@@ -26,6 +26,7 @@ from vlkit.errors import VlkitError
 from vlkit.lm.generate import resolve_config
 from vlkit.serve import errors, schemas
 from vlkit.serve.engine import Engine, Job
+from vlkit.serve.engine_process import EngineProcess
 from vlkit.serve.errors import ApiError
 from vlkit.serve.images import ImageFetcher, data_url_bytes
 from vlkit.serve.models import ChatModel, EmbeddingModel
@@ -46,7 +47,7 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     async def lifespan(app):
         for name, m in models.items():
             if isinstance(m, ChatModel):
-                routes.engines[name] = Engine(m, settings.max_batch)
+                routes.engines[name] = start_engine(m, settings)
         yield
         for engine in routes.engines.values():
             await run_in_threadpool(engine.close)
@@ -69,8 +70,18 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
 
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
-    app.state.models, app.state.settings = models, settings
+    app.state.models, app.state.settings, app.state.engines = models, settings, routes.engines
     return app
+
+
+def start_engine(served: ChatModel, settings: ServeSettings):
+    """The model's engine: a thread of this process, or (``settings.engine == "process"``) a
+    process of its own, after which this process keeps the model's config and processor only."""
+    if settings.engine == "thread":
+        return Engine(served, settings.max_batch)
+    engine = EngineProcess(served, settings.max_batch, served.device, torch.get_num_threads())
+    served.drop_weights()
+    return engine
 
 
 def _sse(payload: dict | str) -> str:
@@ -84,7 +95,7 @@ class Routes:
         self.models, self.settings, self.searcher = models, settings, searcher
         self.fetcher = ImageFetcher(settings)
         self.embed_lock = threading.Lock()
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, Engine | EngineProcess] = {}
 
     def _model(self, name: str, kind: str):
         model = self.models.get(name)
@@ -99,8 +110,8 @@ class Routes:
 
     # ------------------------------------------------------------ chat
     def _generation(self, served: ChatModel, req: schemas.ChatRequest, prompt_len: int):
-        """The request's generation config (checked) and sampling generator; the answer's length
-        is the request's, capped by the server and by the model's context."""
+        """The request's generation config (checked); the answer's length is the request's,
+        capped by the server and by the model's context."""
         room = served.max_positions - prompt_len
         if room < 1:
             raise ApiError(400, f"the prompt is {prompt_len} tokens; model {served.name!r} has a context of "
@@ -121,14 +132,9 @@ class Routes:
         if req.stop:
             options["stop_strings"] = (options.get("stop_strings") or []) + ([req.stop] if isinstance(req.stop, str) else req.stop)
         try:
-            cfg = resolve_config(served.lm, served.generation_config, **options)
+            return resolve_config(served.lm, served.generation_config, **options)
         except VlkitError as err:
             raise ApiError(400, str(err), "invalid_value") from None
-        generator = None
-        if req.seed is not None and cfg.do_sample:
-            device = next(served.model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(req.seed % 2**63)
-        return cfg, generator
 
     async def chat(self, req: schemas.ChatRequest, request: Request):
         """The prompt is built (images fetched, template applied) off the event loop, then the
@@ -140,7 +146,7 @@ class Routes:
             raise ApiError(400, f"n={req.n}; this server answers at most {self.settings.max_n} choices per request",
                            "invalid_value", "n")
         prompt = await run_in_threadpool(served.prompt, req.messages, self.fetcher, self.settings)
-        cfg, generator = self._generation(served, req, len(prompt.ids))
+        cfg = self._generation(served, req, len(prompt.ids))
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(event):
@@ -149,16 +155,17 @@ class Routes:
             except RuntimeError:  # the loop has closed: nobody waits
                 pass
 
-        job = Job(prompt, cfg, req.n, deliver, generator, strip=served.vlm, stream=req.stream)
-        self.engines[served.name].submit(job)
+        engine = self.engines[served.name]
+        job = Job(prompt, cfg, req.n, deliver, req.seed, strip=served.vlm, stream=req.stream)
+        engine.submit(job)
         cid, created = schemas.completion_id(), schemas.now()
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(self._stream(job, inbox, cid, served.name, created, len(prompt.ids), usage),
+            return StreamingResponse(self._stream(engine, job, inbox, cid, served.name, created, len(prompt.ids), usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return await self._whole(job, inbox, request, cid, served.name, created, len(prompt.ids))
+        return await self._whole(engine, job, inbox, request, cid, served.name, created, len(prompt.ids))
 
-    async def _whole(self, job: Job, inbox: asyncio.Queue, request: Request, cid, name, created, prompt_tokens):
+    async def _whole(self, engine, job: Job, inbox: asyncio.Queue, request: Request, cid, name, created, prompt_tokens):
         texts, finishes, tokens = [""] * job.n, [None] * job.n, 0
         try:
             while any(f is None for f in finishes):
@@ -175,10 +182,10 @@ class Routes:
                 else:
                     raise ApiError(500, event[1], "generation_failed")
         finally:
-            job.cancel()
+            engine.cancel(job)
         return JSONResponse(schemas.completion(cid, name, created, list(zip(texts, finishes)), prompt_tokens, tokens))
 
-    async def _stream(self, job: Job, inbox: asyncio.Queue, cid, name, created, prompt_tokens, include_usage):
+    async def _stream(self, engine, job: Job, inbox: asyncio.Queue, cid, name, created, prompt_tokens, include_usage):
         open_choices, tokens = job.n, 0
         try:
             for i in range(job.n):
@@ -197,7 +204,7 @@ class Routes:
                 yield _sse(schemas.chunk(cid, name, created, usage_counts=schemas.usage(prompt_tokens, tokens)))
             yield _sse("[DONE]")
         finally:
-            job.cancel()  # a client that went away: its rows leave at the next step
+            engine.cancel(job)  # a client that went away: its rows leave at the next step
 
     # ------------------------------------------------------------ embeddings
     def embeddings(self, req: schemas.EmbeddingRequest):
@@ -281,7 +288,7 @@ class Routes:
             out[name] = {"kind": m.kind}
             engine = self.engines.get(name)
             if engine is not None:
-                out[name].update(running=engine.running, waiting=len(engine.waiting) + engine.inbox.qsize(), **engine.stats)
+                out[name].update(engine.health())
         return {"status": "ok", "models": out, "index": None if self.searcher is None else str(self.searcher.index.folder)}
 
     # ------------------------------------------------------------ photo search

@@ -25,7 +25,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
         allow_remote_images=args.allow_remote_images, cors_origins=tuple(args.cors_origin or ()),
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_batch=args.max_batch,
-        remote_timeout_s=args.remote_timeout,
+        remote_timeout_s=args.remote_timeout, engine=args.engine,
     )  # fmt: skip
     models = load_models(args.model or [], device=args.device)
     searcher = None
@@ -65,6 +65,9 @@ def add_parser(subparsers, positive_int) -> None:
                    help="the largest image, in pixels (larger ones, and decompression bombs, are refused)")
     p.add_argument("--max-images", type=positive_int, default=8, help="images per chat request at most")
     p.add_argument("--max-batch", type=positive_int, default=16, help="answers generated together at most")
+    p.add_argument("--engine", choices=["process", "thread"], default="process",
+                   help="where each chat model generates: a process of its own (default; the HTTP handling keeps the "
+                   "other cores), or a thread of the server's process")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(fn=cmd_serve)

@@ -46,23 +46,30 @@ class Stripped:
 
 @dataclass
 class Job:
-    """One request: ``n`` answers to one prompt. ``deliver(event)`` is called from the engine
-    thread with ``("delta", index, text)``, ``("end", index, finish_reason, tokens)`` or
-    ``("error", message)``; it must not block."""
+    """One request: ``n`` answers to one prompt, sampled from ``seed`` when given. ``deliver(event)``
+    is called from the engine thread with ``("delta", index, text)``, ``("end", index,
+    finish_reason, tokens)`` or ``("error", message)``; it must not block."""
 
     prompt: object  # vlkit.serve.models.Prompt
     config: GenerationConfig
     n: int
     deliver: Callable[[tuple], None]
-    generator: torch.Generator | None = None
+    seed: int | None = None
     strip: bool = False
     stream: bool = True  # deltas as they come; else each answer's text in one delta before its end
     cancelled: bool = False
     streams: list = field(default_factory=list)
     open_rows: int = 0
+    ended: int = 0  # answers ended, as counted by closes()
+    key: int | None = None  # its name between processes (engine_process)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def closes(self, event: tuple) -> bool:
+        """Count ``event``: True when it is the job's last (its ``n``-th end, or an error)."""
+        self.ended += event[0] == "end"
+        return event[0] == "error" or self.ended == self.n
 
 
 class Engine:
@@ -86,13 +93,16 @@ class Engine:
     def submit(self, job: Job) -> None:
         self.inbox.put(job)
 
+    def cancel(self, job: Job) -> None:
+        """Its client went away: a waiting job is dropped, a running one's rows leave at the next step."""
+        job.cancel()
+
+    def health(self) -> dict:
+        return {"running": len(self.batch), "waiting": len(self.waiting) + self.inbox.qsize(), **self.stats}
+
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self.thread.join(timeout)
-
-    @property
-    def running(self) -> int:
-        return len(self.batch)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -173,12 +183,18 @@ class Engine:
             # per answer: a text stream (streamed) or its token ids (sent whole), and the stripper
             job.streams = [(TextStream(model.tokenizer, job.config.stops) if job.stream else [], Stripped() if job.strip else None)
                            for _ in range(job.n)]  # fmt: skip
+            generator = self._generator(job)  # one per request: its n answers draw from it in turn
             for i in range(job.n):
                 keys.append((id(job), i))
                 configs.append(job.config)
-                generators.append(job.generator)
+                generators.append(generator)
         self.batch.add(keys, configs, repeat(ids), repeat(mask), repeat(embeds), generators)
         self.stats["requests"] += len(group)
+
+    def _generator(self, job: Job) -> torch.Generator | None:
+        if job.seed is None or not job.config.do_sample:
+            return None
+        return torch.Generator(device=self.batch.device).manual_seed(job.seed % 2**63)
 
     def _step(self) -> None:
         events = self.batch.step()

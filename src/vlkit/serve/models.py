@@ -58,6 +58,12 @@ class ChatModel:
             has_eos = resolve_config(model, model.generation_config).eos_ids
             self.options = {} if has_eos or eos is None else {"eos_token_id": eos}  # an answer ends at the EOS
         self.max_positions = self.lm.config.max_position_embeddings
+        self.device = str(next(model.parameters()).device)
+
+    def drop_weights(self) -> None:
+        """Free the weights when another process generates: prompts need the configs and the
+        processor only."""
+        self.model.to("meta")
 
     def image_tokens(self) -> int:
         return self.model.num_image_tokens() if self.vlm else 0

@@ -28,12 +28,15 @@ class ServeSettings:
     remote_image_bytes: int = 10 * 2**20
     remote_timeout_s: float = 10.0
     max_batch: int = 16
+    engine: str = "thread"  # "process": each chat model generates in a process of its own (vlkit serve's default)
 
     def __post_init__(self):
         if self.image_root is not None:
             self.image_root = Path(self.image_root).resolve()
             if not self.image_root.is_dir():
                 raise VlkitError(f"--image-root {self.image_root}: no such folder")
+        if self.engine not in ("thread", "process"):
+            raise VlkitError(f"engine={self.engine!r}; expected 'thread' or 'process'")
         for key in ("max_tokens_cap", "default_max_tokens", "max_body_bytes", "max_image_pixels", "max_images", "max_n",
                     "remote_image_bytes", "max_batch"):
             if getattr(self, key) < 1:

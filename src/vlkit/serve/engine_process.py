@@ -1,0 +1,199 @@
+"""A chat model's engine in a process of its own. In one process the engine thread and the HTTP
+handling share one GIL: a small model's steps last microseconds, so the engine holds it nearly all
+the time and the requests' parsing, image decoding and templating wait (one core busy of two).
+Here the server process builds prompts and the child only generates.
+
+The child is a fresh interpreter (``python -c``, calling :func:`main`: safe with CUDA and with
+OpenMP's threads, and it imports nothing of the caller's script) that loads the model from its
+folder and runs an :class:`~vlkit.serve.engine.Engine`. Over a socket pair, pickled: jobs go in as
+(key, prompt, config, n, seed, strip, stream), events come back as the engine delivers them; tensors
+travel by value. :class:`EngineProcess` has the thread engine's interface (``submit``, ``cancel``,
+``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from vlkit.errors import VlkitError
+from vlkit.serve.engine import Engine, Job
+
+log = logging.getLogger("vlkit.serve")
+
+
+class EngineProcess:
+    """Runs ``served``'s model (a :class:`vlkit.serve.models.ChatModel`, loaded from ``served.path``
+    onto ``device``) in a child process with ``threads`` torch threads; waits up to
+    ``start_timeout`` seconds for it to load."""
+
+    def __init__(self, served, max_batch: int = 16, device: str = "cpu", threads: int | None = None,
+                 start_timeout: float = 600.0):  # fmt: skip
+        mine, child = socket.socketpair()
+        cmd = [sys.executable, "-c", "from vlkit.serve.engine_process import main; main()", str(child.fileno()), served.name,
+               str(served.path), device, str(max_batch), str(threads or 0)]  # fmt: skip
+        self.process = subprocess.Popen(cmd, pass_fds=[child.fileno()])
+        child.close()
+        self.conn = Connection(mine.detach())
+        self.jobs: dict[int, Job] = {}
+        self.keys = itertools.count()
+        self.send_lock, self.health_lock = threading.Lock(), threading.Lock()
+        self.health_reply: dict | None = None
+        self.health_ready = threading.Event()
+        self.down: str | None = None  # why the engine cannot answer: it was closed, or it died
+        if not self.conn.poll(start_timeout):
+            self.close(0)
+            raise VlkitError(f"{served.path}: the engine process did not load the model within {start_timeout:.0f} s")
+        try:
+            message = _recv(self.conn)
+        except (EOFError, OSError):
+            message = ("failed", f"it exited (code {self.process.wait()}) before it was ready; its output above says why")
+        if message[0] != "ready":
+            self.close()
+            raise VlkitError(f"{served.path}: the engine process could not load the model: {message[1]}")
+        self.reader = threading.Thread(target=self._read, name=f"vlkit-engine-reader-{served.name}", daemon=True)
+        self.reader.start()
+
+    def submit(self, job: Job) -> None:
+        if self.down is not None:
+            job.deliver(("error", self.down))
+            return
+        job.key = next(self.keys)
+        self.jobs[job.key] = job
+        self._send(("submit", job.key, job.prompt, job.config, job.n, job.seed, job.strip, job.stream))
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        if self.jobs.pop(job.key, None) is not None:
+            self._send(("cancel", job.key))
+
+    def health(self, timeout: float = 10.0) -> dict:
+        """The child engine's counts and statistics, asked for now."""
+        if self.down is not None:
+            return {"down": self.down}
+        with self.health_lock:
+            self.health_ready.clear()
+            self._send(("health",))
+            if not self.health_ready.wait(timeout):
+                return {"down": f"the engine process did not answer within {timeout:.0f} s"}
+            return dict(self.health_reply)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.down = "the engine process was stopped"
+        self._send(("stop",))
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
+
+    def _send(self, message: tuple) -> None:
+        try:
+            with self.send_lock:
+                _send(self.conn, message)
+        except (OSError, ValueError):  # the child is gone: the reader fails the open jobs
+            pass
+
+    def _read(self) -> None:
+        """Deliver the child's events to their jobs until the pipe closes; then fail what is open."""
+        while True:
+            try:
+                message = _recv(self.conn)
+            except (EOFError, OSError):
+                break
+            if message[0] == "health":
+                self.health_reply = message[1]
+                self.health_ready.set()
+                continue
+            _, key, event = message
+            job = self.jobs.get(key)
+            if job is None:  # cancelled meanwhile
+                continue
+            if job.closes(event):
+                self.jobs.pop(key, None)
+            job.deliver(event)
+        if self.down is None:
+            try:
+                code = self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.down = f"the engine process exited (code {code})"
+            log.error("%s; its %d open requests fail", self.down, len(self.jobs))
+        for job in list(self.jobs.values()):
+            job.deliver(("error", self.down))
+        self.jobs.clear()
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> tuple:
+    return pickle.loads(conn.recv_bytes())
+
+
+def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int) -> None:
+    """The child: load, say ready (or why not), then serve the socket's messages until "stop"."""
+    import torch
+
+    import vlkit
+    from vlkit.serve.models import ChatModel
+
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        served = ChatModel(name, Path(folder), vlkit.load(folder, device=device))
+        engine = Engine(served, max_batch)
+    except Exception as err:  # noqa: BLE001 - the parent reports it
+        _send(conn, ("failed", f"{type(err).__name__}: {err}"))
+        return
+    lock, jobs = threading.Lock(), {}
+
+    def send(message: tuple) -> None:
+        try:
+            with lock:
+                _send(conn, message)
+        except (OSError, ValueError):  # the parent is gone
+            pass
+
+    def deliverer(key: int):
+        def deliver(event: tuple) -> None:
+            job = jobs.get(key)  # None once cancelled
+            if job is not None and job.closes(event):
+                jobs.pop(key, None)
+            send(("event", key, event))
+
+        return deliver
+
+    send(("ready",))
+    while True:
+        try:
+            message = _recv(conn)
+        except (EOFError, OSError):
+            break
+        if message[0] == "submit":
+            _, key, prompt, config, n, seed, strip, stream = message
+            jobs[key] = job = Job(prompt, config, n, deliverer(key), seed=seed, strip=strip, stream=stream)
+            engine.submit(job)
+        elif message[0] == "cancel":
+            job = jobs.pop(message[1], None)
+            if job is not None:
+                job.cancel()
+        elif message[0] == "health":
+            send(("health", engine.health()))
+        elif message[0] == "stop":
+            break
+    engine.close()
+
+
+def main() -> None:
+    """The child's entry point: ``FD NAME FOLDER DEVICE MAX_BATCH THREADS`` in ``sys.argv``."""
+    fd, name, folder, device, max_batch, threads = sys.argv[1:]
+    _child(Connection(int(fd)), name, folder, device, int(max_batch), int(threads))

@@ -1,0 +1,171 @@
+"""``vlkit serve``'s engine in a process of its own (``--engine process``, the command's default):
+answers equal the in-process engine's (greedy and seeded samples, streamed or whole, with images),
+concurrent requests are batched in the child, the served weights leave the server's process, a
+client that hangs up is cancelled in the child, and a child that dies or cannot load is reported
+while the server goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("transformers")
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from vlkit.chat import ChatSession  # noqa: E402
+from vlkit.errors import VlkitError  # noqa: E402
+from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
+from vlkit.serve.engine_process import EngineProcess  # noqa: E402
+from vlkit.serve.server import serving  # noqa: E402
+
+from _serve_util import NEW, concurrently, data_url, image_message, lm_folder, picture, vlm_folder  # noqa: E402
+
+LONG = 3000  # tokens of an answer that cannot end early: the endless LM never says its EOS
+
+
+def endless_lm_folder(path):
+    """The server tests' chat LM, with a 4096-token context and its EOS row of the output head zeroed:
+    greedy answers never end before ``max_tokens`` (a logit of 0 never beats the largest of ~400)."""
+    import transformers
+
+    path = lm_folder(path, positions=4096)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] = 0
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_process")
+    return {"vlm": vlm_folder(root / "vlm"), "lm": endless_lm_folder(root / "lm")}
+
+
+@pytest.fixture(scope="module")
+def local(folders):
+    """The models loaded here, for reference answers (the served ones lose their weights)."""
+    return load_models([f"{name}={path}" for name, path in folders.items()])
+
+
+@pytest.fixture(scope="module")
+def served(folders):
+    return load_models([f"{name}={path}" for name, path in folders.items()])
+
+
+@pytest.fixture(scope="module")
+def app(served):
+    return create_app(served, ServeSettings(engine="process", max_tokens_cap=LONG))
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with serving(app, start_timeout=120) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, messages, **kw):
+    return client.chat.completions.create(model=kw.pop("model", "vlm"), messages=messages, max_tokens=kw.pop("max_tokens", NEW),
+                                          temperature=kw.pop("temperature", 0), **kw)  # fmt: skip
+
+
+def reference(local, text: str, images=(), name: str = "vlm") -> str:
+    session = ChatSession(local[name].model, options={"max_new_tokens": NEW}, images=list(images))
+    return "".join(session.reply(text))
+
+
+def health(url: str, name: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=30).json()["models"][name]
+
+
+def test_the_model_generates_in_another_process_and_its_weights_leave_this_one(app, url, served):
+    engine = app.state.engines["vlm"]
+    assert isinstance(engine, EngineProcess) and engine.process.pid != os.getpid() and engine.process.poll() is None
+    assert {p.device.type for p in served["vlm"].model.parameters()} == {"meta"}
+    assert health(url, "vlm")["running"] == 0
+
+
+def test_answers_equal_the_in_process_engine(client, local):
+    img = picture("blue")
+    plain = ask(client, [{"role": "user", "content": "Hello, how are you?"}]).choices[0].message.content
+    assert plain == reference(local, "Hello, how are you?")
+    seen = ask(client, image_message("What is in the picture?", data_url(img))).choices[0].message.content
+    assert seen == reference(local, "<image>\nWhat is in the picture?", [img])
+    chunks = list(ask(client, [{"role": "user", "content": "Hello, how are you?"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    lm = ask(client, [{"role": "user", "content": "Tell me a story."}], model="lm").choices[0].message.content
+    assert lm == reference(local, "Tell me a story.", name="lm")
+
+
+def test_seeded_samples_equal_the_in_process_engine(client, local):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    there = [c.message.content for c in ask(client, messages, n=3, temperature=1.0, seed=7).choices]
+    with serving(create_app(local)) as thread_url:
+        here = openai.OpenAI(base_url=f"{thread_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [c.message.content for c in ask(here, messages, n=3, temperature=1.0, seed=7).choices] == there
+    assert len(set(there)) > 1  # three samples, not one answer thrice
+
+
+def test_concurrent_requests_are_batched_in_the_engine_process(client, url):
+    prompts = [image_message(f"Question {i}: what do you see?", data_url(picture(("red", "green")[i % 2])))
+               for i in range(8)]  # fmt: skip
+    alone = [ask(client, p).choices[0].message.content for p in prompts]
+    before = health(url, "vlm")
+    assert concurrently(lambda i: ask(client, prompts[i]).choices[0].message.content, 8) == alone
+    after = health(url, "vlm")
+    assert after["requests"] - before["requests"] == 8
+    assert after["rows_stepped"] - before["rows_stepped"] > after["steps"] - before["steps"]  # rows decoded together
+
+
+def test_a_client_leaving_mid_stream_is_cancelled_in_the_engine_process(client, url):
+    body = {"model": "lm", "messages": [{"role": "user", "content": "Count."}], "max_tokens": LONG, "stream": True,
+            "temperature": 0}  # fmt: skip
+    before = health(url, "lm")
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())  # read one chunk, then hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = health(url, "lm")
+        if stats["running"] == 0 and stats["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.05)
+    assert stats["running"] == 0 and stats["cancelled"] == before["cancelled"] + 1, stats
+    assert stats["rows_stepped"] - before["rows_stepped"] < LONG
+    assert ask(client, [{"role": "user", "content": "Count."}], model="lm", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_the_server_goes_on(folders):
+    served = load_models([f"lm={folders['lm']}"])
+    app = create_app(served, ServeSettings(engine="process", max_tokens_cap=LONG))
+    with serving(app, start_timeout=120) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = ask(c, [{"role": "user", "content": "Count."}], model="lm", max_tokens=LONG, stream=True)
+        next(iter(stream))
+        os.kill(app.state.engines["lm"].process.pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine process exited"):
+            list(stream)
+        with pytest.raises(openai.InternalServerError, match="engine process exited"):
+            ask(c, [{"role": "user", "content": "Count."}], model="lm")
+        assert "exited" in health(url, "lm")["down"]
+        assert [m.id for m in c.models.list().data] == ["lm"]
+
+
+def test_a_model_the_engine_process_cannot_load_is_named(folders, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(folders["lm"], tmp_path / "lm")
+    served = load_models([f"lm={folder}"])["lm"]
+    (folder / "config.json").write_text("{ not json")
+    with pytest.raises(VlkitError, match=r"engine process could not load the model.*config\.json"):
+        EngineProcess(served)
