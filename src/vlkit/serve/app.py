@@ -283,13 +283,17 @@ class Routes:
         return self._card(self.models[name])
 
     def health(self):
+        """Each model's state; 503 (status "down") while a chat model's engine cannot answer."""
         out = {}
         for name, m in self.models.items():
             out[name] = {"kind": m.kind}
             engine = self.engines.get(name)
             if engine is not None:
                 out[name].update(engine.health())
-        return {"status": "ok", "models": out, "index": None if self.searcher is None else str(self.searcher.index.folder)}
+        down = any("down" in m for m in out.values())
+        body = {"status": "down" if down else "ok", "models": out,
+                "index": None if self.searcher is None else str(self.searcher.index.folder)}  # fmt: skip
+        return JSONResponse(body, status_code=503 if down else 200)
 
     # ------------------------------------------------------------ photo search
     def _searcher(self):
