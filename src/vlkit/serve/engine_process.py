@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import pickle
 import socket
 import subprocess
@@ -38,7 +39,8 @@ class EngineProcess:
         mine, child = socket.socketpair()
         cmd = [sys.executable, "-c", "from vlkit.serve.engine_process import main; main()", str(child.fileno()), served.name,
                str(served.path), device, str(max_batch), str(threads or 0)]  # fmt: skip
-        self.process = subprocess.Popen(cmd, pass_fds=[child.fileno()])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # imports as this process does
+        self.process = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env)
         child.close()
         self.conn = Connection(mine.detach())
         self.jobs: dict[int, Job] = {}
