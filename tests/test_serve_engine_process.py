@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from vlkit.chat import ChatSession  # noqa: E402
 from vlkit.errors import VlkitError  # noqa: E402
 from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
+from vlkit.serve.app import start_engine  # noqa: E402
 from vlkit.serve.engine_process import EngineProcess  # noqa: E402
 from vlkit.serve.server import serving  # noqa: E402
 
@@ -56,7 +57,8 @@ def local(folders):
 
 @pytest.fixture(scope="module")
 def served(folders):
-    return load_models([f"{name}={path}" for name, path in folders.items()])
+    """As ``vlkit serve`` reads them: the chat models without their weights."""
+    return load_models([f"{name}={path}" for name, path in folders.items()], chat_weights=False)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +91,20 @@ def health(url: str, name: str) -> dict:
     return httpx.get(f"{url}/health", timeout=30).json()["models"][name]
 
 
-def test_the_model_generates_in_another_process_and_its_weights_leave_this_one(app, url, served):
+def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this_one(app, url, served, folders):
     engine = app.state.engines["vlm"]
     assert isinstance(engine, EngineProcess) and engine.process.pid != os.getpid() and engine.process.poll() is None
     assert {p.device.type for p in served["vlm"].model.parameters()} == {"meta"}
     assert health(url, "vlm")["running"] == 0
+    loaded = load_models([f"vlm={folders['vlm']}"])["vlm"]  # with its weights: they are freed once the engine runs
+    assert loaded.has_weights
+    engine = start_engine(loaded, ServeSettings(engine="process"))
+    try:
+        assert not loaded.has_weights and engine.health()["running"] == 0
+    finally:
+        engine.close()
+    with pytest.raises(VlkitError, match="without its weights"):
+        start_engine(served["vlm"], ServeSettings(engine="thread"))
 
 
 def test_answers_equal_the_in_process_engine(client, local):

@@ -27,7 +27,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_batch=args.max_batch,
         remote_timeout_s=args.remote_timeout, engine=args.engine,
     )  # fmt: skip
-    models = load_models(args.model or [], device=args.device)
+    models = load_models(args.model or [], device=args.device, chat_weights=args.engine == "thread")
     searcher = None
     if args.index is not None:
         from vlkit.index import Searcher

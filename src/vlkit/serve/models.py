@@ -34,10 +34,12 @@ class ChatModel:
 
     kind = "chat"
 
-    def __init__(self, name: str, path: Path, model):
+    def __init__(self, name: str, path: Path, model, device: str | None = None):
         from vlkit.chat import is_vlm
 
         self.name, self.path, self.model, self.created = name, path, model, int(time.time())
+        # where its engine runs it: ``device``, else where its weights are
+        self.device = device or str(next(model.parameters()).device)
         self.vlm = is_vlm(model)
         self.lm = model.lm if self.vlm else model
         self.generation_config = model.generation_config
@@ -58,7 +60,10 @@ class ChatModel:
             has_eos = resolve_config(model, model.generation_config).eos_ids
             self.options = {} if has_eos or eos is None else {"eos_token_id": eos}  # an answer ends at the EOS
         self.max_positions = self.lm.config.max_position_embeddings
-        self.device = str(next(model.parameters()).device)
+
+    @property
+    def has_weights(self) -> bool:
+        return next(self.model.parameters()).device.type != "meta"
 
     def drop_weights(self) -> None:
         """Free the weights when another process generates: prompts need the configs and the
@@ -122,9 +127,11 @@ class EmbeddingModel:
             raise VlkitError(f"{path}: the embedding model has no tokenizer (tokenizer.json)")
 
 
-def load_models(specs: list[str], device: str = "cpu") -> dict[str, ChatModel | EmbeddingModel]:
+def load_models(specs: list[str], device: str = "cpu", chat_weights: bool = True) -> dict[str, ChatModel | EmbeddingModel]:
     """``--model`` values (``DIR`` or ``NAME=DIR``; the name defaults to the folder's name) →
-    loaded models by name; a folder that holds neither kind is named."""
+    loaded models by name; a folder that holds neither kind is named. ``chat_weights=False``
+    reads the chat models without their weights (configs, tokenizer, processor: all prompts need),
+    for a server whose engine processes load them onto ``device`` themselves."""
     import vlkit
 
     out: dict = {}
@@ -134,11 +141,11 @@ def load_models(specs: list[str], device: str = "cpu") -> dict[str, ChatModel | 
             name, folder = Path(spec.rstrip("/")).name, spec
         if name in out:
             raise VlkitError(f"--model {spec}: the name {name!r} is taken; name it: --model OTHER={folder}")
-        model = vlkit.load(folder, device=device)
+        model = vlkit.load(folder, device=device if chat_weights else "meta")
         if hasattr(model, "encode_text") and hasattr(model, "encode_image"):
-            out[name] = EmbeddingModel(name, Path(folder), model)
+            out[name] = EmbeddingModel(name, Path(folder), model if chat_weights else vlkit.load(folder, device=device))
         elif hasattr(model, "generation_config"):
-            out[name] = ChatModel(name, Path(folder), model)
+            out[name] = ChatModel(name, Path(folder), model, device)
         else:
             raise VlkitError(f"--model {folder}: holds a {type(model).__name__}; the server takes chat models (language or "
                              "vision-language) and embedding models (CLIP, SigLIP)")
