@@ -156,6 +156,17 @@ def test_a_client_leaving_mid_stream_is_cancelled_in_the_engine_process(client, 
     assert ask(client, [{"role": "user", "content": "Count."}], model="lm", max_tokens=5).usage.completion_tokens == 5
 
 
+def test_ctrl_c_and_sigterm_leave_stopping_to_the_server(app, client, local):
+    """They reach the whole process group; the engine must outlive them until the server stops it."""
+    pid = app.state.engines["lm"].process.pid
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert app.state.engines["lm"].process.poll() is None
+    r = ask(client, [{"role": "user", "content": "Tell me a story."}], model="lm")
+    assert r.choices[0].message.content == reference(local, "Tell me a story.", name="lm")
+
+
 def test_an_engine_process_that_dies_fails_its_requests_and_the_server_goes_on(folders):
     served = load_models([f"lm={folders['lm']}"])
     app = create_app(served, ServeSettings(engine="process", max_tokens_cap=LONG))

@@ -43,15 +43,22 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     settings = settings or ServeSettings()
     routes = Routes(models, settings, searcher)
 
-    @asynccontextmanager
-    async def lifespan(app):
-        for name, m in models.items():
-            if isinstance(m, ChatModel):
-                routes.engines[name] = start_engine(m, settings)
-        yield
+    async def close_engines():
         for engine in routes.engines.values():
             await run_in_threadpool(engine.close)
         routes.engines.clear()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        try:
+            for name, m in models.items():
+                if isinstance(m, ChatModel):
+                    routes.engines[name] = start_engine(m, settings)
+        except BaseException:  # one engine could not start: the others stop with the server
+            await close_engines()
+            raise
+        yield
+        await close_engines()
 
     app = FastAPI(title="vlkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
@@ -160,7 +167,7 @@ class Routes:
 
         engine = self.engines[served.name]
         job = Job(prompt, cfg, req.n, deliver, req.seed, strip=served.vlm, stream=req.stream)
-        engine.submit(job)
+        await run_in_threadpool(engine.submit, job)  # off the event loop: a process engine pickles and sends the images
         cid, created = schemas.completion_id(), schemas.now()
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage

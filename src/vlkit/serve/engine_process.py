@@ -44,9 +44,9 @@ class EngineProcess:
         child.close()
         self.conn = Connection(mine.detach())
         self.jobs: dict[int, Job] = {}
-        self.keys = itertools.count()
+        self.keys, self.health_asks = itertools.count(), itertools.count()
         self.send_lock, self.health_lock = threading.Lock(), threading.Lock()
-        self.health_reply: dict | None = None
+        self.health_ask, self.health_reply = -1, None
         self.health_ready = threading.Event()
         self.down: str | None = None  # why the engine cannot answer: it was closed, or it died
         if not self.conn.poll(start_timeout):
@@ -63,12 +63,15 @@ class EngineProcess:
         self.reader.start()
 
     def submit(self, job: Job) -> None:
-        if self.down is not None:
-            job.deliver(("error", self.down))
-            return
+        """Queue ``job``; if the child is down (or goes down meanwhile) it fails at once, exactly once."""
         job.key = next(self.keys)
+        message = pickle.dumps(("submit", job.key, job.prompt, job.config, job.n, job.seed, job.strip, job.stream),
+                               protocol=pickle.HIGHEST_PROTOCOL)  # fmt: skip
         self.jobs[job.key] = job
-        self._send(("submit", job.key, job.prompt, job.config, job.n, job.seed, job.strip, job.stream))
+        if self.down is None:
+            self._send_bytes(message)
+        if self.down is not None and self.jobs.pop(job.key, None) is not None:  # the reader did not fail it: fail it here
+            job.deliver(("error", self.down))
 
     def cancel(self, job: Job) -> None:
         job.cancel()
@@ -76,15 +79,20 @@ class EngineProcess:
             self._send(("cancel", job.key))
 
     def health(self, timeout: float = 10.0) -> dict:
-        """The child engine's counts and statistics, asked for now."""
+        """The child engine's counts and statistics, asked for now (each ask numbered, so a late
+        answer to an earlier one is not taken for this one's)."""
+        late = {"down": f"the engine process did not answer within {timeout:.0f} s"}
         if self.down is not None:
             return {"down": self.down}
-        with self.health_lock:
+        if not self.health_lock.acquire(timeout=timeout):
+            return late
+        try:
             self.health_ready.clear()
-            self._send(("health",))
-            if not self.health_ready.wait(timeout):
-                return {"down": f"the engine process did not answer within {timeout:.0f} s"}
-            return dict(self.health_reply)
+            self.health_ask = next(self.health_asks)
+            self._send(("health", self.health_ask))
+            return dict(self.health_reply) if self.health_ready.wait(timeout) else late
+        finally:
+            self.health_lock.release()
 
     def close(self, timeout: float = 10.0) -> None:
         self.down = "the engine process was stopped"
@@ -94,33 +102,34 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            reader.join(timeout)  # it sees the socket close and fails what is still open
         self.conn.close()
 
     def _send(self, message: tuple) -> None:
+        self._send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _send_bytes(self, data: bytes) -> None:
         try:
             with self.send_lock:
-                _send(self.conn, message)
+                self.conn.send_bytes(data)
         except (OSError, ValueError):  # the child is gone: the reader fails the open jobs
             pass
 
     def _read(self) -> None:
-        """Deliver the child's events to their jobs until the pipe closes; then fail what is open."""
+        """Deliver the child's events to their jobs until the socket closes; then fail what is open."""
         while True:
             try:
                 message = _recv(self.conn)
             except (EOFError, OSError):
                 break
-            if message[0] == "health":
-                self.health_reply = message[1]
-                self.health_ready.set()
-                continue
-            _, key, event = message
-            job = self.jobs.get(key)
-            if job is None:  # cancelled meanwhile
-                continue
-            if job.closes(event):
-                self.jobs.pop(key, None)
-            job.deliver(event)
+            try:
+                self._dispatch(message)
+            except Exception:  # noqa: BLE001 - a reader that died would leave every request waiting
+                log.exception("the engine process's message %r could not be delivered", message[:2])
+                self.process.kill()
+                break
         if self.down is None:
             try:
                 code = self.process.wait(5)
@@ -128,9 +137,23 @@ class EngineProcess:
                 code = None
             self.down = f"the engine process exited (code {code})"
             log.error("%s; its %d open requests fail", self.down, len(self.jobs))
-        for job in list(self.jobs.values()):
+        while self.jobs:  # popped one at a time: a job that submit() adds meanwhile fails there or here, once
+            _, job = self.jobs.popitem()
             job.deliver(("error", self.down))
-        self.jobs.clear()
+
+    def _dispatch(self, message: tuple) -> None:
+        if message[0] == "health":
+            if message[1] == self.health_ask:
+                self.health_reply = message[2]
+                self.health_ready.set()
+            return
+        _, key, event = message
+        job = self.jobs.get(key)
+        if job is None:  # cancelled meanwhile
+            return
+        if job.closes(event):
+            self.jobs.pop(key, None)
+        job.deliver(event)
 
 
 def _send(conn: Connection, message: tuple) -> None:
@@ -142,8 +165,15 @@ def _recv(conn: Connection) -> tuple:
 
 
 def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int) -> None:
-    """The child: load, say ready (or why not), then serve the socket's messages until "stop"."""
+    """The child: load, say ready (or why not), then serve the socket's messages until "stop".
+    Ctrl+C and SIGTERM reach the whole process group; the child leaves stopping to the server,
+    which finishes its open requests first."""
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     import vlkit
     from vlkit.serve.models import ChatModel
@@ -189,7 +219,7 @@ def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int
             if job is not None:
                 job.cancel()
         elif message[0] == "health":
-            send(("health", engine.health()))
+            send(("health", message[1], engine.health()))
         elif message[0] == "stop":
             break
     engine.close()
