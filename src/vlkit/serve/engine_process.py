@@ -137,8 +137,11 @@ class EngineProcess:
                 code = None
             self.down = f"the engine process exited (code {code})"
             log.error("%s; its %d open requests fail", self.down, len(self.jobs))
-        while self.jobs:  # popped one at a time: a job that submit() adds meanwhile fails there or here, once
-            _, job = self.jobs.popitem()
+        while True:  # popped one at a time: a job that submit() adds meanwhile fails there or here, once
+            try:
+                _, job = self.jobs.popitem()
+            except KeyError:
+                break
             job.deliver(("error", self.down))
 
     def _dispatch(self, message: tuple) -> None:
