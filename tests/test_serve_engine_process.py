@@ -192,3 +192,27 @@ def test_a_model_the_engine_process_cannot_load_is_named(folders, tmp_path):
     (folder / "config.json").write_text("{ not json")
     with pytest.raises(VlkitError, match=r"engine process could not load the model.*config\.json"):
         EngineProcess(served)
+
+
+def test_messages_carry_plain_data_only():
+    """A message naming a class or function is refused; a prompt's tensors travel by dtype, shape and bytes."""
+    import pickle
+    import socket
+    from multiprocessing.connection import Connection
+
+    from vlkit.models.llava_processor import ProcessedSample
+    from vlkit.serve.engine_process import _prompt, _prompt_data, _recv
+    from vlkit.serve.models import Prompt
+
+    a, b = (Connection(s.detach()) for s in socket.socketpair())
+    a.send_bytes(pickle.dumps(("submit", os.system, "echo no")))
+    with pytest.raises(pickle.UnpicklingError, match="plain data only"):
+        _recv(b)
+    images = {"pixel_values": torch.randn(2, 3, 4, 4), "image_sizes": torch.tensor([[4, 4], [8, 6]]),
+              "half": torch.randn(3, 5).bfloat16()}  # fmt: skip
+    sample = ProcessedSample([5, 6, 7], [-100, -100, 7], images, 2, "the request")
+    back = _prompt(_prompt_data(Prompt(sample.input_ids, images, sample)))
+    assert back.ids == [5, 6, 7] and back.sample.labels == [-100, -100, 7] and back.sample.num_images == 2
+    for key, t in images.items():
+        assert back.sample.images[key].dtype == t.dtype and torch.equal(back.sample.images[key], t)
+    assert _prompt(_prompt_data(Prompt([1, 2]))).sample is None

@@ -5,13 +5,16 @@ Here the server process builds prompts and the child only generates.
 
 The child is a fresh interpreter (``python -c``, calling :func:`main`: safe with CUDA and with
 OpenMP's threads, and it imports nothing of the caller's script) that loads the model from its
-folder and runs an :class:`~vlkit.serve.engine.Engine`. Over a socket pair, pickled: jobs go in as
-(key, prompt, config, n, seed, strip, stream), events come back as the engine delivers them; tensors
-travel by value. :class:`EngineProcess` has the thread engine's interface (``submit``, ``cancel``,
+folder and runs an :class:`~vlkit.serve.engine.Engine`. Over a socket pair, as plain data (numbers,
+strings, lists, dicts, tensors as dtype, shape and bytes), pickled and unpickled with every class and
+function refused, so a message can run no code: jobs go in as (key, prompt, config, n, seed, strip,
+stream), events come back as the engine delivers them. :class:`EngineProcess` has the thread engine's interface (``submit``, ``cancel``,
 ``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import itertools
 import logging
 import os
@@ -23,8 +26,13 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import torch
+
 from vlkit.errors import VlkitError
+from vlkit.lm.generation_config import GenerationConfig
+from vlkit.models.llava_processor import ProcessedSample
 from vlkit.serve.engine import Engine, Job
+from vlkit.serve.models import ChatModel, Prompt
 
 log = logging.getLogger("vlkit.serve")
 
@@ -65,8 +73,8 @@ class EngineProcess:
     def submit(self, job: Job) -> None:
         """Queue ``job``; if the child is down (or goes down meanwhile) it fails at once, exactly once."""
         job.key = next(self.keys)
-        message = pickle.dumps(("submit", job.key, job.prompt, job.config, job.n, job.seed, job.strip, job.stream),
-                               protocol=pickle.HIGHEST_PROTOCOL)  # fmt: skip
+        message = _pack(("submit", job.key, _prompt_data(job.prompt), dataclasses.asdict(job.config), job.n, job.seed,
+                         job.strip, job.stream))  # fmt: skip
         self.jobs[job.key] = job
         if self.down is None:
             self._send_bytes(message)
@@ -108,7 +116,7 @@ class EngineProcess:
         self.conn.close()
 
     def _send(self, message: tuple) -> None:
-        self._send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        self._send_bytes(_pack(message))
 
     def _send_bytes(self, data: bytes) -> None:
         try:
@@ -159,12 +167,50 @@ class EngineProcess:
         job.deliver(event)
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any class or function a message names is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"the engine's messages carry plain data only, not {module}.{name}")
+
+
+def _pack(message: tuple) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _send(conn: Connection, message: tuple) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    conn.send_bytes(_pack(message))
 
 
 def _recv(conn: Connection) -> tuple:
-    return pickle.loads(conn.recv_bytes())
+    return _PlainUnpickler(io.BytesIO(conn.recv_bytes())).load()
+
+
+def _tensor_data(t: torch.Tensor) -> dict:
+    t = t.detach().cpu().contiguous()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.view(-1).view(torch.uint8).numpy().tobytes()}
+
+
+def _tensor(data: dict) -> torch.Tensor:
+    raw = torch.frombuffer(bytearray(data["bytes"]), dtype=torch.uint8)
+    return raw.view(getattr(torch, data["dtype"])).reshape(data["shape"])
+
+
+def _prompt_data(prompt: Prompt) -> dict:
+    """A prompt as plain data: its ids and, for a VLM, the processed sample the engine collates."""
+    sample = prompt.sample
+    if sample is None:
+        return {"ids": list(prompt.ids), "sample": None}
+    return {"ids": list(prompt.ids), "sample": {"input_ids": list(sample.input_ids), "labels": list(sample.labels),
+            "images": {k: _tensor_data(v) for k, v in sample.images.items()}, "num_images": sample.num_images,
+            "sample": sample.sample}}  # fmt: skip
+
+
+def _prompt(data: dict) -> Prompt:
+    if data["sample"] is None:
+        return Prompt(data["ids"])
+    sample = ProcessedSample(**{**data["sample"], "images": {k: _tensor(v) for k, v in data["sample"]["images"].items()}})
+    return Prompt(data["ids"], sample.images, sample)
 
 
 def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int) -> None:
@@ -173,13 +219,10 @@ def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int
     which finishes its open requests first."""
     import signal
 
-    import torch
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     import vlkit
-    from vlkit.serve.models import ChatModel
 
     try:
         if threads:
@@ -215,7 +258,8 @@ def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int
             break
         if message[0] == "submit":
             _, key, prompt, config, n, seed, strip, stream = message
-            jobs[key] = job = Job(prompt, config, n, deliverer(key), seed=seed, strip=strip, stream=stream)
+            job = Job(_prompt(prompt), GenerationConfig(**config), n, deliverer(key), seed=seed, strip=strip, stream=stream)
+            jobs[key] = job
             engine.submit(job)
         elif message[0] == "cancel":
             job = jobs.pop(message[1], None)

@@ -130,7 +130,7 @@ class EmbeddingModel:
 def load_models(specs: list[str], device: str = "cpu", chat_weights: bool = True) -> dict[str, ChatModel | EmbeddingModel]:
     """``--model`` values (``DIR`` or ``NAME=DIR``; the name defaults to the folder's name) →
     loaded models by name; a folder that holds neither kind is named. ``chat_weights=False``
-    reads the chat models without their weights (configs, tokenizer, processor: all prompts need),
+    keeps the chat models without their weights (configs, tokenizer, processor: all prompts need),
     for a server whose engine processes load them onto ``device`` themselves."""
     import vlkit
 
@@ -141,11 +141,13 @@ def load_models(specs: list[str], device: str = "cpu", chat_weights: bool = True
             name, folder = Path(spec.rstrip("/")).name, spec
         if name in out:
             raise VlkitError(f"--model {spec}: the name {name!r} is taken; name it: --model OTHER={folder}")
-        model = vlkit.load(folder, device=device if chat_weights else "meta")
+        model = vlkit.load(folder)  # read once, on the CPU; then each kind goes where it runs
         if hasattr(model, "encode_text") and hasattr(model, "encode_image"):
-            out[name] = EmbeddingModel(name, Path(folder), model if chat_weights else vlkit.load(folder, device=device))
+            out[name] = EmbeddingModel(name, Path(folder), model.to(device))
         elif hasattr(model, "generation_config"):
-            out[name] = ChatModel(name, Path(folder), model, device)
+            out[name] = ChatModel(name, Path(folder), model.to(device) if chat_weights else model, device)
+            if not chat_weights:
+                out[name].drop_weights()
         else:
             raise VlkitError(f"--model {folder}: holds a {type(model).__name__}; the server takes chat models (language or "
                              "vision-language) and embedding models (CLIP, SigLIP)")
