@@ -31,6 +31,9 @@ def worker(rank: int, port: int, r: dict, out: str) -> None:
     from vlkit.train.vlm import load_recipe, train_vlm
 
     train_vlm(load_recipe(r), out)
+    # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception",
+    # seen once in CI as SIGABRT after the run had finished); the run is written, so leave without it
+    os._exit(0)
 
 
 def run(r: dict, out) -> None:
