@@ -34,6 +34,24 @@ def vlm_folder(path: Path) -> Path:
     return path
 
 
+def next_vlm_folder(path: Path) -> Path:
+    """A LLaVA-NeXT folder (AnyRes tiles of the 32-pixel tower) with the ChatML tokenizer: images of
+    other shapes take other token counts."""
+    import transformers
+
+    from _llava_next_models import hf_model as next_model
+
+    from vlkit.text.lm_tokenizer import LMTokenizer
+
+    next_model(vocab=402, image_token=400).save_pretrained(path)
+    chatml_folder(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "image_token": "<image>"}))
+    assert LMTokenizer.from_folder(path).token_to_id("<image>") == 400
+    transformers.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE).save_pretrained(path)
+    return path
+
+
 def lm_folder(path: Path, positions: int = 256) -> Path:
     import transformers
 

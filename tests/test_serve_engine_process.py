@@ -25,7 +25,7 @@ from vlkit.serve.app import start_engine  # noqa: E402
 from vlkit.serve.engine_process import EngineProcess  # noqa: E402
 from vlkit.serve.server import serving  # noqa: E402
 
-from _serve_util import NEW, concurrently, data_url, image_message, lm_folder, picture, vlm_folder  # noqa: E402
+from _serve_util import NEW, concurrently, data_url, image_message, lm_folder, next_vlm_folder, picture, vlm_folder  # noqa: E402
 
 LONG = 3000  # tokens of an answer that cannot end early: the endless LM never says its EOS
 
@@ -46,7 +46,7 @@ def endless_lm_folder(path):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_process")
-    return {"vlm": vlm_folder(root / "vlm"), "lm": endless_lm_folder(root / "lm")}
+    return {"vlm": vlm_folder(root / "vlm"), "lm": endless_lm_folder(root / "lm"), "next": next_vlm_folder(root / "next")}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def local(folders):
 
 @pytest.fixture(scope="module")
 def served(folders):
-    """As ``vlkit serve`` reads them: the chat models without their weights."""
+    """As ``vlkit serve`` reads them: the chat models without their language models' weights."""
     return load_models([f"{name}={path}" for name, path in folders.items()], chat_weights=False)
 
 
@@ -94,7 +94,8 @@ def health(url: str, name: str) -> dict:
 def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this_one(app, url, served, folders):
     engine = app.state.engines["vlm"]
     assert isinstance(engine, EngineProcess) and engine.process.pid != os.getpid() and engine.process.poll() is None
-    assert {p.device.type for p in served["vlm"].model.parameters()} == {"meta"}
+    assert {p.device.type for p in served["vlm"].model.lm.parameters()} == {"meta"}
+    assert {p.device.type for p in served["vlm"].model.vision.parameters()} == {"cpu"}  # it encodes the images here
     assert health(url, "vlm")["running"] == 0
     loaded = load_models([f"vlm={folders['vlm']}"])["vlm"]  # with its weights: they are freed once the engine runs
     assert loaded.has_weights
@@ -103,7 +104,7 @@ def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this
         assert not loaded.has_weights and engine.health()["running"] == 0
     finally:
         engine.close()
-    with pytest.raises(VlkitError, match="without its weights"):
+    with pytest.raises(VlkitError, match="without its language model.s weights"):
         start_engine(served["vlm"], ServeSettings(engine="thread"))
 
 
@@ -117,6 +118,17 @@ def test_answers_equal_the_in_process_engine(client, local):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
     lm = ask(client, [{"role": "user", "content": "Tell me a story."}], model="lm").choices[0].message.content
     assert lm == reference(local, "Tell me a story.", name="lm")
+
+
+def test_images_of_other_token_counts_are_encoded_here_and_answered_there(client, local):
+    """LLaVA-NeXT tiles a wide and a tall picture differently: their visual tokens (encoded in the
+    server's process) differ in count, and concurrent requests share a left-padded prefill."""
+    pictures = [picture("red", (64, 48)), picture("green", (48, 64)), picture("blue", (64, 64))]
+    assert len({local["next"].model.num_image_tokens(img.height, img.width) for img in pictures}) == 3
+    answers = concurrently(lambda i: ask(client, image_message("What is in the picture?", data_url(pictures[i % 3])),
+                                         model="next").choices[0].message.content, 6)  # fmt: skip
+    expected = [reference(local, "<image>\nWhat is in the picture?", [img], name="next") for img in pictures]
+    assert answers == [expected[i % 3] for i in range(6)]
 
 
 def test_seeded_samples_equal_the_in_process_engine(client, local):
@@ -200,7 +212,6 @@ def test_messages_carry_plain_data_only():
     import socket
     from multiprocessing.connection import Connection
 
-    from vlkit.models.llava_processor import ProcessedSample
     from vlkit.serve.engine_process import _prompt, _prompt_data, _recv
     from vlkit.serve.models import Prompt
 
@@ -208,11 +219,7 @@ def test_messages_carry_plain_data_only():
     a.send_bytes(pickle.dumps(("submit", os.system, "echo no")))
     with pytest.raises(pickle.UnpicklingError, match="plain data only"):
         _recv(b)
-    images = {"pixel_values": torch.randn(2, 3, 4, 4), "image_sizes": torch.tensor([[4, 4], [8, 6]]),
-              "half": torch.randn(3, 5).bfloat16()}  # fmt: skip
-    sample = ProcessedSample([5, 6, 7], [-100, -100, 7], images, 2, "the request")
-    back = _prompt(_prompt_data(Prompt(sample.input_ids, images, sample)))
-    assert back.ids == [5, 6, 7] and back.sample.labels == [-100, -100, 7] and back.sample.num_images == 2
-    for key, t in images.items():
-        assert back.sample.images[key].dtype == t.dtype and torch.equal(back.sample.images[key], t)
-    assert _prompt(_prompt_data(Prompt([1, 2]))).sample is None
+    for features in (torch.randn(2, 3, 4), torch.randn(3, 5).bfloat16(), torch.arange(6).view(2, 3)):
+        back = _prompt(_prompt_data(Prompt([5, 6, 7], features)))
+        assert back.ids == [5, 6, 7] and back.features.dtype == features.dtype and torch.equal(back.features, features)
+    assert _prompt(_prompt_data(Prompt([1, 2]))).features is None

@@ -285,16 +285,9 @@ def test_streamed_answers_are_stripped_as_whole_answers_are(pieces):
 @pytest.fixture(scope="module")
 def next_folder(tmp_path_factory):
     """A LLaVA-NeXT folder (AnyRes tiles of the 32-pixel tower) with the ChatML tokenizer."""
-    from _llava_next_models import hf_model as next_model
+    from _serve_util import next_vlm_folder
 
-    path = tmp_path_factory.mktemp("vlm") / "llava_next"
-    next_model(vocab=402, image_token=400).save_pretrained(path)
-    chatml_folder(path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**config, "image_token": "<image>"}))
-    assert LMTokenizer.from_folder(path).token_to_id("<image>") == 400
-    transformers.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE).save_pretrained(path)
-    return path
+    return next_vlm_folder(tmp_path_factory.mktemp("vlm") / "llava_next")
 
 
 def test_llava_next_answers_through_its_anyres_processor(next_folder, images, capsys, tmp_path):
