@@ -200,7 +200,7 @@ class HttpTarget:
 
 class EngineTarget:
     """The server's engine in this process, without HTTP: each client thread builds the prompt
-    (image decoded and encoded, template applied) as the server's worker thread does and submits it. What the
+    (image decoded, template applied) as the server's worker thread does and submits it. What the
     model and its batching allow, the ceiling of the HTTP figures."""
 
     in_process = True

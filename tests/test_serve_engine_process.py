@@ -57,7 +57,7 @@ def local(folders):
 
 @pytest.fixture(scope="module")
 def served(folders):
-    """As ``vlkit serve`` reads them: the chat models without their language models' weights."""
+    """As ``vlkit serve`` reads them: the chat models without their weights."""
     return load_models([f"{name}={path}" for name, path in folders.items()], chat_weights=False)
 
 
@@ -94,8 +94,7 @@ def health(url: str, name: str) -> dict:
 def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this_one(app, url, served, folders):
     engine = app.state.engines["vlm"]
     assert isinstance(engine, EngineProcess) and engine.process.pid != os.getpid() and engine.process.poll() is None
-    assert {p.device.type for p in served["vlm"].model.lm.parameters()} == {"meta"}
-    assert {p.device.type for p in served["vlm"].model.vision.parameters()} == {"cpu"}  # it encodes the images here
+    assert {p.device.type for p in served["vlm"].model.parameters()} == {"meta"}
     assert health(url, "vlm")["running"] == 0
     loaded = load_models([f"vlm={folders['vlm']}"])["vlm"]  # with its weights: they are freed once the engine runs
     assert loaded.has_weights
@@ -104,7 +103,7 @@ def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this
         assert not loaded.has_weights and engine.health()["running"] == 0
     finally:
         engine.close()
-    with pytest.raises(VlkitError, match="without its language model.s weights"):
+    with pytest.raises(VlkitError, match="without its weights"):
         start_engine(served["vlm"], ServeSettings(engine="thread"))
 
 
@@ -120,9 +119,9 @@ def test_answers_equal_the_in_process_engine(client, local):
     assert lm == reference(local, "Tell me a story.", name="lm")
 
 
-def test_images_of_other_token_counts_are_encoded_here_and_answered_there(client, local):
-    """LLaVA-NeXT tiles a wide and a tall picture differently: their visual tokens (encoded in the
-    server's process) differ in count, and concurrent requests share a left-padded prefill."""
+def test_images_of_other_token_counts_share_a_prefill(client, local):
+    """LLaVA-NeXT tiles a wide, a tall and a square picture differently: their visual tokens differ
+    in count, and concurrent requests are prefilled together, left-padded, in the engine process."""
     pictures = [picture("red", (64, 48)), picture("green", (48, 64)), picture("blue", (64, 64))]
     assert len({local["next"].model.num_image_tokens(img.height, img.width) for img in pictures}) == 3
     answers = concurrently(lambda i: ask(client, image_message("What is in the picture?", data_url(pictures[i % 3])),
@@ -212,6 +211,7 @@ def test_messages_carry_plain_data_only():
     import socket
     from multiprocessing.connection import Connection
 
+    from vlkit.models.llava_processor import ProcessedSample
     from vlkit.serve.engine_process import _prompt, _prompt_data, _recv
     from vlkit.serve.models import Prompt
 
@@ -219,7 +219,11 @@ def test_messages_carry_plain_data_only():
     a.send_bytes(pickle.dumps(("submit", os.system, "echo no")))
     with pytest.raises(pickle.UnpicklingError, match="plain data only"):
         _recv(b)
-    for features in (torch.randn(2, 3, 4), torch.randn(3, 5).bfloat16(), torch.arange(6).view(2, 3)):
-        back = _prompt(_prompt_data(Prompt([5, 6, 7], features)))
-        assert back.ids == [5, 6, 7] and back.features.dtype == features.dtype and torch.equal(back.features, features)
-    assert _prompt(_prompt_data(Prompt([1, 2]))).features is None
+    images = {"pixel_values": torch.randn(2, 3, 4, 4), "image_sizes": torch.tensor([[4, 4], [8, 6]]),
+              "half": torch.randn(3, 5).bfloat16()}  # fmt: skip
+    sample = ProcessedSample([5, 6, 7], [-100, -100, 7], images, 2, "the request")
+    back = _prompt(_prompt_data(Prompt(sample.input_ids, images, sample)))
+    assert back.ids == [5, 6, 7] and back.sample.labels == [-100, -100, 7] and back.sample.num_images == 2
+    for key, t in images.items():
+        assert back.sample.images[key].dtype == t.dtype and torch.equal(back.sample.images[key], t)
+    assert _prompt(_prompt_data(Prompt([1, 2]))).sample is None

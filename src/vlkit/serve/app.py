@@ -83,16 +83,14 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
 
 def start_engine(served: ChatModel, settings: ServeSettings):
     """The model's engine: a thread of this process, or (``settings.engine == "process"``) a
-    process of its own, after which this process keeps what builds prompts (config, processor,
-    image encoder) only."""
+    process of its own, after which this process keeps the model's config and processor only."""
     if settings.engine == "thread":
         if not served.has_weights:
-            raise VlkitError(f"{served.path}: the chat model {served.name!r} was loaded without its language model's "
-                             "weights "
+            raise VlkitError(f"{served.path}: the chat model {served.name!r} was loaded without its weights "
                              "(load_models(..., chat_weights=False)); the thread engine runs it in this process")
         return Engine(served, settings.max_batch)
     engine = EngineProcess(served, settings.max_batch, served.device, torch.get_num_threads())
-    served.drop_lm_weights()
+    served.drop_weights()
     return engine
 
 

@@ -1,8 +1,8 @@
 """The background engine of one chat model: a thread that owns the model and runs one
 :class:`~vlkit.lm.batching.DecodingBatch`. Requests that wait join it between decode steps (as
-many as fit, in arrival order, prefilled together in one left-padded group; a VLM's prompts come
-with their images' visual tokens, encoded where the prompt was built); a finished answer leaves
-at once; a cancelled one (its client went away) is dropped at the next step. Text is decoded here, per answer: token by token as it streams, or
+many as fit, in arrival order, prefilled together in one left-padded group, images through the
+vision tower together); a finished answer leaves at once; a cancelled one (its client went away)
+is dropped at the next step. Text is decoded here, per answer: token by token as it streams, or
 once, when it ends, for an answer sent whole."""
 
 from __future__ import annotations
@@ -165,12 +165,15 @@ class Engine:
 
     def _prefill(self, group: list[Job]) -> None:
         model, device = self.model, self.batch.device
-        padded = left_pad([j.prompt.ids for j in group], model.tokenizer.padding_id())
-        ids, mask, embeds = padded["input_ids"].to(device), padded["attention_mask"].to(device), None
-        if model.vlm:  # the images' visual tokens came with the prompts: written over their image tokens
-            features = [j.prompt.features for j in group if j.prompt.features is not None]
+        if model.vlm:
+            batch = model.processor.collate([j.prompt.sample for j in group], "left")
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.inference_mode():
-                embeds = model.model.embed_inputs(ids, torch.cat(features).to(device) if features else None)
+                embeds = model.model.inputs_embeds(batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"))
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+        else:
+            padded = left_pad([j.prompt.ids for j in group], model.tokenizer.padding_id())
+            ids, mask, embeds = padded["input_ids"].to(device), padded["attention_mask"].to(device), None
         counts = torch.tensor([j.n for j in group], device=device)
         repeat = lambda t: None if t is None else t.repeat_interleave(counts, dim=0)  # noqa: E731
         keys, configs, generators = [], [], []

@@ -1,16 +1,15 @@
 """A chat model's engine in a process of its own. In one process the engine thread and the HTTP
 handling share one GIL: a small model's steps last microseconds, so the engine holds it nearly all
 the time and the requests' parsing, image decoding and templating wait (one core busy of two).
-Here the server process builds prompts (the image encoder runs there, beside the HTTP handling) and
-the child runs the language model only.
+Here the server process builds prompts and the child only generates.
 
 The child is a fresh interpreter (``python -c``, calling :func:`main`: safe with CUDA and with
 OpenMP's threads, and it imports nothing of the caller's script) that loads the model from its
 folder and runs an :class:`~vlkit.serve.engine.Engine`. Over a socket pair, as plain data (numbers,
 strings, lists, dicts, tensors as dtype, shape and bytes), pickled and unpickled with every class and
 function refused, so a message can run no code: jobs go in as (key, prompt, config, n, seed, strip,
-stream), events come back as the engine delivers them. :class:`EngineProcess` has the thread
-engine's interface (``submit``, ``cancel``, ``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
+stream), events come back as the engine delivers them. :class:`EngineProcess` has the thread engine's interface (``submit``, ``cancel``,
+``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
 
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ import torch
 
 from vlkit.errors import VlkitError
 from vlkit.lm.generation_config import GenerationConfig
+from vlkit.models.llava_processor import ProcessedSample
 from vlkit.serve.engine import Engine, Job
 from vlkit.serve.models import ChatModel, Prompt
 
@@ -197,13 +197,20 @@ def _tensor(data: dict) -> torch.Tensor:
 
 
 def _prompt_data(prompt: Prompt) -> dict:
-    """A prompt as plain data: its ids and, for a VLM, its images' visual tokens."""
-    features = None if prompt.features is None else _tensor_data(prompt.features)
-    return {"ids": list(prompt.ids), "features": features}
+    """A prompt as plain data: its ids and, for a VLM, the processed sample the engine collates."""
+    sample = prompt.sample
+    if sample is None:
+        return {"ids": list(prompt.ids), "sample": None}
+    return {"ids": list(prompt.ids), "sample": {"input_ids": list(sample.input_ids), "labels": list(sample.labels),
+            "images": {k: _tensor_data(v) for k, v in sample.images.items()}, "num_images": sample.num_images,
+            "sample": sample.sample}}  # fmt: skip
 
 
 def _prompt(data: dict) -> Prompt:
-    return Prompt(data["ids"], None if data["features"] is None else _tensor(data["features"]))
+    if data["sample"] is None:
+        return Prompt(data["ids"])
+    sample = ProcessedSample(**{**data["sample"], "images": {k: _tensor(v) for k, v in data["sample"]["images"].items()}})
+    return Prompt(data["ids"], sample.images, sample)
 
 
 def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int) -> None:
@@ -221,7 +228,6 @@ def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int
         if threads:
             torch.set_num_threads(threads)
         served = ChatModel(name, Path(folder), vlkit.load(folder, device=device))
-        served.drop_encoder_weights()  # prompts arrive with their visual tokens
         engine = Engine(served, max_batch)
     except Exception as err:  # noqa: BLE001 - the parent reports it
         _send(conn, ("failed", f"{type(err).__name__}: {err}"))

@@ -1,13 +1,11 @@
 """The models a server holds, by name: chat models (a language model with a chat template, or a
 vision-language model with its processor) and embedding models (CLIP, SigLIP). A chat model turns
-OpenAI messages into prompt ids and its images' visual tokens (the image encoder runs where the
-prompt is built, beside the HTTP handling); its engine (:mod:`.engine`) runs the language model."""
+OpenAI messages into prompt ids and image tensors; its engine (:mod:`.engine`) generates."""
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,12 +20,11 @@ from vlkit.text.conversation import IMAGE_TOKEN, ConversationError
 
 @dataclass
 class Prompt:
-    """One request's prompt: ids (image tokens expanded) and its images' visual tokens, in order
-    (``image_features``: ``[images, M, D]``, or ``[tokens, D]`` where images differ in size; None
-    without images), which the engine writes over the image tokens."""
+    """One request's prompt: ids (image tokens expanded) and the processor's image tensors."""
 
     ids: list[int]
-    features: torch.Tensor | None = None
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample: object = None  # the processor's ProcessedSample (VLMs), which the engine collates
 
 
 class ChatModel:
@@ -66,29 +63,12 @@ class ChatModel:
 
     @property
     def has_weights(self) -> bool:
-        """Whether the language model's weights are here (an engine in this process needs them)."""
-        return next(self.lm.parameters()).device.type != "meta"
+        return next(self.model.parameters()).device.type != "meta"
 
-    def drop_lm_weights(self) -> None:
-        """Free the language model's weights when another process generates: prompts need the
-        configs, the processor and the image encoder only."""
-        self.lm.to("meta")
-
-    def drop_encoder_weights(self) -> None:
-        """Free the image encoder's weights (the vision tower, the connector) in an engine process,
-        whose prompts arrive with their visual tokens."""
-        for module in self.model.children() if self.vlm else ():
-            if module is not self.lm:
-                module.to("meta")
-
-    def encode_images(self, images: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The processor's image tensors → the images' visual tokens (:attr:`Prompt.features`)."""
-        if not images:
-            return None
-        sizes = images.get("image_sizes")
-        with torch.inference_mode():
-            features = self.model.image_features(images["pixel_values"].to(self.device), sizes)
-        return torch.cat(features) if isinstance(features, (list, tuple)) else features
+    def drop_weights(self) -> None:
+        """Free the weights when another process generates: prompts need the configs and the
+        processor only."""
+        self.model.to("meta")
 
     def image_tokens(self) -> int:
         return self.model.num_image_tokens() if self.vlm else 0
@@ -125,7 +105,7 @@ class ChatModel:
         try:
             if self.vlm:
                 sample = self.processor.encode(turns, pil, add_generation_prompt=True, sample="the request")
-                return Prompt(sample.input_ids, self.encode_images(sample.images))
+                return Prompt(sample.input_ids, sample.images, sample)
             return Prompt(self.tokenizer.encode_chat(turns))
         except ConversationError as err:
             raise ApiError(400, str(err), "invalid_messages", "messages") from None
@@ -147,20 +127,11 @@ class EmbeddingModel:
             raise VlkitError(f"{path}: the embedding model has no tokenizer (tokenizer.json)")
 
 
-def _move(model: torch.nn.Module, device: str) -> None:
-    """``model.to(device)`` for the weights it holds (those on the meta device stay there)."""
-    with torch.no_grad():
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            if not t.is_meta:
-                t.data = t.data.to(device)
-
-
 def load_models(specs: list[str], device: str = "cpu", chat_weights: bool = True) -> dict[str, ChatModel | EmbeddingModel]:
     """``--model`` values (``DIR`` or ``NAME=DIR``; the name defaults to the folder's name) →
     loaded models by name; a folder that holds neither kind is named. ``chat_weights=False``
-    keeps the chat models without their language models' weights (configs, tokenizer, processor
-    and image encoder: what prompts need), for a server whose engine processes load them onto
-    ``device`` themselves."""
+    keeps the chat models without their weights (configs, tokenizer, processor: all prompts need),
+    for a server whose engine processes load them onto ``device`` themselves."""
     import vlkit
 
     out: dict = {}
@@ -174,10 +145,9 @@ def load_models(specs: list[str], device: str = "cpu", chat_weights: bool = True
         if hasattr(model, "encode_text") and hasattr(model, "encode_image"):
             out[name] = EmbeddingModel(name, Path(folder), model.to(device))
         elif hasattr(model, "generation_config"):
-            served = out[name] = ChatModel(name, Path(folder), model, device)
+            out[name] = ChatModel(name, Path(folder), model.to(device) if chat_weights else model, device)
             if not chat_weights:
-                served.drop_lm_weights()  # before the move: the LM's weights never reach the device
-            _move(model, device)
+                out[name].drop_weights()
         else:
             raise VlkitError(f"--model {folder}: holds a {type(model).__name__}; the server takes chat models (language or "
                              "vision-language) and embedding models (CLIP, SigLIP)")
