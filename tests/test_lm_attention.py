@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlkit.nn.attention import Attention
+from vlkit.nn.attention import Attention, sdpa
 from vlkit.nn.rope import RopeConfig, Rotary, apply_rotary
 
 TOL = 1e-5
@@ -116,10 +116,10 @@ class ListSlot:
     def __init__(self):
         self.k = self.v = None
 
-    def update(self, k, v):
+    def attend(self, q, k, v, mask, causal, gqa):
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        return sdpa(q, self.k, self.v, mask, causal, gqa)
 
 
 @torch.no_grad()

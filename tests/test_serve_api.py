@@ -266,33 +266,31 @@ def test_the_server_keeps_serving_after_errors(client, models):
     assert r.choices[0].message.content == reference(models, "Hello, how are you?")
 
 
+def broken_once(method, message: str):
+    """``method`` that raises ``RuntimeError(message)`` the first time it is called."""
+    calls = []
+
+    def broken(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(message)
+        return method(self, *args, **kwargs)
+
+    return broken
+
+
 def test_a_failing_generation_is_a_500_and_the_server_goes_on(models, monkeypatch):
     from vlkit.lm.batching import DecodingBatch
 
-    real, calls = DecodingBatch.step, []
-
-    def step_once_broken(self):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("the accelerator fell over")
-        return real(self)
-
-    monkeypatch.setattr(DecodingBatch, "step", step_once_broken)
+    monkeypatch.setattr(DecodingBatch, "step", broken_once(DecodingBatch.step, "the accelerator fell over"))
     with serving(create_app(models)) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.InternalServerError, match="fell over"):
             ask(c, [{"role": "user", "content": "Hello, how are you?"}])
         r = ask(c, [{"role": "user", "content": "Hello, how are you?"}])
         assert r.choices[0].message.content == reference(models, "Hello, how are you?")
-        add, adds = DecodingBatch.add, []
-
-        def add_once_broken(self, *args, **kwargs):
-            adds.append(1)
-            if len(adds) == 1:
-                raise RuntimeError("out of memory in the prefill")
-            return add(self, *args, **kwargs)
-
-        monkeypatch.setattr(DecodingBatch, "add", add_once_broken)
+        for name in ("_forward_packed", "_prefill"):  # the prefill packed with the running rows, then on its own
+            monkeypatch.setattr(DecodingBatch, name, broken_once(getattr(DecodingBatch, name), "out of memory in the prefill"))
         with pytest.raises(openai.APIError, match="prefill"):  # a stream has begun (200): the error is an event
             list(ask(c, [{"role": "user", "content": "Hello, how are you?"}], stream=True))
         r = ask(c, [{"role": "user", "content": "Hello, how are you?"}])

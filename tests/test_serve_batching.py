@@ -12,6 +12,7 @@ from vlkit.lm import LlamaConfig, LlamaLM
 from vlkit.lm.batching import DecodingBatch
 from vlkit.lm.cache import KVCache
 from vlkit.lm.generate import generate, resolve_config
+from vlkit.text.lm_tokenizer import left_pad
 
 VOCAB = 97
 
@@ -35,16 +36,25 @@ def solo(lm, ids, **options) -> list[int]:
     return generate(lm, ids, **options)[0].tolist()
 
 
-def run(batch: DecodingBatch, joins: dict[int, list], limit: int = 200) -> dict:
-    """Step the batch; at step ``s`` the rows of ``joins[s]`` (key, ids, options) join, one group
-    each; returns each key's tokens and finish reason."""
+def run(batch: DecodingBatch, joins: dict[int, list], limit: int = 200, how: str = "add") -> dict:
+    """Step the batch; at step ``s`` the rows of ``joins[s]`` (key, ids, options) join: one group
+    each through :meth:`~DecodingBatch.add`, or (``how="join"``) all in one left-padded group
+    through :meth:`~DecodingBatch.join`, prefilled by the step's forward; returns each key's
+    tokens and finish reason."""
     out: dict = {}
     for s in range(limit):
+        group = []
         for key, ids, options in joins.get(s, []):
             gen = torch.Generator().manual_seed(options.pop("seed")) if "seed" in options else None
-            cfg = resolve_config(batch.lm, None, **options)
-            batch.add([key], [cfg], ids, generators=[gen])
+            group.append((key, resolve_config(batch.lm, None, **options), ids, gen))
             out[key] = ([], None)
+        if group and how == "add":
+            for key, cfg, ids, gen in group:
+                batch.add([key], [cfg], ids, generators=[gen])
+        elif group:
+            padded = left_pad([ids[0].tolist() for _, _, ids, _ in group], 0)
+            batch.join([k for k, *_ in group], [c for _, c, *_ in group], padded["input_ids"], padded["attention_mask"],
+                       generators=[g for *_, g in group])  # fmt: skip
         for key, token, finish in batch.step():
             out[key][0].append(token)
             out[key] = (out[key][0], finish)
@@ -53,7 +63,10 @@ def run(batch: DecodingBatch, joins: dict[int, list], limit: int = 200) -> dict:
     return out
 
 
-def test_rows_joining_at_different_steps_match_solo_generation(lm):
+@pytest.mark.parametrize("how", ["add", "join", "join unpacked"])
+def test_rows_joining_at_different_steps_match_solo_generation(lm, how, monkeypatch):
+    if how == "join unpacked":  # every joining group prefilled on its own, after the running rows' forward
+        monkeypatch.setattr("vlkit.lm.batching.PACK_LIMIT", 0)
     eos = 5
     joins = {
         0: [("a", prompt(9, 1), dict(max_new_tokens=12))],
@@ -62,7 +75,7 @@ def test_rows_joining_at_different_steps_match_solo_generation(lm):
         15: [("e", prompt(2, 5), dict(max_new_tokens=7, no_repeat_ngram_size=2))],
     }
     expected = {key: solo(lm, ids, **{k: v for k, v in opts.items()}) for group in joins.values() for key, ids, opts in group}
-    got = run(DecodingBatch(lm), {s: [(k, i, dict(o)) for k, i, o in g] for s, g in joins.items()})
+    got = run(DecodingBatch(lm), {s: [(k, i, dict(o)) for k, i, o in g] for s, g in joins.items()}, how=how.split()[0])
     for key, (tokens, finish) in got.items():
         want = expected[key]
         if eos in want and key == "c":
@@ -71,11 +84,13 @@ def test_rows_joining_at_different_steps_match_solo_generation(lm):
         assert finish == ("stop" if tokens[-1] == eos and key == "c" else "length")
 
 
-def test_sampled_rows_with_a_seed_repeat_whatever_joins_beside_them(lm):
+@pytest.mark.parametrize("how", ["add", "join"])
+def test_sampled_rows_with_a_seed_repeat_whatever_joins_beside_them(lm, how):
     opts = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.8, seed=7)
     alone = run(DecodingBatch(lm), {0: [("s", prompt(6, 9), dict(opts))]})["s"][0]
     crowded = run(DecodingBatch(lm), {0: [("x", prompt(12, 1), dict(max_new_tokens=20))],
-                                      2: [("s", prompt(6, 9), dict(opts)), ("y", prompt(3, 2), dict(opts, seed=1))]})
+                                      2: [("s", prompt(6, 9), dict(opts)), ("y", prompt(3, 2), dict(opts, seed=1))]},
+                  how=how)  # fmt: skip
     assert crowded["s"][0] == alone
     assert crowded["y"][0] != alone
 
@@ -91,6 +106,54 @@ def test_stop_strings_end_a_row(lm):
     stop = f"{ref[4]} "
     got = run(DecodingBatch(lm, Digits()), {0: [("r", prompt(8, 3), dict(max_new_tokens=16, stop_strings=[stop]))]})["r"]
     assert got == (ref[: ref.index(ref[4]) + 1], "stop")
+
+
+def test_a_joining_group_packs_with_the_running_rows_and_its_dropped_rows_never_run(lm):
+    """Groups of left-padded prompts (ids, or embeddings as a VLM gives) join while rows run: each
+    row's tokens are solo generate's; a joining row dropped before its step never runs."""
+    batch = DecodingBatch(lm)
+    specs = {"a": (9, 12), "b": (4, 20), "c": (15, 6), "d": (30, 9), "e": (2, 7), "f": (6, 5)}
+    ids = {k: prompt(w, i) for i, (k, (w, _)) in enumerate(specs.items())}
+    cfg = {k: resolve_config(lm, None, max_new_tokens=n) for k, (_, n) in specs.items()}
+    joins = {0: ["a"], 2: ["b", "c", "x"], 5: ["d", "e"], 6: ["f"]}
+    ids["x"], cfg["x"] = prompt(7, 99), resolve_config(lm, None, max_new_tokens=4)
+    got, packed = {k: [] for k in ids}, 0
+    for s in range(60):
+        if s in joins:
+            padded = left_pad([ids[k][0].tolist() for k in joins[s]], 0)
+            embeds = lm.embed(padded["input_ids"]) if s == 5 else None
+            batch.join(joins[s], [cfg[k] for k in joins[s]], padded["input_ids"], padded["attention_mask"], embeds)
+            packed += batch._packs(batch.joining)
+            if s == 2:
+                batch.drop(["x"])
+                assert "x" not in batch.keys and len(batch) == 3
+        for key, token, _ in batch.step():
+            got[key].append(token)
+    assert packed == 3 and not batch and got.pop("x") == []  # the first group joins an empty batch: a plain prefill
+    for k in got:
+        assert got[k] == solo(lm, ids[k], max_new_tokens=specs[k][1]), k
+
+
+def test_a_joining_group_whose_prefill_fails_is_named_and_the_running_rows_go_on(lm, monkeypatch):
+    batch = DecodingBatch(lm)
+    batch.add(["a"], [resolve_config(lm, None, max_new_tokens=12)], prompt(9, 1))
+    got = [t for _, t, _ in batch.step()]
+    real = batch.lm
+
+    def failing(self, *args, **kwargs):  # every forward of more than one token fails: the group's prefill
+        if (kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None else kwargs["input_ids"]).shape[1] > 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    batch.lm = type("Failing", (), {"__call__": failing, "__getattr__": lambda self, name: getattr(real, name)})()
+    batch.join(["b", "c"], [resolve_config(lm, None, max_new_tokens=5)] * 2, torch.cat([prompt(4, 2), prompt(4, 3)]))
+    got += [t for _, t, _ in batch.step()]
+    assert batch.join_error is not None and batch.join_error[0] == ["b", "c"] and "out of memory" in str(batch.join_error[1])
+    assert batch.keys == ["a"]
+    batch.lm = real
+    while batch:
+        got += [t for _, t, _ in batch.step()]
+    assert got == solo(lm, prompt(9, 1), max_new_tokens=12)
 
 
 def test_dropped_rows_leave_and_others_go_on(lm):

@@ -7,7 +7,8 @@ API::
     cfg = resolve_config(lm, generation_config, max_new_tokens=32, ...)      # each row's own options
     if batch.fits(prompt_width, cfg.max_new_tokens):
         batch.add(keys, configs, input_ids, attention_mask, inputs_embeds=None, generators=None)
-    for key, token, finish in batch.step():    # one new token for every row; finish: None, "stop", "length"
+        # or batch.join(...): prefilled by the next step's forward, packed beside the running rows' tokens
+    for key, token, finish in batch.step():    # one new token for every running row; finish: None, "stop", "length"
         ...                                    # a finished row has left the batch
     batch.drop(keys)                           # rows nobody waits for any more (a closed connection)
 
@@ -20,6 +21,9 @@ with the running rows (every row's newest token shares a column, each row keeps 
 and the attention mask hides the columns a row does not use); a row that leaves takes the last
 row's place. Leading columns no row uses any more are dropped when a group joins, once they are a
 quarter of the used width (or room is short); the buffer grows only when rows or columns run out.
+A group that joins by :meth:`DecodingBatch.join` saves a forward: its prompts and the running rows'
+tokens go through the model as one packed sequence, each written to its own row and column, the
+running tokens attending as a decode step does and the prompts as a prefill does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import torch
 
 from vlkit.errors import VlkitError
 from vlkit.lm.cache import CacheLayer, KVCache
+from vlkit.lm.decoder import causal_mask, positions_from_mask
+from vlkit.nn.attention import sdpa
 from vlkit.lm.generate import GenerationConfig, _device, _new_tokens, _prompt, pick_tokens
 from vlkit.lm.logits import processors
 from vlkit.lm.stopping import StopStrings
@@ -73,6 +79,25 @@ class _Row:
         return "length" if len(self.generated) >= self.new else None
 
 
+@dataclass
+class _Group:
+    """Rows that join together: their left-padded prompt, its mask ``[G, P]`` and their longest answer."""
+
+    rows: list[_Row]
+    prompt: object  # vlkit.lm.generate._Prompt
+    mask: torch.Tensor
+    new: int
+
+    def only(self, index: list[int]) -> "_Group | None":
+        """The rows at ``index`` alone (None for none)."""
+        if not index:
+            return None
+        at = torch.tensor(index, device=self.mask.device)
+        pick = lambda t: None if t is None else t[at]  # noqa: E731
+        prompt = type(self.prompt)(pick(self.prompt.ids), pick(self.prompt.embeds), pick(self.prompt.mask))
+        return _Group([self.rows[i] for i in index], prompt, self.mask[at], self.new)
+
+
 class _CacheView(KVCache):
     """A :class:`KVCache` over a block of the batch's buffers (a view: nothing allocated), so the
     model reads and writes the rows in place."""
@@ -81,6 +106,73 @@ class _CacheView(KVCache):
         self.keys, self.values = keys, values
         self.max_length, self.length, self._end = keys.shape[3], length, length
         self.layers = [CacheLayer(self, i) for i in range(keys.shape[0])]
+
+
+class _Packing:
+    """Where a packed forward's tokens go: the running rows' one token each (rows ``[0, n)``, column
+    ``end``), then the joining rows' prompts (rows ``[n, n + g)``, their ``width`` columns ending at
+    ``end``; ``real`` marks each left-padded prompt's tokens). The masks are made once for all layers."""
+
+    def __init__(self, n: int, end: int, real: torch.Tensor, running_mask: torch.Tensor):
+        self.n, self.end, self.real = n, end, real
+        self.padded = not bool(real.all())  # else the prompts' tokens fill their grid: views, no scatter
+        self.columns = slice(end - real.shape[1] + 1, end + 1)
+        at = real.nonzero()  # (row, column) of each prompt token, row by row
+        self.rows, self.cols = n + at[:, 0], self.columns.start + at[:, 1]
+        self.running = running_mask[:, None, None, :].bool()  # True: attend
+        self.prompts = causal_mask(real.long(), 0, real.shape[1], torch.float32, real.device)[0]
+
+
+class _PackedLayer:
+    """One layer's slot for packed tokens (:class:`_Packing`): each token's keys and values are
+    written to its row and column of the batch's buffers; the running rows' tokens attend to their
+    rows' columns, each prompt to its own columns (causal, padding masked): two attentions of the
+    shapes a decode step and a prefill have, not one over every row's columns."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, packing: _Packing):
+        self.keys, self.values, self.packing = keys, values, packing
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal, gqa: bool) -> torch.Tensor:
+        p = self.packing
+        n, (g, width) = p.n, p.real.shape
+        for buf, new in ((self.keys, k[0]), (self.values, v[0])):  # new: [kv heads, tokens, head dim]
+            buf[:n, :, p.end] = new[:, :n].transpose(0, 1)
+            if p.padded:
+                buf[p.rows, :, p.cols] = new[:, n:].transpose(0, 1)
+            else:
+                buf[n:, :, p.columns] = new[:, n:].unflatten(1, (g, width)).transpose(0, 1)
+        ran = sdpa(q[0, :, :n].transpose(0, 1)[:, :, None], self.keys[:n, :, : p.end + 1], self.values[:n, :, : p.end + 1],
+                   p.running, False, gqa)[:, :, 0].transpose(0, 1)  # fmt: skip
+        if p.padded:
+            grid = q.new_zeros(g, width, q.shape[1], q.shape[3])
+            grid[p.real] = q[0, :, n:].transpose(0, 1)
+            grid = grid.transpose(1, 2)
+        else:
+            grid = q[0, :, n:].unflatten(1, (g, width)).transpose(0, 1)
+        prompts = p.prompts.to(q.dtype) if p.prompts is not None else None
+        joined = sdpa(grid, self.keys[n:, :, p.columns], self.values[n:, :, p.columns], prompts, prompts is None, gqa)
+        joined = joined.transpose(1, 2)[p.real].transpose(0, 1) if p.padded else joined.transpose(0, 1).flatten(1, 2)
+        return torch.cat([ran, joined], 1)[None]
+
+
+class _PackedCache:
+    """The cache :meth:`DecoderLM.forward` writes through for packed tokens (one sequence of them)."""
+
+    batch, length = 1, 0
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, packing: _Packing):
+        self.layers = [_PackedLayer(keys[i], values[i], packing) for i in range(keys.shape[0])]
+
+    def reserve(self, n: int) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+
+PACK_LIMIT = 2**16
+"""The most prompt tokens × joining rows a step packs beside the running rows' tokens (each prompt
+attends in a grid as wide as the longest); a larger group is prefilled on its own."""
 
 
 def _shift(buffers: tuple[torch.Tensor, ...], rows: int, start: int, end: int, by: int) -> None:
@@ -110,13 +202,15 @@ class DecodingBatch:
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 where the row has a token
         self.position: torch.Tensor | None = None  # [rows]: each row's next position id
         self.logits: torch.Tensor | None = None  # [rows, V]: the scores of each row's next token
+        self.joining: _Group | None = None  # prefilled by the next step
+        self.join_error: tuple[list[Hashable], Exception] | None = None  # the keys of a group whose prefill failed, why
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + (len(self.joining.rows) if self.joining is not None else 0)
 
     @property
     def keys(self) -> list[Hashable]:
-        return [r.key for r in self.rows]
+        return [r.key for r in self.rows + (self.joining.rows if self.joining is not None else [])]
 
     def _first_used(self) -> int:
         """The first cache column a running row uses (columns before it can go)."""
@@ -138,8 +232,26 @@ class DecodingBatch:
             attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
             generators: Sequence[torch.Generator | None] | None = None) -> None:  # fmt: skip
         """Prefill a left-padded group of prompts (``input_ids`` ``[G, P]``, the penalties' history;
-        ``inputs_embeds`` ``[G, P, D]`` when given, what the model reads) and join its rows, each
+        ``inputs_embeds`` ``[G, P, D]`` when given, what the model reads) now and join its rows, each
         with its checked config (``max_new_tokens`` or ``max_length`` set its length)."""
+        group = self._group(keys, configs, input_ids, attention_mask, inputs_embeds, generators)
+        with torch.inference_mode():
+            self._prefill(group)
+
+    def join(self, keys: Sequence[Hashable], configs: Sequence[GenerationConfig], input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+             generators: Sequence[torch.Generator | None] | None = None) -> None:  # fmt: skip
+        """:meth:`add`, but the group is prefilled by the next :meth:`step`'s forward, its prompts
+        packed beside the running rows' tokens (one forward for both, where the packed attention
+        stays under ``PACK_LIMIT`` scores a head; else a prefill of its own): for a small model
+        the forward's fixed cost is most of a step's. Its rows' first tokens come from the step after.
+        If its prefill fails, the running rows go on and ``join_error`` holds its keys and the error."""
+        if self.joining is not None:
+            raise VlkitError("DecodingBatch.join: a group is already waiting to join; step() before joining another")
+        self.joining = self._group(keys, configs, input_ids, attention_mask, inputs_embeds, generators)
+
+    def _group(self, keys, configs, input_ids, attention_mask, inputs_embeds, generators) -> _Group:
+        """The prompts checked, and their rows (not yet running)."""
         prompt = _prompt(self.lm, input_ids, attention_mask, inputs_embeds)
         rows, width = prompt.batch, prompt.length
         generators = list(generators) if generators is not None else [None] * rows
@@ -163,17 +275,21 @@ class DecodingBatch:
                 if ids is not None:
                     history[0, : lengths[i]] = ids[i, width - lengths[i] :]
             new_rows.append(_Row(key, cfg, new, process, gen, stopper, history, lengths[i] if ids is not None else 0))
-        with torch.inference_mode():
-            end = self._make_room(rows, width, max(news))
-            n = len(self.rows)
-            keys, values = self.keys_buffer[:, n : n + rows], self.values_buffer[:, n : n + rows]
-            keys[:, :, :, : end - width] = 0  # the new rows' unused columns: masked, and no stale values
-            values[:, :, :, : end - width] = 0
-            cache = _CacheView(keys[:, :, :, end - width :], values[:, :, :, end - width :], 0)
-            out = self.lm(input_ids=ids if prompt.embeds is None else None, inputs_embeds=prompt.embeds,
-                          attention_mask=prompt.mask, cache=cache, logits_to_keep=1)  # fmt: skip
-            self._join(mask, out.logits[:, -1], end)
-        self.rows += new_rows
+        return _Group(new_rows, prompt, mask, max(news))
+
+    def _prefill(self, group: _Group) -> None:
+        """The group's own forward, into free rows of the buffers; its rows join."""
+        prompt, rows, width = group.prompt, len(group.rows), group.mask.shape[1]
+        end = self._make_room(rows, width, group.new)
+        n = len(self.rows)
+        keys, values = self.keys_buffer[:, n : n + rows], self.values_buffer[:, n : n + rows]
+        keys[:, :, :, : end - width] = 0  # the new rows' unused columns: masked, and no stale values
+        values[:, :, :, : end - width] = 0
+        cache = _CacheView(keys[:, :, :, end - width :], values[:, :, :, end - width :], 0)
+        out = self.lm(input_ids=prompt.ids if prompt.embeds is None else None, inputs_embeds=prompt.embeds,
+                      attention_mask=prompt.mask, cache=cache, logits_to_keep=1)  # fmt: skip
+        self._join(group.mask, out.logits[:, -1], end)
+        self.rows += group.rows
 
     def _make_room(self, rows: int, width: int, new: int) -> int:
         """Lay the running rows out for ``rows`` more, ``width`` columns wide (left-padded), that
@@ -222,29 +338,47 @@ class DecodingBatch:
         self.logits = torch.cat([self.logits, logits])
 
     def step(self) -> list[tuple[Hashable, int, str | None]]:
-        """Choose every row's next token, let the rows that ended leave, and run the model on the
-        rest: ``(key, token, finish)`` per row, in row order."""
-        if not self.rows:
+        """Choose every running row's next token, let the rows that ended leave, and run the model on
+        the rest (and on the joining group's prompts): ``(key, token, finish)`` per running row, in
+        row order."""
+        if not self.rows and self.joining is None:
             return []
+        events, tokens = [], None
         with torch.inference_mode():
-            tokens = self.logits.argmax(-1)
-            for i, row in enumerate(self.rows):
-                if not row.simple:
-                    tokens[i] = row.pick(self.logits[i : i + 1])[0]
-            events, keep = [], []
-            for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-                finish = row.finish(token)
-                events.append((row.key, token, finish))
-                if finish is None:
-                    keep.append(i)
-            order = self._keep(keep)
             if self.rows:
-                self._forward(tokens[order] if len(order) < tokens.shape[0] else tokens)
+                tokens = self.logits.argmax(-1)
+                for i, row in enumerate(self.rows):
+                    if not row.simple:
+                        tokens[i] = row.pick(self.logits[i : i + 1])[0]
+                keep = []
+                for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+                    finish = row.finish(token)
+                    events.append((row.key, token, finish))
+                    if finish is None:
+                        keep.append(i)
+                order = self._keep(keep)
+                tokens = tokens[order] if len(order) < tokens.shape[0] else tokens
+            group, self.joining = self.joining, None
+            if group is not None and self._packs(group):
+                try:
+                    self._forward_packed(tokens, group)
+                    return events
+                except Exception:  # noqa: BLE001 - done apart below: a failing prefill then fails its group alone
+                    pass  # the running rows are as they were before the forward (their layout made room)
+            if self.rows:
+                self._forward(tokens)
+            if group is not None:
+                try:
+                    self._prefill(group)
+                except Exception as err:  # noqa: BLE001 - the running rows go on; the caller fails the group
+                    self.join_error = ([r.key for r in group.rows], err)
         return events
 
     def drop(self, keys) -> None:
         """Remove the rows of ``keys`` (no more tokens are made for them)."""
         gone = set(keys)
+        if self.joining is not None:
+            self.joining = self.joining.only([i for i, r in enumerate(self.joining.rows) if r.key not in gone])
         self._keep([i for i, r in enumerate(self.rows) if r.key not in gone])
 
     def _keep(self, index: list[int]) -> list[int]:
@@ -278,3 +412,34 @@ class DecodingBatch:
         out = self.lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=self.position[:, None], cache=self.cache,
                       logits_to_keep=1)  # fmt: skip
         self.mask, self.position, self.logits = mask, self.position + 1, out.logits[:, -1]
+
+    def _packs(self, group: _Group) -> bool:
+        """Whether the group's prompts go into the running rows' forward: when rows run (else a plain
+        prefill is the same forward, cheaper) and the group is small (:data:`PACK_LIMIT`)."""
+        return bool(self.rows) and group.mask.numel() * len(group.rows) <= PACK_LIMIT
+
+    def _forward_packed(self, tokens: torch.Tensor, group: _Group) -> None:
+        """One forward for the running rows' tokens and the group's prompts, packed into one sequence
+        (:class:`_Packing`): each prompt ends in the column of the running rows' token, so its rows
+        are right-aligned with them."""
+        n, (g, width) = len(self.rows), group.mask.shape
+        end = self._make_room(g, width - 1, group.new)  # the column of this step's tokens
+        columns, rows = end + 1, n + g
+        for buf in (self.keys_buffer, self.values_buffer):
+            buf[:, n:rows, :, :columns] = 0  # the new rows' columns: masked, and no stale values
+        mask = group.mask.new_zeros(rows, columns)
+        mask[:n, :end] = self.mask
+        mask[:n, end] = 1
+        mask[n:, end - width + 1 :] = group.mask
+        real = group.mask.bool()
+        prompts = group.prompt.embeds if group.prompt.embeds is not None else self.lm.embed(group.prompt.ids)
+        x = torch.cat([self.lm.embed(tokens[:, None])[:, 0], prompts[real]])
+        positions = torch.cat([self.position, positions_from_mask(group.mask, width)[real]])
+        lengths = group.mask.sum(1)
+        last = torch.cat([torch.arange(n, device=self.device), n + lengths.cumsum(0) - 1])
+        cache = _PackedCache(self.keys_buffer[:, :rows], self.values_buffer[:, :rows], _Packing(n, end, real, mask[:n]))
+        out = self.lm(inputs_embeds=x[None], position_ids=positions[None], cache=cache, logits_to_keep=last)
+        self.rows += group.rows
+        self.cache = _CacheView(self.keys_buffer[:, :rows], self.values_buffer[:, :rows], columns)
+        self.mask, self.logits = mask, out.logits[0]
+        self.position = torch.cat([self.position + 1, lengths])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlkit.errors import VlkitError
+from vlkit.nn.attention import sdpa
 
 
 class CacheFull(VlkitError):
@@ -89,6 +90,11 @@ class CacheLayer:
 
     def __init__(self, cache: KVCache, index: int):
         self.cache, self.index = cache, index
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               gqa: bool) -> torch.Tensor:  # fmt: skip
+        k, v = self.update(k, v)
+        return sdpa(q, k, v, mask, causal, gqa)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache

@@ -133,11 +133,13 @@ class DecoderLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> LMOutput:
-        """Logits for the ``n`` new tokens. ``attention_mask`` ``[B, cache.length + n]`` (1 = token, 0 =
-        padding) covers the cached past and the new tokens; without ``position_ids`` positions follow it.
-        ``cache`` is written at ``[length, length + n)`` and advanced by ``n``."""
+        """Logits for the ``n`` new tokens (the last ``logits_to_keep``, or those at its indices when it
+        is a tensor). ``attention_mask`` ``[B, cache.length + n]`` (1 = token, 0 = padding) covers the
+        cached past and the new tokens; without ``position_ids`` positions follow it. ``cache`` is
+        written at ``[length, length + n)`` and advanced by ``n`` (a cache whose slots attend for
+        their tokens, as :class:`vlkit.lm.batching.DecodingBatch`'s packed rows do, masks itself)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise VlkitError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -165,7 +167,9 @@ class DecoderLM(nn.Module):
             x = run(layer, x, mask, causal, rope, slot)
         if cache is not None:
             cache.commit()
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         return LMOutput(self._head(x), cache)
 

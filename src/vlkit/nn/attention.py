@@ -32,8 +32,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 class CacheSlot(Protocol):
     """One layer's place in a KV cache (``vlkit.lm.cache.KVCache.layers[i]``)."""
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new ``[B, kv_heads, n, head_dim]`` keys/values; return all keys/values so far."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               gqa: bool) -> torch.Tensor:  # fmt: skip
+        """Store the new ``[B, kv_heads, n, head_dim]`` keys/values, then attend ``q`` to all keys/values so
+        far: :func:`sdpa`'s output."""
 
 
 class Attention(nn.Module):
@@ -101,8 +103,9 @@ class Attention(nn.Module):
                 qk = apply_rotary(qk, *rope)
             q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v)
-        out = sdpa(q, k, v, mask, causal and mask is None, self.gqa)
+            out = cache.attend(q, k, v, mask, causal and mask is None, self.gqa)
+        else:
+            out = sdpa(q, k, v, mask, causal and mask is None, self.gqa)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.q_size))
 
     def attend(self, queries: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The background engine of one chat model: a thread that owns the model and runs one
 :class:`~vlkit.lm.batching.DecodingBatch`. Requests that wait join it between decode steps (as
-many as fit, in arrival order, prefilled together in one left-padded group, images through the
-vision tower together); a finished answer leaves at once; a cancelled one (its client went away)
-is dropped at the next step. Text is decoded here, per answer: token by token as it streams, or
-once, when it ends, for an answer sent whole."""
+many as fit, in arrival order, as one left-padded group, images through the vision tower together,
+its prompts prefilled in the next step's forward beside the running rows' tokens); a finished
+answer leaves at once; a cancelled one (its client went away) is dropped at the next step. Text is
+decoded here, per answer: token by token as it streams, or once, when it ends, for an answer sent
+whole."""
 
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ class Engine:
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.waiting: list[Job] = []
         self.jobs: dict[int, Job] = {}
-        # cpu_s: the engine thread's CPU seconds (prefill_cpu_s of them in prefills): what a request
-        # costs the model, apart from the HTTP handling around it
+        # cpu_s: the engine thread's CPU seconds (prefill_cpu_s of them admitting requests: the vision
+        # tower, and the prefills a step does not pack): what a request costs the model, apart from the
+        # HTTP handling around it
         self.stats = {"requests": 0, "steps": 0, "rows_stepped": 0, "max_rows": 0, "cancelled": 0, "cpu_s": 0.0,
                       "prefill_cpu_s": 0.0}  # fmt: skip
         self._stop = threading.Event()
@@ -188,7 +190,7 @@ class Engine:
                 keys.append((id(job), i))
                 configs.append(job.config)
                 generators.append(generator)
-        self.batch.add(keys, configs, repeat(ids), repeat(mask), repeat(embeds), generators)
+        self.batch.join(keys, configs, repeat(ids), repeat(mask), repeat(embeds), generators)
         self.stats["requests"] += len(group)
 
     def _generator(self, job: Job) -> torch.Generator | None:
@@ -198,6 +200,14 @@ class Engine:
 
     def _step(self) -> None:
         events = self.batch.step()
+        if self.batch.join_error is not None:  # a joining group's prefill failed: its requests fail, the rest go on
+            keys, err = self.batch.join_error
+            self.batch.join_error = None
+            log.error("prefill failed: %s: %s", type(err).__name__, err)
+            for job_id in dict.fromkeys(k[0] for k in keys):
+                job = self.jobs.pop(job_id, None)
+                if job is not None:
+                    job.deliver(("error", f"generation failed ({type(err).__name__}: {err})"))
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += len(events)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(events))
