@@ -369,7 +369,8 @@ def main() -> None:
               "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens, "seconds": args.seconds,
               "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "one": one, "many": many,
               "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
-              "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows")}}  # fmt: skip
+              "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows", "joins_packed",
+                                                    "joins_apart")}}  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "a") as f:

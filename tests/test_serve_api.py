@@ -310,6 +310,8 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url
     steps = after["steps"] - before["steps"]
     rows = after["rows_stepped"] - before["rows_stepped"]
     assert rows > steps  # on average more than one row per decode step
+    groups = sum(after[k] - before[k] for k in ("joins_packed", "joins_apart"))
+    assert 1 <= groups <= 8  # the 8 requests joined in groups, inside a step's forward or apart
     assert 0 < after["prefill_cpu_s"] - before["prefill_cpu_s"] < after["cpu_s"] - before["cpu_s"]  # the engine's CPU
 
 

@@ -130,6 +130,7 @@ def test_a_joining_group_packs_with_the_running_rows_and_its_dropped_rows_never_
         for key, token, _ in batch.step():
             got[key].append(token)
     assert packed == 3 and not batch and got.pop("x") == []  # the first group joins an empty batch: a plain prefill
+    assert batch.joins == {"packed": 3, "apart": 1}
     for k in got:
         assert got[k] == solo(lm, ids[k], max_new_tokens=specs[k][1]), k
 

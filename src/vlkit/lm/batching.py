@@ -204,6 +204,7 @@ class DecodingBatch:
         self.logits: torch.Tensor | None = None  # [rows, V]: the scores of each row's next token
         self.joining: _Group | None = None  # prefilled by the next step
         self.join_error: tuple[list[Hashable], Exception] | None = None  # the keys of a group whose prefill failed, why
+        self.joins = {"packed": 0, "apart": 0}  # joining groups prefilled inside a step's forward, and on their own
 
     def __len__(self) -> int:
         return len(self.rows) + (len(self.joining.rows) if self.joining is not None else 0)
@@ -362,6 +363,7 @@ class DecodingBatch:
             if group is not None and self._packs(group):
                 try:
                     self._forward_packed(tokens, group)
+                    self.joins["packed"] += 1
                     return events
                 except Exception:  # noqa: BLE001 - done apart below: a failing prefill then fails its group alone
                     pass  # the running rows are as they were before the forward (their layout made room)
@@ -370,6 +372,7 @@ class DecodingBatch:
             if group is not None:
                 try:
                     self._prefill(group)
+                    self.joins["apart"] += 1
                 except Exception as err:  # noqa: BLE001 - the running rows go on; the caller fails the group
                     self.join_error = ([r.key for r in group.rows], err)
         return events

@@ -100,7 +100,8 @@ class Engine:
         job.cancel()
 
     def health(self) -> dict:
-        return {"running": len(self.batch), "waiting": len(self.waiting) + self.inbox.qsize(), **self.stats}
+        joins = {f"joins_{k}": v for k, v in self.batch.joins.items()}  # how the joining groups were prefilled
+        return {"running": len(self.batch), "waiting": len(self.waiting) + self.inbox.qsize(), **self.stats, **joins}
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
