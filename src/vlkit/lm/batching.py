@@ -36,10 +36,10 @@ import torch
 from vlkit.errors import VlkitError
 from vlkit.lm.cache import CacheLayer, KVCache
 from vlkit.lm.decoder import causal_mask, positions_from_mask
-from vlkit.nn.attention import sdpa
 from vlkit.lm.generate import GenerationConfig, _device, _new_tokens, _prompt, pick_tokens
 from vlkit.lm.logits import processors
 from vlkit.lm.stopping import StopStrings
+from vlkit.nn.attention import sdpa
 
 
 @dataclass
@@ -113,14 +113,15 @@ class _Packing:
     ``end``), then the joining rows' prompts (rows ``[n, n + g)``, their ``width`` columns ending at
     ``end``; ``real`` marks each left-padded prompt's tokens). The masks are made once for all layers."""
 
-    def __init__(self, n: int, end: int, real: torch.Tensor, running_mask: torch.Tensor):
+    def __init__(self, n: int, end: int, real: torch.Tensor, running_mask: torch.Tensor, dtype: torch.dtype):
         self.n, self.end, self.real = n, end, real
         self.padded = not bool(real.all())  # else the prompts' tokens fill their grid: views, no scatter
         self.columns = slice(end - real.shape[1] + 1, end + 1)
-        at = real.nonzero()  # (row, column) of each prompt token, row by row
-        self.rows, self.cols = n + at[:, 0], self.columns.start + at[:, 1]
+        if self.padded:
+            at = real.nonzero()  # (row, column) of each prompt token, row by row
+            self.rows, self.cols = n + at[:, 0], self.columns.start + at[:, 1]
         self.running = running_mask[:, None, None, :].bool()  # True: attend
-        self.prompts = causal_mask(real.long(), 0, real.shape[1], torch.float32, real.device)[0]
+        self.prompts = causal_mask(real.long(), 0, real.shape[1], dtype, real.device)[0]  # None: causal alone
 
 
 class _PackedLayer:
@@ -149,8 +150,7 @@ class _PackedLayer:
             grid = grid.transpose(1, 2)
         else:
             grid = q[0, :, n:].unflatten(1, (g, width)).transpose(0, 1)
-        prompts = p.prompts.to(q.dtype) if p.prompts is not None else None
-        joined = sdpa(grid, self.keys[n:, :, p.columns], self.values[n:, :, p.columns], prompts, prompts is None, gqa)
+        joined = sdpa(grid, self.keys[n:, :, p.columns], self.values[n:, :, p.columns], p.prompts, p.prompts is None, gqa)
         joined = joined.transpose(1, 2)[p.real].transpose(0, 1) if p.padded else joined.transpose(0, 1).flatten(1, 2)
         return torch.cat([ran, joined], 1)[None]
 
@@ -207,11 +207,15 @@ class DecodingBatch:
         self.joins = {"packed": 0, "apart": 0}  # joining groups prefilled inside a step's forward, and on their own
 
     def __len__(self) -> int:
-        return len(self.rows) + (len(self.joining.rows) if self.joining is not None else 0)
+        return len(self.rows) + len(self._joining_rows)
 
     @property
     def keys(self) -> list[Hashable]:
-        return [r.key for r in self.rows + (self.joining.rows if self.joining is not None else [])]
+        return [r.key for r in self.rows + self._joining_rows]
+
+    @property
+    def _joining_rows(self) -> list[_Row]:
+        return [] if self.joining is None else self.joining.rows
 
     def _first_used(self) -> int:
         """The first cache column a running row uses (columns before it can go)."""
@@ -440,7 +444,8 @@ class DecodingBatch:
         positions = torch.cat([self.position, positions_from_mask(group.mask, width)[real]])
         lengths = group.mask.sum(1)
         last = torch.cat([torch.arange(n, device=self.device), n + lengths.cumsum(0) - 1])
-        cache = _PackedCache(self.keys_buffer[:, :rows], self.values_buffer[:, :rows], _Packing(n, end, real, mask[:n]))
+        packing = _Packing(n, end, real, mask[:n], x.dtype)
+        cache = _PackedCache(self.keys_buffer[:, :rows], self.values_buffer[:, :rows], packing)
         out = self.lm(inputs_embeds=x[None], position_ids=positions[None], cache=cache, logits_to_keep=last)
         self.rows += group.rows
         self.cache = _CacheView(self.keys_buffer[:, :rows], self.values_buffer[:, :rows], columns)

@@ -120,7 +120,7 @@ class Engine:
                 self.stats["cpu_s"] = time.thread_time()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the server
                 log.exception("engine step failed")
-                self._fail_all(f"generation failed ({type(err).__name__}: {err})")
+                self._fail_all(_failure(err))
 
     def _take(self, block: bool) -> None:
         try:
@@ -160,9 +160,7 @@ class Engine:
             self._prefill(group)
         except Exception as err:  # noqa: BLE001 - the group's requests fail; the running rows go on
             log.exception("prefill failed")
-            for job in group:
-                self.jobs.pop(id(job), None)
-                job.deliver(("error", f"generation failed ({type(err).__name__}: {err})"))
+            self._fail(group, err)
         finally:
             self.waiting = self.waiting[len(group):]  # only now: /health counts a job in its prefill as waiting
 
@@ -204,11 +202,8 @@ class Engine:
         if self.batch.join_error is not None:  # a joining group's prefill failed: its requests fail, the rest go on
             keys, err = self.batch.join_error
             self.batch.join_error = None
-            log.error("prefill failed: %s: %s", type(err).__name__, err)
-            for job_id in dict.fromkeys(k[0] for k in keys):
-                job = self.jobs.pop(job_id, None)
-                if job is not None:
-                    job.deliver(("error", f"generation failed ({type(err).__name__}: {err})"))
+            log.error("prefill failed: %s", _failure(err))
+            self._fail([self.jobs[i] for i in dict.fromkeys(k[0] for k in keys) if i in self.jobs], err)
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += len(events)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(events))
@@ -238,8 +233,19 @@ class Engine:
                 if job.open_rows == 0:
                     self.jobs.pop(job_id, None)
 
+    def _fail(self, jobs: list[Job], err: Exception) -> None:
+        """``jobs`` fail with ``err``; the others go on."""
+        for job in jobs:
+            self.jobs.pop(id(job), None)
+            job.deliver(("error", _failure(err)))
+
     def _fail_all(self, message: str) -> None:
         for job in {id(j): j for j in self.jobs.values()}.values():
             job.deliver(("error", message))
         self.jobs.clear()
         self.batch.drop(self.batch.keys)
+
+
+def _failure(err: Exception) -> str:
+    """What a request that failed in the engine is told."""
+    return f"generation failed ({type(err).__name__}: {err})"

@@ -8,8 +8,8 @@ OpenMP's threads, and it imports nothing of the caller's script) that loads the 
 folder and runs an :class:`~vlkit.serve.engine.Engine`. Over a socket pair, as plain data (numbers,
 strings, lists, dicts, tensors as dtype, shape and bytes), pickled and unpickled with every class and
 function refused, so a message can run no code: jobs go in as (key, prompt, config, n, seed, strip,
-stream), events come back as the engine delivers them. :class:`EngineProcess` has the thread engine's interface (``submit``, ``cancel``,
-``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
+stream), events come back as the engine delivers them. :class:`EngineProcess` has the thread
+engine's interface (``submit``, ``cancel``, ``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
 
 from __future__ import annotations
 
