@@ -147,17 +147,16 @@ class Routes:
             raise ApiError(400, str(err), "invalid_value") from None
 
     async def chat(self, req: schemas.ChatRequest, request: Request):
-        """The prompt is built (images fetched, template applied) off the event loop, then the
-        engine generates; the answer comes whole or as server-sent events."""
+        """The prompt is built (images fetched, template applied) and sent to the engine off the
+        event loop; the answer comes whole or as server-sent events."""
         served = self._model(req.model, "chat")
         if req.tools:
             raise ApiError(400, "tools are not supported by this server", "unsupported_parameter", "tools")
         if req.n > self.settings.max_n:
             raise ApiError(400, f"n={req.n}; this server answers at most {self.settings.max_n} choices per request",
                            "invalid_value", "n")
-        prompt = await run_in_threadpool(served.prompt, req.messages, self.fetcher, self.settings)
-        cfg = self._generation(served, req, len(prompt.ids))
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+        engine = self.engines[served.name]
 
         def deliver(event):
             try:
@@ -165,15 +164,20 @@ class Routes:
             except RuntimeError:  # the loop has closed: nobody waits
                 pass
 
-        engine = self.engines[served.name]
-        job = Job(prompt, cfg, req.n, deliver, req.seed, strip=served.vlm, stream=req.stream)
-        await run_in_threadpool(engine.submit, job)  # off the event loop: a process engine pickles and sends the images
-        cid, created = schemas.completion_id(), schemas.now()
+        def submit() -> Job:
+            prompt = served.prompt(req.messages, self.fetcher, self.settings)
+            job = Job(prompt, self._generation(served, req, len(prompt.ids)), req.n, deliver, req.seed, strip=served.vlm,
+                      stream=req.stream)  # fmt: skip
+            engine.submit(job)  # a process engine pickles and sends the images
+            return job
+
+        job = await run_in_threadpool(submit)  # one trip off the event loop, not one per stage: each costs latency
+        cid, created, prompt_tokens = schemas.completion_id(), schemas.now(), len(job.prompt.ids)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(self._stream(engine, job, inbox, cid, served.name, created, len(prompt.ids), usage),
+            return StreamingResponse(self._stream(engine, job, inbox, cid, served.name, created, prompt_tokens, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return await self._whole(engine, job, inbox, request, cid, served.name, created, len(prompt.ids))
+        return await self._whole(engine, job, inbox, request, cid, served.name, created, prompt_tokens)
 
     async def _whole(self, engine, job: Job, inbox: asyncio.Queue, request: Request, cid, name, created, prompt_tokens):
         texts, finishes, tokens = [""] * job.n, [None] * job.n, 0
