@@ -1,14 +1,16 @@
 """Load on ``vlkit serve``: N concurrent ``openai`` clients for T seconds against a VLM served on
-127.0.0.1, then one client for T seconds (one request at a time): requests/s, tokens/s,
-p50/p95 latency and errors of each, and the ratio of their throughputs (the bar: 8 clients give
-at least 3x one client, with zero errors). Both phases send the same requests in the same order.
+127.0.0.1, then one client for T seconds (one request at a time), R rounds of the two in turn:
+requests/s, tokens/s, p50/p95 latency and errors of each (its rounds pooled), and the ratio of their
+throughputs, pooled and per round (the bar: 8 clients give at least 3x one client, with zero
+errors). Every phase sends the same requests in the same order. Alternating rounds keep a machine
+whose speed drifts from minute to minute (a shared VM's) from favouring one side of the ratio.
 
 CPU time per request is reported for the server process and for the clients' process (both from
 the kernel's accounting, so a loaded machine stretches wall times but not these): it says where the
 work goes, and whether the clients themselves hold the two cores the server needs.
 
     python benchmarks/bench_serve.py                       # builds a small random VLM (see --size)
-    python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 30 [--requests shapes]
+    python benchmarks/bench_serve.py --model runs/demo/vlm --clients 8 --seconds 20 --rounds 3 [--requests shapes]
 
 The server runs as its own process (``vlkit serve``), so the clients' Python does not share its
 interpreter. ``--engine-only`` sends the same requests to the server's engine in this process
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SIZES = {
@@ -255,7 +258,49 @@ class EngineTarget:
         self.engine.close()
 
 
-def phase(target, clients: int, seconds: float, max_requests: int, content) -> dict:
+@dataclass
+class Phase:
+    """What one phase measured: each request's latency, the tokens answered, the errors, the wall time,
+    the CPU seconds of the server (None when unknown), of the clients and of the engine's counters."""
+
+    clients: int
+    latencies: list[float]
+    tokens: int
+    errors: list[str]
+    wall: float
+    server_cpu: float | None
+    client_cpu: float
+    engine: dict
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.latencies) / self.wall
+
+    def __add__(self, other: "Phase") -> "Phase":
+        """Two phases of the same clients as one (their requests, times and counts added)."""
+        cpu = None if self.server_cpu is None or other.server_cpu is None else self.server_cpu + other.server_cpu
+        return Phase(self.clients, self.latencies + other.latencies, self.tokens + other.tokens, self.errors + other.errors,
+                     self.wall + other.wall, cpu, self.client_cpu + other.client_cpu,
+                     {k: v + other.engine[k] for k, v in self.engine.items()})  # fmt: skip
+
+    def summary(self) -> dict:
+        lat, n, engine = sorted(self.latencies), len(self.latencies), self.engine
+        per_request = lambda cpu: None if cpu is None or not n else round(1000 * cpu / n, 2)  # noqa: E731
+        pct = lambda q: lat[min(n - 1, int(q * n))] if lat else float("nan")  # noqa: E731
+        return {"clients": self.clients, "requests": n, "errors": len(self.errors), "first_errors": self.errors[:3],
+                "wall_s": round(self.wall, 2), "requests_per_s": round(self.requests_per_s, 3),
+                "tokens_per_s": round(self.tokens / self.wall, 1), "tokens_per_request": round(self.tokens / max(1, n), 1),
+                "p50_s": round(statistics.median(lat), 3) if lat else None, "p95_s": round(pct(0.95), 3),
+                "server_cpu_ms_per_request": per_request(self.server_cpu),
+                "client_cpu_ms_per_request": per_request(self.client_cpu),
+                "engine_cpu_ms_per_request": per_request(engine["cpu_s"]),
+                "engine_prefill_cpu_ms_per_request": per_request(engine["prefill_cpu_s"]),
+                "rows_per_step": round(engine["rows_stepped"] / max(1, engine["steps"]), 2),
+                "server_cores_busy": None if self.server_cpu is None else round(self.server_cpu / self.wall, 2),
+                "client_cores_busy": round(self.client_cpu / self.wall, 2)}  # fmt: skip
+
+
+def phase(target, clients: int, seconds: float, max_requests: int, content) -> Phase:
     """``clients`` threads, each sending one request after another until ``seconds`` pass."""
     latencies: list[float] = []
     tokens, errors, sent = [0], [], [0]
@@ -294,30 +339,22 @@ def phase(target, clients: int, seconds: float, max_requests: int, content) -> d
     engine = {k: v - engine[k] for k, v in target.stats().items() if k in ("steps", "rows_stepped", "cpu_s", "prefill_cpu_s")}
     if target.in_process:
         client_cpu -= engine["cpu_s"]
-    per_request = lambda cpu: None if cpu is None or not latencies else round(1000 * cpu / len(latencies), 2)  # noqa: E731
-    lat = sorted(latencies)
-    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "first_errors": errors[:3],
-            "wall_s": round(wall, 2), "requests_per_s": round(len(lat) / wall, 3), "tokens_per_s": round(tokens[0] / wall, 1),
-            "tokens_per_request": round(tokens[0] / max(1, len(lat)), 1),
-            "p50_s": round(statistics.median(lat), 3) if lat else None, "p95_s": round(pct(0.95), 3),
-            "server_cpu_ms_per_request": per_request(server_cpu), "client_cpu_ms_per_request": per_request(client_cpu),
-            "engine_cpu_ms_per_request": per_request(engine["cpu_s"]),
-            "engine_prefill_cpu_ms_per_request": per_request(engine["prefill_cpu_s"]),
-            "rows_per_step": round(engine["rows_stepped"] / max(1, engine["steps"]), 2),
-            "server_cores_busy": None if server_cpu is None else round(server_cpu / wall, 2),
-            "client_cores_busy": round(client_cpu / wall, 2)}  # fmt: skip
+    return Phase(clients, latencies, tokens[0], errors, wall, server_cpu, client_cpu, engine)
 
 
 REQUESTS = {"ellipse": ellipse_requests, "shapes": shapes_requests}
 
 
-def phases(target, args) -> tuple[dict, dict, dict]:
-    """A warm-up, then ``--clients`` clients, then one: the same requests in the same order."""
+def phases(target, args) -> tuple[list[Phase], list[Phase], dict]:
+    """A warm-up, then ``--rounds`` rounds of ``--clients`` clients and of one, in turn: the same
+    requests in the same order in every phase. Alternating keeps a machine whose speed drifts from
+    minute to minute from favouring one side of the ratio."""
     content = REQUESTS[args.requests]()
     phase(target, 1, min(5.0, args.seconds), 3, content)
-    many = phase(target, args.clients, args.seconds, args.max_requests, content)
-    one = phase(target, 1, args.seconds, args.max_requests, content)
+    many, one = [], []
+    for _ in range(args.rounds):
+        many.append(phase(target, args.clients, args.seconds, args.max_requests, content))
+        one.append(phase(target, 1, args.seconds, args.max_requests, content))
     return many, one, target.stats()
 
 
@@ -326,7 +363,8 @@ def main() -> None:
     p.add_argument("--model", help="a VLM folder (default: build a random one of --size)")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the two phases, alternating")
     p.add_argument("--max-requests", type=int, default=2000, help="requests per phase at most")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--requests", choices=sorted(REQUESTS), default="ellipse",
@@ -367,8 +405,11 @@ def main() -> None:
     result = {"model": str(args.model or f"random {args.size}"),
               "target": "engine" if args.engine_only else f"http ({args.server_engine} engine)",
               "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens, "seconds": args.seconds,
-              "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "one": one, "many": many,
-              "throughput_ratio": round(many["requests_per_s"] / max(one["requests_per_s"], 1e-9), 2),
+              "rounds": args.rounds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+              "one": sum(one[1:], one[0]).summary(), "many": sum(many[1:], many[0]).summary(),
+              "throughput_ratio": round(sum(many[1:], many[0]).requests_per_s / max(sum(one[1:], one[0]).requests_per_s, 1e-9), 2),
+              "rounds_requests_per_s": [[round(m.requests_per_s, 1), round(o.requests_per_s, 1)] for m, o in zip(many, one)],
+              "round_ratios": [round(m.requests_per_s / max(o.requests_per_s, 1e-9), 2) for m, o in zip(many, one)],
               "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows", "joins_packed",
                                                     "joins_apart")}}  # fmt: skip
     print(json.dumps(result, indent=2))
