@@ -402,12 +402,13 @@ def main() -> None:
                     proc.kill()
                 if proc.returncode not in (0, -15, None):
                     print(log.read_text()[-3000:], file=sys.stderr)
+    pooled_many, pooled_one = sum(many[1:], many[0]), sum(one[1:], one[0])
     result = {"model": str(args.model or f"random {args.size}"),
               "target": "engine" if args.engine_only else f"http ({args.server_engine} engine)",
               "threads": args.threads, "requests": args.requests, "max_tokens": args.max_tokens, "seconds": args.seconds,
               "rounds": args.rounds, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-              "one": sum(one[1:], one[0]).summary(), "many": sum(many[1:], many[0]).summary(),
-              "throughput_ratio": round(sum(many[1:], many[0]).requests_per_s / max(sum(one[1:], one[0]).requests_per_s, 1e-9), 2),
+              "one": pooled_one.summary(), "many": pooled_many.summary(),
+              "throughput_ratio": round(pooled_many.requests_per_s / max(pooled_one.requests_per_s, 1e-9), 2),
               "rounds_requests_per_s": [[round(m.requests_per_s, 1), round(o.requests_per_s, 1)] for m, o in zip(many, one)],
               "round_ratios": [round(m.requests_per_s / max(o.requests_per_s, 1e-9), 2) for m, o in zip(many, one)],
               "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows", "joins_packed",

@@ -9,7 +9,8 @@ folder and runs an :class:`~vlkit.serve.engine.Engine`. Over a socket pair, as p
 strings, lists, dicts, tensors as dtype, shape and bytes), pickled and unpickled with every class and
 function refused, so a message can run no code: jobs go in as (key, prompt, config, n, seed, strip,
 stream), events come back as the engine delivers them. :class:`EngineProcess` has the thread
-engine's interface (``submit``, ``cancel``, ``health``, ``close``). A child whose parent has gone sees the socket close and exits."""
+engine's interface (``submit``, ``cancel``, ``health``, ``close``). A child whose parent has gone
+sees the socket close and exits."""
 
 from __future__ import annotations
 
