@@ -282,7 +282,7 @@ def broken_once(method, message: str):
 def test_a_failing_generation_is_a_500_and_the_server_goes_on(models, monkeypatch):
     from vlkit.lm.batching import DecodingBatch
 
-    monkeypatch.setattr(DecodingBatch, "step", broken_once(DecodingBatch.step, "the accelerator fell over"))
+    monkeypatch.setattr(DecodingBatch, "advance", broken_once(DecodingBatch.advance, "the accelerator fell over"))
     with serving(create_app(models)) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.InternalServerError, match="fell over"):
@@ -298,6 +298,42 @@ def test_a_failing_generation_is_a_500_and_the_server_goes_on(models, monkeypatc
 
 
 # ---------------------------------------------------------------- batching
+def test_an_ended_answer_is_handed_out_before_the_next_forward(models, monkeypatch):
+    """The engine hands out what a step picked before it runs the batch's next forward, so an answer
+    that has ended does not wait for a forward of the rows still running (nor its client for it)."""
+    import threading
+
+    from vlkit.lm.batching import DecodingBatch
+    from vlkit.lm.generate import resolve_config
+    from vlkit.serve.engine import Engine, Job
+    from vlkit.serve.images import ImageFetcher
+    from vlkit.serve.schemas import ChatRequest
+
+    log, ended = [], threading.Semaphore(0)
+    for name in ("pick", "advance"):
+        method = getattr(DecodingBatch, name)
+        monkeypatch.setattr(DecodingBatch, name, lambda self, _m=method, _n=name: (log.append(_n), _m(self))[1])
+    served, settings = models["vlm"], ServeSettings()
+    messages = ChatRequest(model="vlm", messages=[{"role": "user", "content": "Hello, how are you?"}]).messages
+    prompt = served.prompt(messages, ImageFetcher(settings), settings)
+
+    def job(key: str, new: int) -> Job:
+        config = resolve_config(served.lm, None, max_new_tokens=new, min_new_tokens=new)
+        return Job(prompt, config, 1, lambda event: (log.append((key, event[0])), event[0] == "end" and ended.release()))
+
+    engine = Engine(served)
+    try:
+        engine.inbox.put(job("short", 2))  # both waiting before the engine takes them: they join as one group
+        engine.submit(job("long", 9))
+        assert ended.acquire(timeout=60) and ended.acquire(timeout=60)
+    finally:
+        engine.close()
+    short_end = log.index(("short", "end"))
+    calls = [entry for entry in log[:short_end] if isinstance(entry, str)]
+    assert calls[-1] == "pick"  # the step that picked its last token ran no forward before handing it out
+    assert "advance" in log[short_end:] and log.index(("long", "end")) > short_end  # the long answer went on
+
+
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url):
     colors = ("red", "blue", "green", "white")
     prompts = [image_message(f"Question {i}: what do you see?", *[data_url(picture(colors[i % 4]))] * (i % 3))
@@ -326,8 +362,8 @@ def test_a_client_leaving_mid_stream_frees_its_rows(models, monkeypatch):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         long = next(m for m in ([{"role": "user", "content": f"Count to {n}."}] for n in range(100, 120))
                     if ask(client, m, max_tokens=200).usage.completion_tokens == 200)  # greedy, no EOS in 200 tokens
-        step = DecodingBatch.step
-        monkeypatch.setattr(DecodingBatch, "step", lambda self: (time.sleep(0.01), step(self))[1])
+        advance = DecodingBatch.advance
+        monkeypatch.setattr(DecodingBatch, "advance", lambda self: (time.sleep(0.01), advance(self))[1])
         before = httpx.get(f"{url}/health").json()["models"]["vlm"]
         body = {"model": "vlm", "messages": long, "max_tokens": 200, "stream": True, "temperature": 0}
         for _ in range(3):
@@ -341,7 +377,7 @@ def test_a_client_leaving_mid_stream_frees_its_rows(models, monkeypatch):
             time.sleep(0.05)
         assert stats["running"] == 0 and stats["cancelled"] == 3, stats
         assert stats["rows_stepped"] - before["rows_stepped"] < 3 * 200
-        monkeypatch.setattr(DecodingBatch, "step", step)
+        monkeypatch.setattr(DecodingBatch, "advance", advance)
         r = ask(client, [{"role": "user", "content": "Hello, how are you?"}])
         assert r.choices[0].message.content == reference(models, "Hello, how are you?")
 

@@ -170,6 +170,26 @@ def test_dropped_rows_leave_and_others_go_on(lm):
     assert rest == solo(lm, prompt(7, 2), max_new_tokens=10)
 
 
+def test_picked_tokens_wait_for_advance_and_follow_the_rows(lm):
+    """step() is pick() then advance(): between the two a row can be dropped and a group join, and
+    every other row still gives solo generate's tokens; picking twice without a forward is refused."""
+    batch = DecodingBatch(lm)
+    for key, seed in (("a", 1), ("b", 2), ("c", 3)):
+        batch.add([key], [resolve_config(lm, None, max_new_tokens=8)], prompt(4 + seed, seed))
+    tokens = {key: [token] for key, token, _ in batch.pick()}
+    with pytest.raises(VlkitError, match="advance"):
+        batch.pick()
+    batch.drop(["a"])  # the first row leaves: the last row's picked token moves with it
+    batch.join(["d"], [resolve_config(lm, None, max_new_tokens=5)], prompt(6, 4))
+    batch.advance()
+    tokens["d"] = []
+    while batch:
+        for key, token, _ in batch.step():
+            tokens[key].append(token)
+    for key, (n, seed, new) in {"b": (6, 2, 8), "c": (7, 3, 8), "d": (6, 4, 5)}.items():
+        assert tokens[key] == solo(lm, prompt(n, seed), max_new_tokens=new), key
+
+
 def test_unused_columns_are_dropped_when_a_group_joins(lm):
     batch = DecodingBatch(lm)
     batch.add(["long"], [resolve_config(lm, None, max_new_tokens=3)], prompt(40, 1))

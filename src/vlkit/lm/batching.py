@@ -10,6 +10,8 @@ API::
         # or batch.join(...): prefilled by the next step's forward, packed beside the running rows' tokens
     for key, token, finish in batch.step():    # one new token for every running row; finish: None, "stop", "length"
         ...                                    # a finished row has left the batch
+    # step() is pick() (the tokens, from the last forward's scores) then advance() (the next forward):
+    # a server hands out what pick() returns before it advances
     batch.drop(keys)                           # rows nobody waits for any more (a closed connection)
 
 Each row chooses its tokens as :func:`vlkit.lm.generate.generate` would for it alone (the same
@@ -203,6 +205,7 @@ class DecodingBatch:
         self.position: torch.Tensor | None = None  # [rows]: each row's next position id
         self.logits: torch.Tensor | None = None  # [rows, V]: the scores of each row's next token
         self.joining: _Group | None = None  # prefilled by the next step
+        self.pending: torch.Tensor | None = None  # [rows]: the tokens picked, waiting for advance()
         self.join_error: tuple[list[Hashable], Exception] | None = None  # the keys of a group whose prefill failed, why
         self.joins = {"packed": 0, "apart": 0}  # joining groups prefilled inside a step's forward, and on their own
 
@@ -345,30 +348,49 @@ class DecodingBatch:
     def step(self) -> list[tuple[Hashable, int, str | None]]:
         """Choose every running row's next token, let the rows that ended leave, and run the model on
         the rest (and on the joining group's prompts): ``(key, token, finish)`` per running row, in
-        row order."""
-        if not self.rows and self.joining is None:
+        row order. The same as :meth:`pick` then :meth:`advance`."""
+        events = self.pick()
+        self.advance()
+        return events
+
+    def pick(self) -> list[tuple[Hashable, int, str | None]]:
+        """Choose every running row's next token from the last forward's scores and let the rows that
+        ended leave: ``(key, token, finish)`` per running row, in row order. The tokens wait for
+        :meth:`advance`; a server hands finished answers out before that forward, not after it."""
+        if self.pending is not None:
+            raise VlkitError("DecodingBatch.pick: the tokens picked last are not yet through the model; advance() first")
+        if not self.rows:
             return []
-        events, tokens = [], None
+        events = []
         with torch.inference_mode():
-            if self.rows:
-                tokens = self.logits.argmax(-1)
-                for i, row in enumerate(self.rows):
-                    if not row.simple:
-                        tokens[i] = row.pick(self.logits[i : i + 1])[0]
-                keep = []
-                for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-                    finish = row.finish(token)
-                    events.append((row.key, token, finish))
-                    if finish is None:
-                        keep.append(i)
-                order = self._keep(keep)
-                tokens = tokens[order] if len(order) < tokens.shape[0] else tokens
-            group, self.joining = self.joining, None
+            tokens = self.logits.argmax(-1)
+            for i, row in enumerate(self.rows):
+                if not row.simple:
+                    tokens[i] = row.pick(self.logits[i : i + 1])[0]
+            self.pending = tokens
+            keep = []
+            for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+                finish = row.finish(token)
+                events.append((row.key, token, finish))
+                if finish is None:
+                    keep.append(i)
+            self._keep(keep)
+        return events
+
+    def advance(self) -> None:
+        """Run the model on the picked tokens of the rows still running and on the joining group's
+        prompts (packed into one forward where :meth:`_packs` allows), so that the next :meth:`pick`
+        has their scores. A joining group whose prefill fails leaves its keys in ``join_error``."""
+        tokens, self.pending = self.pending, None
+        group, self.joining = self.joining, None
+        if not self.rows:
+            tokens = None
+        with torch.inference_mode():
             if group is not None and self._packs(group):
                 try:
                     self._forward_packed(tokens, group)
                     self.joins["packed"] += 1
-                    return events
+                    return
                 except Exception:  # noqa: BLE001 - done apart below: a failing prefill then fails its group alone
                     pass  # the running rows are as they were before the forward (their layout made room)
             if self.rows:
@@ -379,7 +401,6 @@ class DecodingBatch:
                     self.joins["apart"] += 1
                 except Exception as err:  # noqa: BLE001 - the running rows go on; the caller fails the group
                     self.join_error = ([r.key for r in group.rows], err)
-        return events
 
     def drop(self, keys) -> None:
         """Remove the rows of ``keys`` (no more tokens are made for them)."""
@@ -397,7 +418,7 @@ class DecodingBatch:
             return index
         if not count:
             self.rows, self.cache = [], None
-            self.mask = self.position = self.logits = None
+            self.mask = self.position = self.logits = self.pending = None
             return index
         kept = set(index)
         gaps = [i for i in range(count) if i not in kept]
@@ -412,6 +433,8 @@ class DecodingBatch:
         self.cache = _CacheView(self.keys_buffer[:, :count], self.values_buffer[:, :count], end)
         at = torch.tensor(order, device=self.device)
         self.mask, self.position, self.logits = self.mask[at], self.position[at], self.logits[at]
+        if self.pending is not None:
+            self.pending = self.pending[at]
         return order
 
     def _forward(self, tokens: torch.Tensor) -> None:

@@ -112,11 +112,12 @@ class Engine:
             try:
                 self._take(block=not self.batch and not self.waiting)
                 self._drop_cancelled()
+                if self.batch.rows:
+                    self._deliver(self.batch.pick())  # before the next forward: an ended answer need not wait for it
                 start = time.thread_time()
                 self._admit()
                 self.stats["prefill_cpu_s"] += time.thread_time() - start
-                if self.batch:
-                    self._step()
+                self._advance()
                 self.stats["cpu_s"] = time.thread_time()
             except Exception as err:  # noqa: BLE001 - a failed step fails its requests, never the server
                 log.exception("engine step failed")
@@ -197,13 +198,19 @@ class Engine:
             return None
         return torch.Generator(device=self.batch.device).manual_seed(job.seed % 2**63)
 
-    def _step(self) -> None:
-        events = self.batch.step()
+    def _advance(self) -> None:
+        """The batch's forward: the running rows' picked tokens and the joining group's prompts."""
+        if not self.batch.rows and self.batch.joining is None:
+            return
+        self.batch.advance()
         if self.batch.join_error is not None:  # a joining group's prefill failed: its requests fail, the rest go on
             keys, err = self.batch.join_error
             self.batch.join_error = None
             log.error("prefill failed: %s", _failure(err))
             self._fail([self.jobs[i] for i in dict.fromkeys(k[0] for k in keys) if i in self.jobs], err)
+
+    def _deliver(self, events: list) -> None:
+        """Hand each row's new token to its job: a text delta (streamed), or the whole answer at its end."""
         self.stats["steps"] += 1
         self.stats["rows_stepped"] += len(events)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(events))
