@@ -412,7 +412,7 @@ def main() -> None:
               "rounds_requests_per_s": [[round(m.requests_per_s, 1), round(o.requests_per_s, 1)] for m, o in zip(many, one)],
               "round_ratios": [round(m.requests_per_s / max(o.requests_per_s, 1e-9), 2) for m, o in zip(many, one)],
               "engine": {k: engine.get(k) for k in ("requests", "steps", "rows_stepped", "max_rows", "joins_packed",
-                                                    "joins_apart")}}  # fmt: skip
+                                                    "joins_apart", "cpus")}}  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "a") as f:

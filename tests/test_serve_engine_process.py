@@ -107,6 +107,42 @@ def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this
         start_engine(served["vlm"], ServeSettings(engine="thread"))
 
 
+def test_engine_cpus_leave_the_http_handling_at_least_one():
+    from vlkit.serve.cpus import engine_cpus
+
+    usable = [0, 2, 5, 7]
+    assert engine_cpus(1, 0, usable) == [7]
+    assert engine_cpus(2, 1, usable) == [2, 5]  # a second engine: the last CPUs the first left free
+    assert engine_cpus(3, 0, usable) == [2, 5, 7]
+    assert engine_cpus(2, 2, usable) is None  # it would leave the HTTP handling no CPU: unbound
+    assert engine_cpus(4, 0, usable) is None and engine_cpus(1, 0, [3]) is None
+
+
+def _affinities(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of process ``pid``."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_an_engine_process_with_a_spare_cpu_is_bound_to_its_own(folders, local, monkeypatch):
+    usable = sorted(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the engine's threads, as OMP_NUM_THREADS=1 makes them
+    served = load_models([f"vlm={folders['vlm']}"], chat_weights=False)
+    app = create_app(served, ServeSettings(engine="process", pin_engines=True))
+    with serving(app, start_timeout=120) as base:
+        assert health(base, "vlm")["cpus"] == usable[-1:]
+        assert _affinities(app.state.engines["vlm"].process.pid) == {frozenset(usable[-1:])}  # every thread of it
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        message = "Describe the picture in a few words."
+        assert ask(client, [{"role": "user", "content": message}]).choices[0].message.content == reference(local, message)
+    loaded = load_models([f"vlm={folders['vlm']}"])["vlm"]
+    second = start_engine(loaded, ServeSettings(engine="process", pin_engines=True), taken=len(usable) - 1)
+    try:  # binding it would leave the HTTP handling no CPU: it stays unbound
+        assert second.health()["cpus"] is None and _affinities(second.process.pid) == {frozenset(usable)}
+    finally:
+        second.close()
+
+
 def test_answers_equal_the_in_process_engine(client, local):
     img = picture("blue")
     plain = ask(client, [{"role": "user", "content": "Hello, how are you?"}]).choices[0].message.content

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vlkit.errors import VlkitError
 from vlkit.lm.generate import resolve_config
 from vlkit.serve import errors, schemas
+from vlkit.serve.cpus import engine_cpus
 from vlkit.serve.engine import Engine, Job
 from vlkit.serve.engine_process import EngineProcess
 from vlkit.serve.errors import ApiError
@@ -51,9 +52,11 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     @asynccontextmanager
     async def lifespan(app):
         try:
+            taken = 0  # CPUs bound to the engines started so far
             for name, m in models.items():
                 if isinstance(m, ChatModel):
-                    routes.engines[name] = start_engine(m, settings)
+                    routes.engines[name] = start_engine(m, settings, taken)
+                    taken += len(getattr(routes.engines[name], "cpus", None) or ())
         except BaseException:  # one engine could not start: the others stop with the server
             await close_engines()
             raise
@@ -81,15 +84,20 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     return app
 
 
-def start_engine(served: ChatModel, settings: ServeSettings):
+def start_engine(served: ChatModel, settings: ServeSettings, taken: int = 0):
     """The model's engine: a thread of this process, or (``settings.engine == "process"``) a
-    process of its own, after which this process keeps the model's config and processor only."""
+    process of its own, after which this process keeps the model's config and processor only. A
+    process on the CPU is bound to CPUs of its own where ``settings.pin_engines`` and enough are
+    free after the ``taken`` ones (:func:`vlkit.serve.cpus.engine_cpus`)."""
     if settings.engine == "thread":
         if not served.has_weights:
             raise VlkitError(f"{served.path}: the chat model {served.name!r} was loaded without its weights "
                              "(load_models(..., chat_weights=False)); the thread engine runs it in this process")
         return Engine(served, settings.max_batch)
-    engine = EngineProcess(served, settings.max_batch, served.device, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    on_cpu = torch.device(served.device).type == "cpu"
+    cpus = engine_cpus(threads, taken) if settings.pin_engines and on_cpu else None
+    engine = EngineProcess(served, settings.max_batch, served.device, threads, cpus=cpus)
     served.drop_weights()
     return engine
 

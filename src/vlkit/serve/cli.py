@@ -3,6 +3,7 @@ on 127.0.0.1:8000 by default. ``cli.py`` registers the command with :func:`add_p
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -25,7 +26,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
         allow_remote_images=args.allow_remote_images, cors_origins=tuple(args.cors_origin or ()),
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_batch=args.max_batch,
-        remote_timeout_s=args.remote_timeout, engine=args.engine,
+        remote_timeout_s=args.remote_timeout, engine=args.engine, pin_engines=args.pin_engines,
     )  # fmt: skip
     models = load_models(args.model or [], device=args.device, chat_weights=args.engine == "thread")
     searcher = None
@@ -68,6 +69,9 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("--engine", choices=["process", "thread"], default="process",
                    help="where each chat model generates: a process of its own (default; the HTTP handling keeps the "
                    "other cores), or a thread of the server's process")
+    p.add_argument("--pin-engines", action=argparse.BooleanOptionalAction, default=True,
+                   help="bind each engine process on the CPU to CPUs of its own, the last ones, when it runs fewer "
+                   "torch threads (OMP_NUM_THREADS) than the CPUs there are; the HTTP handling keeps the others")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(fn=cmd_serve)

@@ -32,6 +32,7 @@ import torch
 from vlkit.errors import VlkitError
 from vlkit.lm.generation_config import GenerationConfig
 from vlkit.models.llava_processor import ProcessedSample
+from vlkit.serve.cpus import bind
 from vlkit.serve.engine import Engine, Job
 from vlkit.serve.models import ChatModel, Prompt
 
@@ -40,14 +41,15 @@ log = logging.getLogger("vlkit.serve")
 
 class EngineProcess:
     """Runs ``served``'s model (a :class:`vlkit.serve.models.ChatModel`, loaded from ``served.path``
-    onto ``device``) in a child process with ``threads`` torch threads; waits up to
-    ``start_timeout`` seconds for it to load."""
+    onto ``device``) in a child process with ``threads`` torch threads, bound to ``cpus`` when given
+    (:mod:`vlkit.serve.cpus`); waits up to ``start_timeout`` seconds for it to load."""
 
     def __init__(self, served, max_batch: int = 16, device: str = "cpu", threads: int | None = None,
-                 start_timeout: float = 600.0):  # fmt: skip
+                 start_timeout: float = 600.0, cpus: list[int] | None = None):  # fmt: skip
         mine, child = socket.socketpair()
+        self.cpus = cpus
         cmd = [sys.executable, "-c", "from vlkit.serve.engine_process import main; main()", str(child.fileno()), served.name,
-               str(served.path), device, str(max_batch), str(threads or 0)]  # fmt: skip
+               str(served.path), device, str(max_batch), str(threads or 0), ",".join(map(str, cpus or ()))]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # imports as this process does
         self.process = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env)
         child.close()
@@ -99,7 +101,7 @@ class EngineProcess:
             self.health_ready.clear()
             self.health_ask = next(self.health_asks)
             self._send(("health", self.health_ask))
-            return dict(self.health_reply) if self.health_ready.wait(timeout) else late
+            return {**self.health_reply, "cpus": self.cpus} if self.health_ready.wait(timeout) else late
         finally:
             self.health_lock.release()
 
@@ -214,14 +216,16 @@ def _prompt(data: dict) -> Prompt:
     return Prompt(data["ids"], sample.images, sample)
 
 
-def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int) -> None:
-    """The child: load, say ready (or why not), then serve the socket's messages until "stop".
-    Ctrl+C and SIGTERM reach the whole process group; the child leaves stopping to the server,
-    which finishes its open requests first."""
+def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int,
+           cpus: list[int] | None = None) -> None:  # fmt: skip
+    """The child: bound to ``cpus`` (before torch starts a thread), load, say ready (or why not), then
+    serve the socket's messages until "stop". Ctrl+C and SIGTERM reach the whole process group; the
+    child leaves stopping to the server, which finishes its open requests first."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    bind(cpus)
 
     import vlkit
 
@@ -274,6 +278,7 @@ def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int
 
 
 def main() -> None:
-    """The child's entry point: ``FD NAME FOLDER DEVICE MAX_BATCH THREADS`` in ``sys.argv``."""
-    fd, name, folder, device, max_batch, threads = sys.argv[1:]
-    _child(Connection(int(fd)), name, folder, device, int(max_batch), int(threads))
+    """The child's entry point: ``FD NAME FOLDER DEVICE MAX_BATCH THREADS CPUS`` in ``sys.argv`` (CPUS:
+    comma-separated, or empty for no binding)."""
+    fd, name, folder, device, max_batch, threads, cpus = sys.argv[1:]
+    _child(Connection(int(fd)), name, folder, device, int(max_batch), int(threads), [int(c) for c in cpus.split(",") if c])

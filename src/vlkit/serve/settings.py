@@ -29,6 +29,7 @@ class ServeSettings:
     remote_timeout_s: float = 10.0
     max_batch: int = 16
     engine: str = "thread"  # "process": each chat model generates in a process of its own (vlkit serve's default)
+    pin_engines: bool = False  # bind each engine process to CPUs of its own where some are spare (vlkit serve's default)
 
     def __post_init__(self):
         if self.image_root is not None:
