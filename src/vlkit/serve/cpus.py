@@ -2,7 +2,8 @@
 than this process may use gets CPUs of its own, the last ones, and the HTTP handling (parsing, image
 decoding, templating) keeps the others: the operating system then never runs the two on one core by
 turns, and the engine never moves between cores. On two vCPUs with one engine thread, 8 concurrent
-clients of the demo VLM got 3-5% more requests a second than unbound (``benchmarks/RESULTS.md``, session 23)."""
+clients of the demo VLM got a few percent more requests a second than unbound, about as much as the
+VM's run-to-run spread (``benchmarks/RESULTS.md``, session 23)."""
 
 from __future__ import annotations
 

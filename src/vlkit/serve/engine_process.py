@@ -218,7 +218,7 @@ def _prompt(data: dict) -> Prompt:
 
 def _child(conn: Connection, name: str, folder: str, device: str, max_batch: int, threads: int,
            cpus: list[int] | None = None) -> None:  # fmt: skip
-    """The child: bound to ``cpus`` (before torch starts a thread), load, say ready (or why not), then
+    """The child: every thread bound to ``cpus`` (before the model loads), load, say ready (or why not), then
     serve the socket's messages until "stop". Ctrl+C and SIGTERM reach the whole process group; the
     child leaves stopping to the server, which finishes its open requests first."""
     import signal
