@@ -382,9 +382,7 @@ class DecodingBatch:
         prompts (packed into one forward where :meth:`_packs` allows), so that the next :meth:`pick`
         has their scores. A joining group whose prefill fails leaves its keys in ``join_error``."""
         tokens, self.pending = self.pending, None
-        group, self.joining = self.joining, None
-        if not self.rows:
-            tokens = None
+        group, self.joining = self.joining, None  # no rows running: no tokens picked either
         with torch.inference_mode():
             if group is not None and self._packs(group):
                 try:

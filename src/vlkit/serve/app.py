@@ -56,7 +56,7 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
             for name, m in models.items():
                 if isinstance(m, ChatModel):
                     routes.engines[name] = start_engine(m, settings, taken)
-                    taken += len(getattr(routes.engines[name], "cpus", None) or ())
+                    taken += len(routes.engines[name].cpus or ())
         except BaseException:  # one engine could not start: the others stop with the server
             await close_engines()
             raise

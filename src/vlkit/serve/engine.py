@@ -77,6 +77,8 @@ class Engine:
     """Runs ``model`` (a :class:`vlkit.serve.models.ChatModel`) on a thread; :meth:`submit` queues
     a :class:`Job`. ``max_batch`` bounds the rows decoded together."""
 
+    cpus = None  # it shares the server's process, whose CPUs are the server's to choose
+
     def __init__(self, model, max_batch: int = 16):
         self.model, self.max_batch = model, max_batch
         self.batch = DecodingBatch(model.lm, model.tokenizer)
@@ -199,8 +201,9 @@ class Engine:
         return torch.Generator(device=self.batch.device).manual_seed(job.seed % 2**63)
 
     def _advance(self) -> None:
-        """The batch's forward: the running rows' picked tokens and the joining group's prompts."""
-        if not self.batch.rows and self.batch.joining is None:
+        """The batch's forward: the running rows' picked tokens and the joining group's prompts
+        (none while the engine idles)."""
+        if not self.batch:
             return
         self.batch.advance()
         if self.batch.join_error is not None:  # a joining group's prefill failed: its requests fail, the rest go on
