@@ -78,4 +78,4 @@ def test_the_web_page_is_served_at_the_root(models):
         assert httpx.get(f"{url}/app.js").status_code == 200
         assert httpx.get(f"{url}/static/app.js").status_code == 200
         cards = httpx.get(f"{url}/v1/models").json()["data"]
-        assert cards[0]["vlkit_kind"] == "embeddings" and cards[0]["kind"] == "embedding"
+        assert cards[0]["kind"] == "embedding"

@@ -290,10 +290,9 @@ class Routes:
 
     # ------------------------------------------------------------ models, health
     def _card(self, m) -> dict:
-        """OpenAI's model object; ``kind`` ("chat" or "embedding") and ``vlkit_kind`` ("chat" or
-        "embeddings") are vlkit's extension, which tells the web page which models chat."""
-        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "vlkit", "kind": m.kind,
-                "vlkit_kind": "chat" if m.kind == "chat" else "embeddings"}
+        """OpenAI's model object; ``kind`` ("chat" or "embedding") is vlkit's extension, which tells
+        the web page which models chat."""
+        return {"id": m.name, "object": "model", "created": m.created, "owned_by": "vlkit", "kind": m.kind}
 
     def list_models(self):
         return {"object": "list", "data": [self._card(m) for m in self.models.values()]}
