@@ -334,6 +334,55 @@ def test_an_ended_answer_is_handed_out_before_the_next_forward(models, monkeypat
     assert "advance" in log[short_end:] and log.index(("long", "end")) > short_end  # the long answer went on
 
 
+def test_seeded_answers_do_not_depend_on_what_runs_beside_them(models):
+    """Each of a seeded request's n answers draws from its own generator: a request that ends beside
+    it (its rows then change places in the batch) leaves its answers as they are alone, and the
+    first answer is the one the seed gives with n=1."""
+    import threading
+
+    from vlkit.lm.generate import resolve_config
+    from vlkit.serve.engine import Engine, Job
+    from vlkit.serve.images import ImageFetcher
+    from vlkit.serve.schemas import ChatRequest
+
+    served, settings = models["lm"], ServeSettings()
+
+    def prompt(text: str):
+        messages = ChatRequest(model="lm", messages=[{"role": "user", "content": text}]).messages
+        return served.prompt(messages, ImageFetcher(settings), settings)
+
+    story, short = prompt("Tell me a story."), prompt("Hi")
+    sampled = resolve_config(served.lm, None, max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=1.0)
+    two = resolve_config(served.lm, None, max_new_tokens=2, min_new_tokens=2)
+
+    def answers(*jobs) -> list[list[str]]:
+        """Each job's (prompt, config, n, seed) answers, the jobs queued together so that they join as one group."""
+        texts, ended = [], threading.Semaphore(0)
+        engine = Engine(served)
+        try:
+            for p, config, n, seed in jobs:
+                out = [""] * n
+                texts.append(out)
+
+                def deliver(event, out=out):
+                    if event[0] == "delta":
+                        out[event[1]] += event[2]
+                    else:
+                        ended.release()
+
+                engine.inbox.put(Job(p, config, n, deliver, seed=seed))
+            for _ in range(sum(job[2] for job in jobs)):
+                assert ended.acquire(timeout=60)
+        finally:
+            engine.close()
+        return texts
+
+    alone = answers((story, sampled, 2, 5))[0]
+    crowded = answers((short, two, 1, None), (story, sampled, 2, 5))[1]  # the short one ends first: rows move
+    assert crowded == alone and alone[0] != alone[1]
+    assert answers((story, sampled, 1, 5))[0] == alone[:1]
+
+
 def test_concurrent_requests_are_batched_and_answer_as_alone(client, models, url):
     colors = ("red", "blue", "green", "white")
     prompts = [image_message(f"Question {i}: what do you see?", *[data_url(picture(colors[i % 4]))] * (i % 3))

@@ -47,7 +47,8 @@ class Stripped:
 
 @dataclass
 class Job:
-    """One request: ``n`` answers to one prompt, sampled from ``seed`` when given. ``deliver(event)``
+    """One request: ``n`` answers to one prompt, each sampled from its own generator when ``seed``
+    is given (the same seed, the same answers, whatever else runs). ``deliver(event)``
     is called from the engine thread with ``("delta", index, text)``, ``("end", index,
     finish_reason, tokens)`` or ``("error", message)``; it must not block."""
 
@@ -187,18 +188,20 @@ class Engine:
             # per answer: a text stream (streamed) or its token ids (sent whole), and the stripper
             job.streams = [(TextStream(model.tokenizer, job.config.stops) if job.stream else [], Stripped() if job.strip else None)
                            for _ in range(job.n)]  # fmt: skip
-            generator = self._generator(job)  # one per request: its n answers draw from it in turn
             for i in range(job.n):
                 keys.append((id(job), i))
                 configs.append(job.config)
-                generators.append(generator)
+                generators.append(self._generator(job, i))
         self.batch.join(keys, configs, repeat(ids), repeat(mask), repeat(embeds), generators)
         self.stats["requests"] += len(group)
 
-    def _generator(self, job: Job) -> torch.Generator | None:
+    def _generator(self, job: Job, index: int) -> torch.Generator | None:
+        """Answer ``index``'s own generator, seeded from the request's seed and the index (the first
+        answer from the seed itself): one shared generator would be drawn from in row order, which
+        other requests' rows leaving and the request's own answers ending reorder."""
         if job.seed is None or not job.config.do_sample:
             return None
-        return torch.Generator(device=self.batch.device).manual_seed(job.seed % 2**63)
+        return torch.Generator(device=self.batch.device).manual_seed((job.seed + index * _SEED_STRIDE) % 2**63)
 
     def _advance(self) -> None:
         """The batch's forward: the running rows' picked tokens and the joining group's prompts
@@ -254,6 +257,9 @@ class Engine:
             job.deliver(("error", message))
         self.jobs.clear()
         self.batch.drop(self.batch.keys)
+
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the answers of neighbouring seeds do not coincide
 
 
 def _failure(err: Exception) -> str:
