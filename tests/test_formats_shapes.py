@@ -140,6 +140,19 @@ def test_pack_from_coco_counts_missing_images(exported, tmp_path):
     assert got[0]["json"]["captions"] == [c.text for c in WORLD.scene(got[0]["json"]["id"]).captions]
 
 
+@pytest.mark.parametrize("fmt", ["coco", "llava"])
+def test_an_export_to_a_relative_folder_stores_paths_inside_it(tmp_path, monkeypatch, fmt):
+    """The images are written in a temporary sibling folder first; a relative --out used to leave
+    that folder's path in a LLaVA export (gone once the export is renamed into place)."""
+    monkeypatch.chdir(tmp_path)
+    export(WORLD, 2, "data/out", fmt)
+    text = "".join(p.read_text() for p in (tmp_path / "data/out").glob("*.json"))
+    assert ".tmp-" not in text
+    folder = tmp_path / "data/out"
+    records = read_llava(folder / "conversations.json") if fmt == "llava" else read_karpathy(folder / "captions_karpathy.json", split="test")
+    assert [load_image(r.image).tobytes() for r in records] == [WORLD.scene(i).render().tobytes() for i in range(2)]
+
+
 @pytest.mark.parametrize("fmt", ["imagefolder", "shards"])
 def test_re_export_replaces_the_folder_whole(tmp_path, fmt):
     """A smaller re-export used to leave the earlier images (as records of their class) and shards."""

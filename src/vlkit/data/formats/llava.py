@@ -9,6 +9,7 @@ the human turns, in the order of the list; without an image there is none.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -50,7 +51,14 @@ class Conversation:
 
 
 def _relative(img: Path, image_root: Path | None) -> str:
-    return img.relative_to(image_root).as_posix() if image_root is not None and img.is_absolute() else img.as_posix()
+    """``img`` relative to ``image_root`` where it lies under it (either may be given relative to the
+    working folder), else as given."""
+    if image_root is not None:
+        try:
+            return Path(os.path.abspath(img)).relative_to(os.path.abspath(image_root)).as_posix()
+        except ValueError:
+            pass
+    return img.as_posix()
 
 
 def write_llava(path: str | Path, conversations: Iterable[Conversation], image_root: str | Path | None = None) -> Path:
