@@ -194,6 +194,9 @@ def test_an_error_caused_by_an_override_names_it():
     assert str(info.value).endswith("(set by '--data.group_size=3')")
     with pytest.raises(ConfigError, match=r"ViTConfig.pool='cls' needs class_token=True \(set by '--model.vision.class_token=false'\)"):
         load_recipe(read(RECIPE), ["--model.vision.class_token=false"])
+    for key in ("vision.act", "text.act"):  # checked when the recipe loads, not when the module is built
+        with pytest.raises(ConfigError, match=rf"\.act: unknown activation 'foo'; expected one of .*\(set by '--model.{key}=foo'\)"):
+            load_recipe(read(RECIPE), [f"--model.{key}=foo"])
 
 
 def test_a_mapping_merges_into_a_section_and_replaces_a_value():

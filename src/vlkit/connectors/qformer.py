@@ -21,7 +21,7 @@ from torch import nn
 from vlkit.config import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, validate
 from vlkit.errors import VlkitError
 from vlkit.nn.attention import Attention
-from vlkit.nn.mlp import MLP
+from vlkit.nn.mlp import MLP, check_activation
 
 INIT_STD = 0.02
 """BERT's initialiser range, which BLIP-2 keeps for the queries and every weight."""
@@ -66,6 +66,7 @@ class QFormerConfig:
 
     def __post_init__(self):
         validate(self)
+        check_activation(self.act, "QFormerConfig.act")
         if self.width % self.num_heads:
             raise ValueError(f"QFormerConfig.width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:

@@ -12,7 +12,7 @@ from vlkit.errors import VlkitError
 from vlkit.lm.decoder import DecoderLayer, DecoderLM
 from vlkit.nn.attention import Attention
 from vlkit.nn.linear import Linear, linear, use_onednn
-from vlkit.nn.mlp import ACTIVATIONS, GatedMLP
+from vlkit.nn.mlp import GatedMLP, check_activation
 from vlkit.nn.norms import RMSNorm
 from vlkit.nn.rope import RopeConfig, Rotary
 
@@ -55,8 +55,7 @@ class LlamaConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        check_activation(self.hidden_act, "LlamaConfig.hidden_act")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} attention heads cannot share {self.num_key_value_heads} key/value heads")
 

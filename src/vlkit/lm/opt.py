@@ -12,7 +12,7 @@ from vlkit.errors import VlkitError
 from vlkit.lm.decoder import DecoderLayer, DecoderLM
 from vlkit.nn.attention import Attention
 from vlkit.nn.linear import Linear, linear, use_onednn
-from vlkit.nn.mlp import ACTIVATIONS, MLP
+from vlkit.nn.mlp import MLP, check_activation
 
 POSITION_OFFSET = 2
 """OPT's position table has two rows before position 0 (a fairseq padding-index convention)."""
@@ -45,8 +45,7 @@ class OPTConfig:
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"activation_function {self.activation_function!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+        check_activation(self.activation_function, "OPTConfig.activation_function")
 
     @property
     def final_norm(self) -> bool:

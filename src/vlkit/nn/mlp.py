@@ -38,6 +38,12 @@ INPLACE = {"quick_gelu": quick_gelu_, "relu": F.relu_, "silu": lambda x: F.silu(
 """In-place versions, used when no gradient is recorded (the input is a temporary)."""
 
 
+def check_activation(name: str, field: str) -> None:
+    """Refuse an activation :func:`activation` does not know, naming the config ``field`` that asks for it."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{field}: unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]

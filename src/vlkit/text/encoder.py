@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vlkit.config import NonNegativeInt, PositiveFloat, PositiveInt, validate
+from vlkit.nn.mlp import check_activation
 from vlkit.nn.transformer import Transformer
 
 
@@ -36,6 +37,7 @@ class TextConfig:
 
     def __post_init__(self):
         validate(self)
+        check_activation(self.act, "TextConfig.act")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.pool not in ("eot", "last"):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlkit.config import NonNegativeInt, PositiveFloat, PositiveInt, validate
+from vlkit.nn.mlp import check_activation
 from vlkit.nn.transformer import Transformer
 from vlkit.vision.pooling import AttentionPool
 
@@ -49,6 +50,7 @@ class ViTConfig:
 
     def __post_init__(self):
         validate(self)
+        check_activation(self.act, "ViTConfig.act")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.patch_size > self.image_size:
