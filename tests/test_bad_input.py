@@ -183,12 +183,11 @@ def test_bad_record_names_file_line_and_problem(tmp_path, name):
     for index in (1, 1 + len(folder)):  # every epoch, whichever caption it would pick
         with pytest.raises(BadSample, match=problem) as info:
             folder[index]
-        err = info.value
+        err = info.value  # an image that fails is named by the record that names it, then by its path
+        assert (err.where, err.record) == (str(root / "captions.jsonl"), "line 2")
+        assert str(err).startswith(f"{root / 'captions.jsonl'}, line 2: ")
         if name in ("missing-image", "corrupt-image"):
-            assert (err.where, err.record) == (str(root / json.loads(line)["image"]), "")
-        else:
-            assert (err.where, err.record) == (str(root / "captions.jsonl"), "line 2")
-            assert str(err).startswith(f"{root / 'captions.jsonl'}, line 2: ")
+            assert err.problem.startswith(f"image {root / json.loads(line)['image']}: ")
 
 
 def test_missing_captions_file_is_named(tmp_path):
@@ -208,7 +207,9 @@ def test_skipping_dataset_and_collate_skip_and_report_bad_samples(tmp_path):
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape[0] == 2
     assert len(batch["skipped"]) == 2 and str(batch["skipped"][1]).endswith("missing.png: file not found")
-    assert batch["skipped"][1].source == str(root / "img" / "missing.png") and batch["skipped"][1].reason == "bad image"
+    skip = batch["skipped"][1]  # the record that names the image, then the image
+    assert (skip.source, skip.record, skip.reason) == (str(root / "captions.jsonl"), "line 4", "bad image")
+    assert skip.detail == f"image {root / 'img' / 'missing.png'}: file not found"
     only_bad = Collate(word_level(["a"], 16))([items[1], items[3]])
     assert only_bad == {"skipped": [items[1].skip, items[3].skip]}
 

@@ -175,7 +175,7 @@ def test_pack_records_every_skip_with_file_record_and_reason(tmp_path):
     index = str(src / "captions.jsonl")
     assert [(r["source"], r["record"], r["reason"]) for r in rows] == [
         (index, "line 2", "bad record"),
-        (str(src / "img" / "gone.png"), "", "bad image"),
+        (index, "line 3", "bad image"),
         (index, "line 4", "bad record"),
     ]
     assert "malformed JSON" in rows[0]["detail"] and "file not found" in rows[1]["detail"] and "caption 0 is ''" in rows[2]["detail"]
@@ -492,7 +492,8 @@ def test_training_evaluation_and_packing_apply_one_rule(tmp_path):
     assert [r.id for r in iter_captions(root, skips)] == [2, 5, 6]  # the id is the line number
     pack(root, tmp_path / "shards", on_bad_sample="skip")
     packed = [Skip(**json.loads(x)) for x in (tmp_path / "shards" / "skipped.jsonl").read_text().splitlines()]
-    assert [(s.source, s.record, s.reason) for s in trained] == [(index, "line 4", "bad record"), (gone, "", "bad image")]
+    assert [(s.source, s.record, s.reason) for s in trained] == [(index, "line 4", "bad record"), (index, "line 5", "bad image")]
+    assert trained[1].detail == f"image {gone}: file not found"
     assert packed == trained
     assert skips.items == trained[:1]  # the record check; the image is loaded by the evaluation
 

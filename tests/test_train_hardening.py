@@ -145,8 +145,9 @@ def test_every_sample_skipped_is_an_error_and_saves_nothing(tmp_path, capsys):
     # it stopped once every sample had been tried, not after 50 steps of nothing
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert len(skipped) == 8 and max(r["step"] for r in skipped) == 1
-    assert {r["source"] for r in skipped} == {str(data / "img" / f"{k}.png") for k in range(5)}
-    assert all(r["detail"] == "file not found" for r in skipped)
+    assert {(r["source"], r["record"]) for r in skipped} == {(str(data / "captions.jsonl"), f"line {k + 1}") for k in range(5)}
+    images = {f"line {k + 1}": data / "img" / f"{k}.png" for k in range(5)}
+    assert all(r["detail"] == f"image {images[r['record']]}: file not found" for r in skipped)
 
 
 def test_skipped_samples_are_listed_with_file_and_reason(tmp_path, capsys):
@@ -159,7 +160,8 @@ def test_skipped_samples_are_listed_with_file_and_reason(tmp_path, capsys):
     assert f"skipped 4 bad samples, each listed with its file and reason in {out / 'skipped.jsonl'}" in stdout
     rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 1, 2, 2]
-    assert {(r["source"], r["detail"]) for r in rows} == {(str(data / "img" / "1.png"), "file not found")}
+    assert {(r["source"], r["record"], r["detail"]) for r in rows} == {
+        (str(data / "captions.jsonl"), "line 2", f"image {data / 'img' / '1.png'}: file not found")}
     assert "skipped.jsonl (4 skipped samples)" in stdout
 
 

@@ -29,6 +29,20 @@ class BadSample(VlkitError):
         self.problem = problem if problem is not None else where
 
 
+def for_record(err: BadSample, where, record: str) -> BadSample:
+    """``err``, an image that failed, as the bad record ``record`` of the data file ``where`` that
+    names the image: the file and line (or id) first, as every other bad record is named."""
+    return BadSample(str(where), f"image {err.where}: {err.problem}", record)
+
+
+def load_record_image(path: str | Path, where, record: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` of the image that record ``record`` of the data file ``where`` names."""
+    try:
+        return load_image(path, max_pixels)
+    except BadSample as err:
+        raise for_record(err, where, record) from None
+
+
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and convert an image file to RGB, or raise :class:`BadSample`."""
     path = Path(path)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from vlkit.data.formats.captions import CAPTIONS, INDEX, caption_record
 from vlkit.data.formats.coco import CaptionRecord
 from vlkit.data.formats.common import BadRecord, no_records, read_text
-from vlkit.data.images import BadSample, load_image
+from vlkit.data.images import BadSample, load_record_image
 from vlkit.data.shapes import ShapesWorld
 from vlkit.data.skips import Skip
 from vlkit.errors import VlkitError
@@ -95,11 +95,12 @@ class CaptionFolder(Dataset):
         r = self.record(i)
         rng = np.random.default_rng([i, epoch])
         caption = r.captions[int(rng.integers(len(r.captions)))]
-        image = load_image(r.image)
+        record = f"line {self.lines[i]}"
+        image = load_record_image(r.image, self.index, record)
         try:
             pixels = self.processor(image)
         except VlkitError as err:
-            raise BadSample(str(r.image), str(err)) from None
+            raise BadSample(str(self.index), f"image {r.image}: {err}", record) from None
         return [(pixels, caption)]
 
 

@@ -28,7 +28,7 @@ import vlkit
 from vlkit.config import write_json
 from vlkit.data.formats.captions import INDEX, iter_captions
 from vlkit.data.formats.common import no_records
-from vlkit.data.images import BadSample, load_image
+from vlkit.data.images import BadSample, for_record, load_image
 from vlkit.data.skips import SKIPPED_FILE, Skips
 from vlkit.data.shapes import TEMPLATES, class_prompts
 from vlkit.errors import VlkitError
@@ -66,16 +66,18 @@ def _shapes_world(model):
     return ShapesWorld(image_size=model.processor.output_size)
 
 
-def _image_batches(model, paths: list[Path], batch_size: int, skips: Skips, kept: list[int]):
+def _image_batches(model, paths: list[Path], batch_size: int, skips: Skips, kept: list[int], source,
+                   records: list[str] | None):  # fmt: skip
     """Pixel batches of the images that load; the indices of those are appended to ``kept``,
-    the others go through the bad-record rule."""
+    the others go through the bad-record rule (named as ``records[j]`` of ``source`` when the
+    images come from records of a data file; else each image is its own record)."""
     for i in range(0, len(paths), batch_size):
         images = []
         for j in range(i, min(i + batch_size, len(paths))):
             try:
                 images.append(load_image(paths[j]))
             except BadSample as err:
-                skips.reject(err, "bad image")
+                skips.reject(err if records is None else for_record(err, source, records[j]), "bad image")
                 continue
             kept.append(j)
         if images:
@@ -83,11 +85,11 @@ def _image_batches(model, paths: list[Path], batch_size: int, skips: Skips, kept
 
 
 def _embed_image_files(model, paths: list[Path], batch_size: int, precision: str, skips: Skips, source,
-                       embed=embed_images) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+                       embed=embed_images, records: list[str] | None = None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
     """``(features of the images that load, their indices)``; an error when none does."""
     kept: list[int] = []
     bad_before = skips.total
-    batches = _image_batches(model, paths, batch_size, skips, kept)
+    batches = _image_batches(model, paths, batch_size, skips, kept, source, records)
     try:
         feats = embed(model, batches, precision, progress=True, total=(len(paths) + batch_size - 1) // batch_size)
     except VlkitError:
@@ -141,16 +143,18 @@ def eval_zeroshot(model, data: str, out: Path | None, batch_size: int, precision
     return results
 
 
-def caption_gallery(root: Path, skips: Skips | None = None) -> tuple[list[Path], list[list[str]], dict]:
-    """``(image paths, captions per image, counts)`` from ``root/captions.jsonl`` (records checked
-    as training checks them, :func:`~vlkit.data.formats.captions.iter_captions`): each image
-    once, with the distinct captions of every record that lists it (see the module doc)."""
+def caption_gallery(root: Path, skips: Skips | None = None) -> tuple[list[Path], list[list[str]], dict, list[str]]:
+    """``(image paths, captions per image, counts, the first record naming each image)`` from
+    ``root/captions.jsonl`` (records checked as training checks them,
+    :func:`~vlkit.data.formats.captions.iter_captions`): each image once, with the distinct captions
+    of every record that lists it (see the module doc)."""
     root = Path(root)
     if not (root / INDEX).is_file() and (root / "captions" / INDEX).is_file():
         raise FileNotFoundError(f"{root / INDEX}: missing; {root / 'captions'} holds one (--data {root / 'captions'}?)")
     index: dict[str, int] = {}
     paths: list[Path] = []
     captions: list[list[str]] = []
+    records: list[str] = []
     merged = repeated = 0
     for rec in iter_captions(root, skips):
         key = os.path.normpath(rec.image)
@@ -160,6 +164,7 @@ def caption_gallery(root: Path, skips: Skips | None = None) -> tuple[list[Path],
         else:
             index[key] = len(paths)
             paths.append(rec.image)
+            records.append(f"line {rec.id}")
             own = []
             captions.append(own)
         for c in rec.captions:
@@ -167,7 +172,7 @@ def caption_gallery(root: Path, skips: Skips | None = None) -> tuple[list[Path],
                 repeated += 1
             else:
                 own.append(c)
-    return paths, captions, {"merged_duplicate_images": merged, "repeated_captions_dropped": repeated}
+    return paths, captions, {"merged_duplicate_images": merged, "repeated_captions_dropped": repeated}, records
 
 
 def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precision: str, skips: Skips | None = None) -> dict:
@@ -184,8 +189,8 @@ def eval_retrieval(model, data: str, out: Path | None, batch_size: int, precisio
         positives = shapes.truth_matrix(scenes, captions)
         image_feats = embed(model, shapes.pixels(model, scenes, batch_size), precision)
     else:
-        paths, per_image, counts = caption_gallery(Path(data), skips)
-        image_feats, kept = _embed_image_files(model, paths, batch_size, precision, skips, Path(data) / INDEX, embed)
+        paths, per_image, counts, records = caption_gallery(Path(data), skips)
+        image_feats, kept = _embed_image_files(model, paths, batch_size, precision, skips, Path(data) / INDEX, embed, records)
         names = [str(paths[i]) for i in kept]
         per_image = [per_image[i] for i in kept]
         texts = [t for caps in per_image for t in caps]

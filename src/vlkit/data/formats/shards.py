@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlkit.data.formats.common import FormatError, no_records
-from vlkit.data.images import BadSample, decode_image
+from vlkit.data.images import BadSample, decode_image, for_record
 from vlkit.data.skips import SKIPPED_FILE, Skip, Skips
 from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
@@ -67,16 +67,17 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, maxcount: int = 1
     return sorted(out_dir.glob(f"{prefix}-*.tar"))
 
 
-def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tuple[str, Path, dict]]:
-    """``(key, image path, annotations)`` from a dataset folder or file of a known format,
-    streamed so a large JSON is never held whole."""
+def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tuple[str, Path, dict, tuple | None]]:
+    """``(key, image path, annotations, (data file, record) naming the image or None where the
+    image is the record)`` from a dataset folder or file of a known format, streamed so a large
+    JSON is never held whole."""
     if src.is_file() and src.suffix == ".json":
         top = _first_char(src)
         if top == "{":
             from vlkit.data.formats.coco import iter_karpathy
 
             for r in iter_karpathy(src, skips=skips, allow_outside_paths=allow_outside):
-                yield f"coco-{r.id}", r.image, {"id": r.id, "captions": r.captions, "split": r.split}
+                yield f"coco-{r.id}", r.image, {"id": r.id, "captions": r.captions, "split": r.split}, (src, f"image id {r.id}")
             return
         if top == "[":
             from vlkit.data.formats.llava import iter_llava
@@ -88,7 +89,7 @@ def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tu
                 if len(c.images) > 1:
                     skips.add("several images", src, f"id {c.id!r}", f"{len(c.images)} images; shards hold one image per sample")
                     continue
-                yield f"llava-{c.id}", c.image, {"id": c.id, "conversations": [list(t) for t in c.turns]}
+                yield f"llava-{c.id}", c.image, {"id": c.id, "conversations": [list(t) for t in c.turns]}, (src, f"id {c.id!r}")
             return
         raise FormatError(f"{src}: not a Karpathy captions JSON or a LLaVA conversation list")
     if src.is_file() and src.name == "captions.jsonl":
@@ -102,13 +103,13 @@ def _source_records(src: Path, skips: Skips, allow_outside: bool) -> Iterator[tu
 
         paths, labels, names, _ = read_imagefolder(src)
         for i, (p, y) in enumerate(zip(paths, labels)):
-            yield f"img-{i:08d}", p, {"id": i, "label": y, "classname": names[y]}
+            yield f"img-{i:08d}", p, {"id": i, "label": y, "classname": names[y]}, None
         return
     if src.is_dir() and (src / "captions.jsonl").is_file():
         from vlkit.data.formats.captions import iter_captions
 
         for r in iter_captions(src, skips, allow_outside):
-            yield f"cap-{r.id:08d}", r.image, {"captions": r.captions, **r.meta}
+            yield f"cap-{r.id:08d}", r.image, {"captions": r.captions, **r.meta}, (src / "captions.jsonl", f"line {r.id}")
         return
     raise FormatError(f"{src}: unrecognised source; expected {SOURCES}")
 
@@ -153,11 +154,11 @@ def pack(src: str | Path, out: str | Path, maxcount: int = 1000, prefix: str = "
     summary: dict = {}
 
     def samples(counter: list[int]):
-        for key, path, meta in _source_records(src, skips, allow_outside_paths):
+        for key, path, meta, record in _source_records(src, skips, allow_outside_paths):
             try:
                 ext, data = _image_entry(path)
             except BadSample as err:
-                skips.reject(err, "bad image")
+                skips.reject(err if record is None else for_record(err, *record), "bad image")
                 continue
             counter[0] += 1
             yield {"__key__": key, ext: data, "json": meta}
