@@ -165,7 +165,7 @@ def test_unreadable_caption_files(tmp_path):
 def test_bad_image_stops_or_is_left_out_with_its_captions(tmp_path):
     folder = caption_folder(tmp_path, [clean(k) for k in range(N)])
     (folder / "images" / "7.png").write_bytes(b"not a png")
-    with pytest.raises(BadSample, match=r"7.png: corrupt or truncated image"):
+    with pytest.raises(BadSample, match=r"captions.jsonl, line 8: image .*7.png: corrupt or truncated image"):
         retrieve(folder)
     res, skips = retrieve(folder, "skip")
     assert res["t2i_r1"] == 1.0 and res["counts"]["images"] == N - 1 and res["counts"]["captions"] == 2 * (N - 1)
@@ -317,6 +317,27 @@ def test_odd_predictions_files_name_the_file_and_record(task, name, content, mes
     assert main(["eval", task, "--predictions", str(path), "--data", str(data / DATA[task])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vlkit: error: ") and str(path) in err and "Traceback" not in err
+
+
+def test_predictions_for_skipped_records_are_counted_not_refused(data, tmp_path):
+    """A predictions file made for the whole dataset holds the ids of the records skipped as bad:
+    under the skip rule they are left out and counted (an id the data never had stays an error
+    while nothing was skipped: above)."""
+    import shutil
+
+    folder = tmp_path / "coco"
+    shutil.copytree(data / "coco", folder)
+    ids = [s.id for s in load_samples("caption", folder)]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": i, "prediction": "a photo of a shape"}) + "\n" for i in ids))
+    raw = json.loads((folder / "captions_karpathy.json").read_text())
+    del raw["images"][4]["filename"]
+    (folder / "captions_karpathy.json").write_text(json.dumps(raw))
+    with pytest.raises(FormatError, match=r"captions_karpathy\.json, images\[4\]: missing key 'filename'"):
+        score_predictions_file("caption", preds, folder)
+    res = score_predictions_file("caption", preds, folder, skips=Skips("skip"))
+    assert res["counts"]["samples"] == len(ids) - 1 and res["skipped"]["total"] == 1
+    assert res["counts"]["predictions_without_data"] == 1 and res["counts"]["missing_predictions"] == 0
 
 
 def test_duplicate_ids_name_both_records(tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from vlkit.boxes import format_box
 from vlkit.data.formats.common import FormatError
 from vlkit.data.images import BadSample
 from vlkit.data.skips import Skips
@@ -137,7 +138,9 @@ class FakeVLM:
 @pytest.mark.parametrize("task", ["vqa", "grounding"])
 def test_generate_interface_end_to_end(task, data, tmp_path):
     samples = load_samples(task, data[task])
-    model = FakeVLM(samples, lambda s: oracle(s, task))
+    # a model answers boxes on the 0-999 grid (vlkit's convention, the default for models)
+    grid = lambda s: format_box(s.target["box"], "norm1000", s.target["width"], s.target["height"])  # noqa: E731
+    model = FakeVLM(samples, grid if task == "grounding" else lambda s: oracle(s, task))
     res = run_generative(task, model, str(data[task]), tmp_path, batch_size=16)
     assert res["acc@0.5" if task == "grounding" else "accuracy"] == pytest.approx(1.0)
     assert max(model.calls) <= 16 and sum(model.calls) == len(samples)
@@ -151,14 +154,15 @@ def test_generate_skips_and_counts_missing_images(data, tmp_path):
     shutil.copytree(data["caption"], folder)
     (folder / "images" / "shapes_000000000002.png").unlink()
     samples = load_samples("caption", folder)
-    with pytest.raises(BadSample, match=r"shapes_000000000002.png: file not found"):  # the default rule: stop
+    with pytest.raises(BadSample, match=r"captions_karpathy.json, image id 2: image .*shapes_000000000002.png: file not found"):
         run_generative("caption", FakeVLM(samples, lambda s: "a shape"), folder, batch_size=3)
     model = FakeVLM(samples, lambda s: "a shape")
     res = run_generative("caption", model, folder, tmp_path / "out", batch_size=3, skips=Skips("skip"))
     assert res["skipped"]["by_reason"] == {"bad image": 1} and "shapes_000000000002.png" in res["skipped"]["examples"]["bad image"][0]
     assert res["counts"]["samples"] == len(samples) - 1 and res["counts"]["missing_predictions"] == 0  # left out, not scored
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
-    assert [(s["reason"], s["source"].endswith("shapes_000000000002.png")) for s in skipped] == [("bad image", True)]
+    assert [(s["reason"], s["source"], s["record"]) for s in skipped] == [("bad image", str(folder / "captions_karpathy.json"), "image id 2")]
+    assert skipped[0]["detail"].endswith("shapes_000000000002.png: file not found")
 
 
 def test_model_without_generate_is_refused(data):

@@ -103,7 +103,7 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
     options = {}
     if args.task in ("caption", "vqa", "grounding", "mcq"):
-        options = {"split": args.split, "box_format": args.box_format}
+        options = {"split": args.split, **({"box_format": args.box_format} if args.box_format else {})}
         if args.predictions is None:
             options["max_new_tokens"] = args.max_new_tokens
     if args.endpoint is not None:
@@ -270,7 +270,9 @@ def parser() -> argparse.ArgumentParser:
                     "in a standard format (caption: COCO Karpathy JSON, vqa: VQAv2, grounding: RefCOCO, mcq: MMBench/MathVista TSV)")
     ev.add_argument("--predictions", help="score this predictions file instead of running a model (caption, vqa, grounding, mcq)")
     ev.add_argument("--split", help="dataset split to evaluate (default: all)")
-    ev.add_argument("--box-format", default="pixels", choices=["pixels", "norm1", "norm1000", "loc1000", "loc1024"])
+    ev.add_argument("--box-format", choices=["pixels", "norm1", "norm1000", "loc1000", "loc1024"],
+                    help="how grounding answers write a box (vlkit.boxes); default: norm1000, the 0-999 grid vlkit's VLMs "
+                         "answer on and `vlkit ground` reads, for a model or an endpoint; pixels for --predictions files")
     ev.add_argument("--max-new-tokens", type=positive_int, default=32)
     ev.add_argument("--out", help="folder for results.json, predictions.jsonl and report.md (default: print only)")
     ev.add_argument("--batch-size", type=positive_int, default=256)

@@ -247,9 +247,10 @@ def endpoint_predictions(endpoint: Endpoint, samples: list[Sample], cache: Answe
 
 def run_endpoint_eval(task: str, data: str | Path, endpoint: str, model: str, out: str | Path | None = None,
                       api_key_env: str | None = None, concurrency: int = 4, cache: str | Path | None = None,
-                      split: str | None = None, box_format: str = "pixels", max_new_tokens: int = 32,
+                      split: str | None = None, box_format: str = "norm1000", max_new_tokens: int = 32,
                       on_bad_sample: str = "error") -> dict:  # fmt: skip
-    """Ask the endpoint every sample of ``task`` in ``data``, score the answers, write the report to ``out``."""
+    """Ask the endpoint every sample of ``task`` in ``data``, score the answers, write the report to ``out``
+    (boxes read on the 0-999 grid unless ``box_format`` says otherwise, as for a local model)."""
     client = Endpoint(endpoint, model, api_key_from_env(api_key_env))
     skips = Skips(on_bad_sample)
     samples = load_samples(task, data, split, skips)

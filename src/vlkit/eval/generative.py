@@ -24,7 +24,8 @@ field's JSON result lists (``[{"image_id", "caption"}]`` for COCO, ``[{"question
 
 Bad input: a predictions file that is empty, not UTF-8 or not JSON, a record whose id or
 prediction has the wrong JSON type, duplicate ids and predictions for ids not in the data
-raise an error naming the file and record. Bad data records and images that cannot be
+raise an error naming the file and record (once bad data records were skipped, predictions for
+ids the data no longer has are counted instead: ``predictions_without_data``). Bad data records and images that cannot be
 loaded follow the bad-record rule of :mod:`vlkit.data.skips` (stop, or skip and list in
 ``skipped.jsonl``). Data records without a prediction are scored as an empty answer (wrong)
 and counted (``missing_predictions``); empty predictions and unparseable answers and boxes
@@ -72,10 +73,11 @@ def _find(folder: Path, pattern: str, what: str) -> Path:
     return found[0]
 
 
-def _image_loader(path: Path):
-    from vlkit.data.images import load_image
+def _image_loader(path: Path, where, record: str):
+    """The sample's image, loaded when asked for; a failure names the data file and the record first."""
+    from vlkit.data.images import load_record_image
 
-    return lambda: load_image(path)
+    return lambda: load_record_image(path, where, record)
 
 
 def load_samples(task: str, data: str | Path, split: str | None = None, skips: Skips | None = None) -> list[Sample]:
@@ -95,7 +97,8 @@ def _load_samples(task: str, data: Path, split: str | None, skips: Skips) -> lis
 
         path = data if data.is_file() else _find(data, "captions_karpathy.json", "Karpathy captions JSON")
         recs = read_karpathy(path, split=split, skips=skips)
-        return [Sample(str(r.id), CAPTION_PROMPT, {"references": r.captions}, _image_loader(r.image)) for r in recs]
+        return [Sample(str(r.id), CAPTION_PROMPT, {"references": r.captions}, _image_loader(r.image, path, f"image id {r.id}"))
+                for r in recs]  # fmt: skip
     if task == "vqa":
         from vlkit.data.formats.vqav2 import read_vqav2
 
@@ -104,7 +107,8 @@ def _load_samples(task: str, data: Path, split: str | None, skips: Skips) -> lis
         recs = read_vqav2(q, a, skips=skips)
         return [
             Sample(str(r.question_id), VQA_PROMPT.format(question=r.question), {"answers": r.answers},
-                   _image_loader(r.image), r.question_type or r.answer_type, {"question": r.question, "answer_type": r.answer_type})
+                   _image_loader(r.image, q, f"question_id {r.question_id}"), r.question_type or r.answer_type,
+                   {"question": r.question, "answer_type": r.answer_type})
             for r in recs
         ]  # fmt: skip
     if task == "grounding":
@@ -113,7 +117,7 @@ def _load_samples(task: str, data: Path, split: str | None, skips: Skips) -> lis
         recs = read_refcoco(data, split=split, skips=skips)
         return [
             Sample(r.id, GROUNDING_PROMPT.format(text=r.text), {"box": list(r.box), "width": r.width, "height": r.height},
-                   _image_loader(r.image), meta={"text": r.text})
+                   _image_loader(r.image, data, f"ref {r.id}"), meta={"text": r.text})
             for r in recs
         ]  # fmt: skip
     from vlkit.data.formats.tsv import iter_tsv
@@ -210,13 +214,16 @@ def read_predictions(path: str | Path) -> Predictions:
 
 
 # ---------------------------------------------------------------- scoring
-def score(task: str, samples: list[Sample], predictions: dict[str, str], source: str = "", box_format: str = "pixels") -> tuple[dict, list[dict]]:
-    """``(results, per-sample rows)`` for predictions keyed by sample id (str)."""
+def score(task: str, samples: list[Sample], predictions: dict[str, str], source: str = "", box_format: str = "pixels",
+          skipped: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
+    """``(results, per-sample rows)`` for predictions keyed by sample id (str). A prediction for an id
+    the data does not have is an error, unless records were ``skipped`` as bad (their ids may be
+    among them): then such predictions are left out and counted."""
     ids = {s.id for s in samples}
     if len(ids) != len(samples):
         raise FormatError("data: duplicate sample ids")
     extra = [k for k in predictions if k not in ids]
-    if extra:
+    if extra and not skipped:
         where = getattr(predictions, "where", {})
         first = f" (first at {where[extra[0]]})" if extra[0] in where else ""
         raise FormatError(
@@ -234,6 +241,8 @@ def score(task: str, samples: list[Sample], predictions: dict[str, str], source:
     results = {"task": task, **results, "counts": {**counts, **results.pop("counts", {})}}
     if missing:
         results["counts"]["missing_examples"] = missing[:5]
+    if extra:
+        results["counts"].update(predictions_without_data=len(extra), predictions_without_data_examples=extra[:5])
     return results, rows
 
 
@@ -327,7 +336,7 @@ def score_predictions_file(task: str, predictions: str | Path, data: str | Path,
     skips = skips if skips is not None else Skips()
     samples = load_samples(task, data, split, skips)
     preds = read_predictions(predictions)
-    results, rows = score(task, samples, preds, str(predictions), box_format)
+    results, rows = score(task, samples, preds, str(predictions), box_format, skipped=skips.total > 0)
     results = {**results, "data": str(data), "predictions_file": str(predictions), "skipped": skips.to_dict()}
     if out is not None:
         _write(Path(out), results, rows, samples, skips)
@@ -405,10 +414,11 @@ def generate_predictions(model, samples: list[Sample], batch_size: int = 16, max
 
 
 def run_generative(task: str, model, data: str | Path, out: str | Path | None = None, batch_size: int = 16,
-                   split: str | None = None, box_format: str = "pixels", max_new_tokens: int = 32,
+                   split: str | None = None, box_format: str = "norm1000", max_new_tokens: int = 32,
                    skips: Skips | None = None) -> dict:  # fmt: skip
     """``vlkit eval TASK --model DIR --data PATH``: generate, score, write the report. Samples
-    whose image was skipped are left out of the scores (and listed under ``skipped``)."""
+    whose image was skipped are left out of the scores (and listed under ``skipped``). Boxes are
+    read as vlkit's VLMs write them (``norm1000``, as ``vlkit ground`` reads them) unless told."""
     skips = skips if skips is not None else Skips()
     samples = load_samples(task, data, split, skips)
     preds = generate_predictions(model, samples, batch_size, max_new_tokens, skips)
