@@ -194,6 +194,9 @@ def test_an_error_caused_by_an_override_names_it():
     assert str(info.value).endswith("(set by '--data.group_size=3')")
     with pytest.raises(ConfigError, match=r"ViTConfig.pool='cls' needs class_token=True \(set by '--model.vision.class_token=false'\)"):
         load_recipe(read(RECIPE), ["--model.vision.class_token=false"])
+    with pytest.raises(ConfigError, match=r"^override '--model.vision.image_size=32': model.vision.image_size is set by training "
+                                          r"from data.image_size; it cannot be overridden$"):  # it used to be ignored
+        load_recipe(read(RECIPE), ["--model.vision.image_size=32"])
     for key in ("vision.act", "text.act"):  # checked when the recipe loads, not when the module is built
         with pytest.raises(ConfigError, match=rf"\.act: unknown activation 'foo'; expected one of .*\(set by '--model.{key}=foo'\)"):
             load_recipe(read(RECIPE), [f"--model.{key}=foo"])

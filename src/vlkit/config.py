@@ -370,9 +370,15 @@ def _touches(override: str, key: str) -> bool:
     return not key or mine == key or mine.startswith(key + ".") or key.startswith(mine + ".")
 
 
-def build(cls: type[T], data: dict, overrides: list[str], where: str = "config") -> T:
+def build(cls: type[T], data: dict, overrides: list[str], where: str = "config", derived: dict[str, str] | None = None) -> T:
     """``cls`` from ``data`` with ``overrides`` applied; an error in a key an override set
-    names that override too."""
+    names that override too. ``derived``: keys the caller sets itself (key → from what), which an
+    override may not set (it would be ignored)."""
+    for key, source in (derived or {}).items():
+        for o in overrides:
+            mine = (o[2:] if o.startswith("--") else o).partition("=")[0]
+            if mine == key or mine.startswith(key + "."):
+                raise ConfigError(f"override {_shown(o)}: {key} is set by training from {source}; it cannot be overridden", (key,))
     merged = apply_overrides(data, overrides, cls)
     try:
         return from_dict(cls, merged, where)

@@ -309,7 +309,7 @@ def load_recipe(stage: int, data: dict, overrides: list[str] = (), source: str |
     """Stage ``stage``'s recipe from a dict (the recipe file ``source``) and ``--key=value`` overrides."""
     if stage not in RECIPES:
         raise ConfigError(f"--stage {stage}: BLIP-2 trains in stages 1 and 2", ("stage",))
-    return build(RECIPES[stage], data, list(overrides), f"{source}: recipe" if source else "recipe")
+    return build(RECIPES[stage], data, list(overrides), f"{source}: recipe" if source else "recipe", DERIVED if stage == 1 else None)
 
 
 def recipe_help() -> str:

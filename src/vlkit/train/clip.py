@@ -197,4 +197,4 @@ def recipe_help() -> str:
 def load_recipe(data: dict, overrides: list[str] = (), source: str | Path | None = None) -> CLIPRecipe:
     """A recipe from a dict (the contents of the recipe file ``source``) and ``--key=value``
     overrides; errors name the file too."""
-    return build(CLIPRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe")
+    return build(CLIPRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe", DERIVED)

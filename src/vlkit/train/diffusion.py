@@ -155,7 +155,7 @@ def train_diffusion(recipe: DiffusionRecipe, out: str | Path, resume: bool = Fal
 
 def load_recipe(data: dict, overrides: list[str] = (), source: str | Path | None = None) -> DiffusionRecipe:
     """A recipe from a dict (the recipe file ``source``'s contents) and ``--key=value`` overrides."""
-    return build(DiffusionRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe")
+    return build(DiffusionRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe", DERIVED)
 
 
 def recipe_help() -> str:

@@ -89,7 +89,7 @@ DERIVED = {
 
 
 def load_recipe(data: dict, overrides: list[str] = (), source: str | Path | None = None) -> LMRecipe:
-    return build(LMRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe")
+    return build(LMRecipe, data, list(overrides), f"{source}: recipe" if source else "recipe", DERIVED)
 
 
 class CausalLM(LlamaLM):
