@@ -67,6 +67,18 @@ def test_embed_images_and_texts(workspace, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb_t, axis=1), 1.0, rtol=1e-5)
 
 
+def test_a_folder_of_images_passes_over_hidden_files_as_the_index_does(workspace, tmp_path):
+    import shutil
+
+    source = sorted((workspace / "data" / "captions" / "images").iterdir())[0]
+    folder = tmp_path / "photos"
+    for name in ("a.png", "sub/b.png", ".hidden.png", ".cache/c.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / name)
+    assert main(["embed", "--model", str(workspace / "run"), "--images", str(folder), "--out", str(tmp_path / "i.npy")]) == 0
+    assert np.load(tmp_path / "i.npy").shape == (2, 32)
+
+
 def test_bad_override_is_a_clear_error(workspace, capsys):
     code = main(["train", "clip", "--recipe", "recipes/clip_shapes.yaml", "--out", str(workspace / "bad"),
                  "--model.vision.nonsense=3"])

@@ -190,12 +190,13 @@ def _read_texts(spec: list[str]) -> list[str]:
 
 
 def _image_paths(spec: list[str]) -> list[Path]:
-    """Image files given directly, or every image under the given folders (sorted)."""
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    """Image files given directly, or every image under the given folders (sorted; hidden ones passed over)."""
+    from vlkit.data.images import image_files
+
     paths: list[Path] = []
     for item in spec:
         p = Path(item)
-        paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in exts) if p.is_dir() else [p]
+        paths += image_files(p) if p.is_dir() else [p]
     if not paths:
         raise SystemExit(f"no images found in {spec}")
     return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,19 @@ from vlkit.vision.preprocess import to_rgb
 
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused as possible decompression bombs."""
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+"""The files read as images where a folder is looked through."""
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, hidden files and folders passed over (as every reader of
+    folders does), sorted."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
 
 
 class BadSample(VlkitError):

@@ -19,7 +19,6 @@ time changed, and drops files that are gone. The folder is written whole by
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlkit.data.images import BadSample, load_image
+from vlkit.data.images import BadSample, image_files, load_image
 from vlkit.data.skips import Skips
 from vlkit.errors import VlkitError
 from vlkit.files import atomic_folder
@@ -43,7 +42,6 @@ VERSION = 1
 META_FILE = "index.json"
 FILES_FILE = "files.jsonl"
 VECTORS_FILE = "embeddings.npy"
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -60,17 +58,12 @@ def scan(images: Path) -> list[FileStamp]:
     if not images.is_dir():
         raise VlkitError(f"--images {images}: no such folder; expected a folder of images")
     found = []
-    for root, dirs, names in os.walk(images):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            full = Path(root) / name
-            try:
-                st = full.stat()
-            except OSError:  # removed while scanning
-                continue
-            found.append(FileStamp(full.relative_to(images).as_posix(), st.st_size, st.st_mtime_ns))
+    for full in image_files(images):
+        try:
+            st = full.stat()
+        except OSError:  # removed while scanning
+            continue
+        found.append(FileStamp(full.relative_to(images).as_posix(), st.st_size, st.st_mtime_ns))
     return sorted(found, key=lambda f: f.path)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlkit.data.formats.common import FormatError, no_records, read_json, write_json
+from vlkit.data.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def write_imagefolder_meta(root: str | Path, classnames: list[str], templates: list[str]) -> None:
