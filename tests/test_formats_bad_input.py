@@ -32,6 +32,9 @@ def test_coco_record_errors(tmp_path):
     p.write_text(json.dumps({"images": [{"filename": "a.png", "cocoid": 7, "sentences": [{"raw": "x"}]}] * 2}))
     with pytest.raises(FormatError, match=r"duplicate image id.*\[7\]"):
         read_karpathy(p)
+    p.write_text(json.dumps({"images": [{"filename": "a.png", "sentences": [{"raw": "x"}, {"raw": "  "}]}]}))
+    with pytest.raises(FormatError, match=r"c\.json, images\[0\]\.sentences\[1\]: a blank caption"):  # it was a reference
+        read_karpathy(p)
 
 
 def test_vqa_errors(tmp_path):
@@ -43,6 +46,9 @@ def test_vqa_errors(tmp_path):
     a.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "x"}]}]}))
     with pytest.raises(FormatError, match=r"q\.json, questions\[1\]: question_id 2 has no annotation"):
         read_vqav2(q, a)
+    q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": " "}]}))
+    with pytest.raises(FormatError, match=r"q\.json, questions\[0\]: a blank question"):  # it was scored
+        read_vqav2(q)
 
 
 def test_llava_errors(tmp_path):

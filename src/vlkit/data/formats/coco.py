@@ -128,6 +128,8 @@ def _captions(sentences: list, path: Path, record: str) -> list[str]:
             caps.append(" ".join(s["tokens"]))
         else:
             raise BadRecord(str(path), "expected {'raw': str} or {'tokens': [str]}", where)
+        if not caps[-1].strip():
+            raise BadRecord(str(path), "a blank caption; expected reference text", where)
     if not caps:
         raise BadRecord(str(path), "no sentences; expected at least one reference caption", record)
     return caps

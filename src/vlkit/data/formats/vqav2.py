@@ -149,6 +149,8 @@ def _read_questions(path: Path, skips: Skips) -> tuple[list[tuple[int, dict]], s
     for i, q in enumerate(iter_json_array(path, "questions", QUESTIONS)):
         try:
             require(q, {"question_id": (int, str), "image_id": (int, str), "question": str}, path, f"questions[{i}]")
+            if not q["question"].strip():
+                raise BadRecord(str(path), "a blank question; expected the question's text", f"questions[{i}]")
         except BadRecord as err:
             skips.reject(err, "bad record")
             if isinstance(q, dict) and isinstance(q.get("question_id"), (int, str)):
