@@ -15,7 +15,6 @@ from vlkit.data.formats.common import FormatError, no_records, read_json, write_
 from vlkit.data.images import IMAGE_SUFFIXES
 
 
-
 def write_imagefolder_meta(root: str | Path, classnames: list[str], templates: list[str]) -> None:
     root = Path(root)
     bad = [t for t in templates if "{c}" not in t]
