@@ -19,10 +19,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 import vlkit  # noqa: E402
 from vlkit.cli import main  # noqa: E402
-from vlkit.eval.generative import GROUNDING_PROMPT, load_samples  # noqa: E402
+from vlkit.eval.generative import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_PROMPT, load_samples  # noqa: E402
 from vlkit.models.llava_processor import LlavaAnswerer, LlavaProcessor  # noqa: E402
 from vlkit.text.lm_tokenizer import LMTokenizer  # noqa: E402
-from vlkit.vlm_cli import CAPTION_PROMPT, reply_box  # noqa: E402
+from vlkit.vlm_cli import reply_box  # noqa: E402
 
 from _lm_util import chatml_folder  # noqa: E402
 from _llava_models import IMAGE_SIZE, edit_config, hf_model, save  # noqa: E402
@@ -110,8 +110,9 @@ def test_vqa_answers_each_question_as_it_would_alone(folder, model, images, caps
     code, out, _ = run(["vqa", "--model", folder, "--image", images[1], *questions, "--max-new-tokens", NEW], capsys)
     assert code == 0
     answers = out.rstrip("\n").split("\n")
-    assert answers == reference(model, [images[1]] * 3, questions)  # one left-padded batch
-    assert answers == [reference(model, [images[1]], [q])[0] for q in questions]  # each alone: padding changes nothing
+    asked = [VQA_PROMPT.format(question=q) for q in questions]  # as `vlkit eval vqa` asks them
+    assert answers == reference(model, [images[1]] * 3, asked)  # one left-padded batch
+    assert answers == [reference(model, [images[1]], [q])[0] for q in asked]  # each alone: padding changes nothing
 
 
 def test_ground_prints_the_reply_and_what_it_makes_of_it(folder, model, images, capsys, tmp_path):

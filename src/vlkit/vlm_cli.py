@@ -9,7 +9,9 @@ per batch (:func:`vlkit.eval.generative.answerer`), so a command's answer is the
 
 - ``caption IMAGES...``: a caption per image (files, or the images under folders), batched;
   prints ``PATH<TAB>CAPTION`` per image, in order.
-- ``vqa --image x.png QUESTION...``: an answer per question (batched), a line each.
+- ``vqa --image x.png QUESTION...``: a short answer per question (batched), a line each: each asked as
+  the VQA evaluation asks it, with LLaVA-1.5's "Answer the question using a single word or phrase."
+  (free-form answers: ``vlkit chat --image x.png --prompt QUESTION``).
 - ``ground --image x.png TEXT [--out boxed.png]``: the box of the object ``TEXT`` describes.
   Boxes are text, Qwen-VL's convention: ``[x1, y1, x2, y2]``, integers on a 0-999 grid over the
   image's width and height (parsed as :func:`vlkit.boxes.parse_box`'s ``norm1000``).
@@ -27,7 +29,6 @@ from pathlib import Path
 
 from vlkit.errors import VlkitError
 
-CAPTION_PROMPT = "Describe the image."
 """The default ``caption`` prompt: the one ``vlkit eval caption`` asks."""
 GRID = 1000
 """Box coordinates are integers in ``[0, GRID)`` over the image's width and height."""
@@ -84,12 +85,13 @@ def cmd_caption(args, overrides: list[str]) -> int:
 
 def cmd_vqa(args, overrides: list[str]) -> int:
     from vlkit.chat import load_images
+    from vlkit.eval.generative import VQA_PROMPT
 
     (image,) = load_images([args.image])
     vlm, new = _answerer(args, "vqa")
     for i in range(0, len(args.questions), args.batch_size):
         chunk = args.questions[i : i + args.batch_size]
-        prompts = [vlm.question_prompt(q) for q in chunk] if hasattr(vlm, "question_prompt") else chunk  # BLIP-2's VQA prompt
+        prompts = [VQA_PROMPT.format(question=q) for q in chunk]  # BLIP-2's answerer asks its own "Question: ... Short answer:"
         for answer in vlm.generate([image] * len(chunk), prompts, max_new_tokens=new):
             print(answer, flush=True)
     return 0
@@ -169,6 +171,7 @@ def cmd_ground(args, overrides: list[str]) -> int:
 def add_parsers(subparsers, positive_int) -> None:
     """Register ``caption``, ``vqa`` and ``ground`` on the ``vlkit`` command's subparsers."""
     from vlkit.chat import add_generation_arguments
+    from vlkit.eval.generative import CAPTION_PROMPT
 
     def common(p, batched: bool) -> None:
         p.add_argument("--model", required=True, help="vision-language model folder (LLaVA, BLIP-2; vlkit or transformers layout)")
@@ -184,7 +187,7 @@ def add_parsers(subparsers, positive_int) -> None:
     common(cap, batched=True)
     cap.set_defaults(fn=cmd_caption)
 
-    vqa = subparsers.add_parser("vqa", help="answer questions about an image (an answer per line)")
+    vqa = subparsers.add_parser("vqa", help="answer questions about an image, briefly, as the VQA evaluation asks them (an answer per line)")
     vqa.add_argument("questions", nargs="+", metavar="QUESTION")
     vqa.add_argument("--image", required=True, help="the image file")
     common(vqa, batched=True)
