@@ -242,10 +242,16 @@ def test_bad_images_are_400(client):
         client.embeddings.create(model="clip", input=[data_url(b"nope")])
 
 
-def test_more_images_than_the_model_takes_is_400(client):
+def test_more_images_than_the_model_takes_is_400(client, models):
     url = data_url(picture())
     with pytest.raises(openai.BadRequestError, match="at most 8"):
         ask(client, image_message("Compare.", *[url] * 9))
+    with pytest.raises(openai.BadRequestError, match=r"9 images in one request; this server embeds at most 8"):
+        client.embeddings.create(model="clip", input=[url] * 9)  # each may be a picture at the pixel limit: memory
+    pictures = [picture(c) for c in ("red", "blue", "green")]  # a few, made model-sized one by one: as a batch
+    r = client.embeddings.create(model="clip", input=[data_url(p) for p in pictures], encoding_format="float")
+    clip = models["clip"].model
+    assert np.allclose([d.embedding for d in r.data], embed_images(clip, clip.processor.batch(pictures)).numpy(), atol=1e-5)
 
 
 def test_decompression_bomb_is_413(client):

@@ -56,6 +56,10 @@ def test_api_key_guards_every_v1_route(models):
         assert ok.embeddings.create(model="clip", input="a red circle").data
         assert [m.id for m in ok.models.list()] == ["vlm", "clip"]
         assert httpx.get(f"{url}/health").status_code == 200  # the health check is open
+    with serving(create_app(models, ServeSettings(api_key="clé"))) as url:  # a key beyond ASCII, sent as UTF-8
+        for key, status in (("clé", 200), ("cle", 401), ("clé!", 401)):
+            r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}".encode()})
+            assert r.status_code == status, key
 
 
 def test_body_size_limit_is_413(models):
@@ -115,10 +119,13 @@ def test_local_paths_only_under_the_image_root(models, image_root):
                 ask(c, image_message("What?", bad))
         with pytest.raises(openai.BadRequestError, match="no such image"):
             ask(c, image_message("What?", "sub/missing.png"))
+        with pytest.raises(openai.BadRequestError, match="bad path"):  # it was a 500
+            ask(c, image_message("What?", "sub/red.png\x00"))
 
 
 class _Images(http.server.BaseHTTPRequestHandler):
-    """/red.png: an image; /big.png: too many bytes; /slow.png: answers after 3 s."""
+    """/red.png: an image; /big.png: too many bytes; /slow.png: answers after 3 s; /drip.png: sends
+    its bytes a few at a time, each within any read timeout, for 3 s in all."""
 
     def do_GET(self):
         if self.path == "/slow.png":
@@ -129,7 +136,14 @@ class _Images(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         try:
-            self.wfile.write(body)
+            if self.path == "/drip.png":
+                step = len(body) // 15 + 1
+                for k in range(0, len(body), step):
+                    self.wfile.write(body[k : k + step])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            else:
+                self.wfile.write(body)
         except OSError:
             pass
 
@@ -165,6 +179,8 @@ def test_no_url_is_fetched_unless_enabled_then_bounded(models):
             assert err.value.status_code == 413
             with pytest.raises(openai.BadRequestError, match="took over"):
                 ask(c, image_message("What?", f"{images}/slow.png"))
+            with pytest.raises(openai.BadRequestError, match="took over"):  # the limit is the whole fetch's, not a read's
+                ask(c, image_message("What?", f"{images}/drip.png"))
             with pytest.raises(openai.BadRequestError, match="scheme"):
                 ask(c, image_message("What?", "ftp://127.0.0.1/red.png"))
 

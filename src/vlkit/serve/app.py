@@ -259,8 +259,13 @@ class Routes:
             for (i, _), f in zip(texts, feats):
                 out[i] = f
         if images:
-            pil = [self.fetcher.decode(data_url_bytes(u, f"input[{i}]"), f"input[{i}]") for i, u in images]
-            for (i, _), f in zip(images, embed_images(model, model.processor.batch(pil))):
+            most = self.settings.max_images
+            if len(images) > most:
+                raise ApiError(400, f"{len(images)} images in one request; this server embeds at most {most} (--max-images)",
+                               "invalid_value", "input")  # fmt: skip
+            # each image decoded and made model-sized before the next: one full-size picture held at a time
+            pixels = [model.processor.batch([self.fetcher.decode(data_url_bytes(u, f"input[{i}]"), f"input[{i}]")]) for i, u in images]
+            for (i, _), f in zip(images, embed_images(model, torch.cat(pixels))):
                 out[i] = f
         if ids:
             feats = self._embed_ids(model, [x for _, x in ids])

@@ -64,7 +64,7 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="the largest request body, in MiB")
     p.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096,
                    help="the largest image, in pixels (larger ones, and decompression bombs, are refused)")
-    p.add_argument("--max-images", type=positive_int, default=8, help="images per chat request at most")
+    p.add_argument("--max-images", type=positive_int, default=8, help="images per chat or embeddings request at most")
     p.add_argument("--max-batch", type=positive_int, default=16, help="answers generated together at most")
     p.add_argument("--engine", choices=["process", "thread"], default="process",
                    help="where each chat model generates: a process of its own (default; the HTTP handling keeps the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -68,7 +69,7 @@ class ImageFetcher:
                            "to allow the images under it (or send a data: URL)", "image_path_not_allowed", "messages")
         try:
             target = (root / path).resolve()
-        except (OSError, RuntimeError) as err:
+        except (OSError, RuntimeError, ValueError) as err:  # ValueError: a NUL byte in the path
             raise ApiError(400, f"{where}: bad path {path!r} ({err})", "image_path_not_allowed", "messages") from None
         if not target.is_relative_to(root):
             raise ApiError(400, f"{where}: {path!r} is outside the image root; only images under --image-root are served",
@@ -88,6 +89,7 @@ class ImageFetcher:
         import httpx
 
         limit, timeout = self.settings.remote_image_bytes, self.settings.remote_timeout_s
+        deadline = time.monotonic() + timeout  # for the whole fetch: httpx's timeout bounds each read alone
         try:
             with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as r:
                 if r.status_code != 200:
@@ -103,6 +105,8 @@ class ImageFetcher:
                     if len(data) > limit:
                         raise ApiError(413, f"{where}: {url} is over {limit} bytes, the limit", "image_too_large",
                                        "messages")
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("the whole fetch took too long")
                 return bytes(data)
         except httpx.TimeoutException:
             raise ApiError(400, f"{where}: fetching {url} took over {timeout} s, the limit", "image_fetch_timeout",

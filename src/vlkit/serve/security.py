@@ -20,7 +20,8 @@ def api_key_check(settings: ServeSettings):
         if settings.api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+        sent = given.strip().encode("latin-1")  # the header's bytes as sent (Starlette decodes them as latin-1)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, settings.api_key.encode()):
             raise ApiError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", "invalid_api_key")
 
     return check
