@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,7 +34,9 @@ def answer_for(prompt: str) -> str:
 
 
 class Stub:
-    """A scripted chat endpoint: ``script`` gives the status of each request in turn (then 200)."""
+    """A scripted chat endpoint: ``script`` gives the status of each request in turn (then 200);
+    also "cut" (a 200 whose body stops short of its Content-Length), "nan" (a 429 with Retry-After:
+    nan) and ("redirect", URL) (a 302 to URL)."""
 
     def __init__(self, script=(), delay: float = 0.0):
         self.script = list(script)
@@ -59,6 +62,13 @@ class Stub:
                 time.sleep(stub.delay)
                 with stub.lock:
                     stub.in_flight -= 1
+                if isinstance(status, tuple):  # ("redirect", url)
+                    self.send_response(302)
+                    self.send_header("Location", status[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                how, status = status, {"cut": 200, "nan": 429}.get(status, status)
                 if status == 200:
                     prompt = body["messages"][0]["content"][-1]["text"]
                     reply = {"id": "x", "object": "chat.completion", "model": body["model"],
@@ -71,9 +81,11 @@ class Stub:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 if status == 429:
-                    self.send_header("Retry-After", "0")
+                    self.send_header("Retry-After", "nan" if how == "nan" else "0")
                 self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(data[: len(data) // 2] if how == "cut" else data)
+                if how == "cut":
+                    self.close_connection = True
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -163,6 +175,40 @@ def test_interrupted_run_resumes_without_asking_twice(tmp_path, vqa_data, stub_f
     assert again["requests"]["requested"] == 0 and again["accuracy"] == res["accuracy"]
     other_model = run_endpoint_eval("vqa", vqa_data, failing.url, "another-model", tmp_path / "out")
     assert other_model["requests"]["requested"] == len(samples)  # the cache is keyed by the request, model included
+
+
+def test_a_cut_reply_is_retried_and_a_redirect_is_not_followed(tmp_path, vqa_data, stub_factory):
+    samples = load_samples("vqa", vqa_data)
+    flaky = stub_factory(script=["cut", "cut", 503])  # a reply cut short used to stop the run with a traceback
+    res = run_endpoint_eval("vqa", vqa_data, flaky.url, "m", tmp_path / "a", concurrency=1)
+    assert res["requests"]["requested"] == len(samples) and len(flaky.requests) == len(samples) + 3
+    elsewhere = stub_factory()
+    moved = stub_factory(script=[("redirect", f"{elsewhere.url}/chat/completions")])
+    with pytest.raises(EndpointError, match=r"HTTP 302: redirected to http://127.0.0.1:\d+/v1/chat/completions; give the address"):
+        run_endpoint_eval("vqa", vqa_data, moved.url, "m", tmp_path / "b", concurrency=1)
+    assert not elsewhere.requests  # urllib used to resend it there, key and all, and take its answer
+
+
+def test_retry_after_that_is_not_a_number_falls_back_to_backoff():
+    e = Endpoint("http://h/v1", "m", backoff_s=1.0, max_backoff_s=10.0)
+    for value in ("nan", "inf", "-inf", "soon"):
+        assert 0.5 <= REAL_DELAY(e, 0, value) <= 1.0  # nan used to reach time.sleep and raise
+
+
+def test_a_torn_cache_is_repaired_by_a_rename(tmp_path, monkeypatch):
+    cache = tmp_path / "c.jsonl"
+    cache.write_text('{"key": "a", "id": "1", "answer": "x"}\n{"key": "b", "id": "2", "answer": "y"}\n{"key": "to')
+    kept = cache.read_text()
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed mid-rewrite")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        AnswerCache(cache)
+    assert cache.read_text() == kept  # the rewrite used to empty the file first: every answer lost
+    monkeypatch.undo()
+    assert AnswerCache(cache).records.keys() == {"a", "b"} and not cache.read_text().endswith("to")
 
 
 def test_concurrency_is_bounded(tmp_path, vqa_data, stub_factory):

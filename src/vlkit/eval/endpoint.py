@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import json
+import math
 import os
 import random
 import threading
@@ -101,9 +103,14 @@ class AnswerCache:
                                  '{"key": ..., "id": ..., "answer": ...} (delete the file to start over)') from None  # fmt: skip
 
     def _rewrite(self) -> None:
-        with open(self.path, "w", encoding="utf-8") as f:
+        """The file without its torn line, replaced in one rename: a crash meanwhile leaves the old one."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
             for rec in self.records.values():
                 f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def get(self, key: str) -> str | None:
         rec = self.records.get(key)
@@ -145,11 +152,15 @@ class Endpoint:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, json.dumps(body).encode("utf-8"), headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 status, raw, retry_after = resp.status, resp.read(), resp.headers.get("Retry-After")
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:  # not followed: the request, and its key, go to the address given only
+                return err.code, None, (f"redirected to {err.headers.get('Location')}; give the address it answers at "
+                                        "as --endpoint"), None  # fmt: skip
             status, raw, retry_after = err.code, err.read(), err.headers.get("Retry-After")
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
+            # HTTPException: a reply cut short (IncompleteRead) or malformed, retried as a dropped connection
             return 0, None, f"{type(err).__name__}: {getattr(err, 'reason', err)}", None
         text = raw.decode("utf-8", errors="replace")
         try:
@@ -176,10 +187,23 @@ class Endpoint:
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after is not None:
             try:
-                return min(max(float(retry_after), 0.0), self.max_backoff_s)
+                seconds = float(retry_after)
             except ValueError:
-                pass
+                seconds = math.nan
+            if math.isfinite(seconds):
+                return min(max(seconds, 0.0), self.max_backoff_s)
         return min(self.backoff_s * 2**attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are answered as they come (an error), not followed: urllib would resend the request,
+    with its Authorization header, to wherever the Location points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def default_cache(out: str | Path | None) -> Path:
