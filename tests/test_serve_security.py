@@ -169,7 +169,12 @@ def test_no_url_is_fetched_unless_enabled_then_bounded(models):
         with serving(create_app(models, ServeSettings())) as url:
             with pytest.raises(openai.BadRequestError, match="fetches no URLs"):
                 ask(client(url), image_message("What?", f"{images}/red.png"))
-        settings = ServeSettings(allow_remote_images=True, remote_image_bytes=20_000, remote_timeout_s=0.5)
+        with serving(create_app(models, ServeSettings(allow_remote_images=True))) as url:
+            for host in (images, images.replace("127.0.0.1", "localhost"), "http://169.254.169.254", "http://[::1]:9"):
+                with pytest.raises(openai.BadRequestError, match="private, loopback or reserved address"):
+                    ask(client(url), image_message("What?", f"{host}/red.png"))  # the server's own network: refused
+        settings = ServeSettings(allow_remote_images=True, allow_private_image_hosts=True, remote_image_bytes=20_000,
+                                 remote_timeout_s=0.5)  # fmt: skip
         with serving(create_app(models, settings)) as url:
             c = client(url)
             fetched = ask(c, image_message("What?", f"{images}/red.png")).choices[0].message.content

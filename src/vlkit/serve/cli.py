@@ -23,7 +23,8 @@ def cmd_serve(args, overrides: list[str]) -> int:
 
     settings = ServeSettings(
         api_key=args.api_key or os.environ.get("VLKIT_API_KEY") or None, image_root=args.image_root,
-        allow_remote_images=args.allow_remote_images, cors_origins=tuple(args.cors_origin or ()),
+        allow_remote_images=args.allow_remote_images, allow_private_image_hosts=args.allow_private_image_hosts,
+        cors_origins=tuple(args.cors_origin or ()),
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=int(args.max_body_mb * 2**20),
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_batch=args.max_batch,
         remote_timeout_s=args.remote_timeout, engine=args.engine, pin_engines=args.pin_engines,
@@ -57,6 +58,9 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("--image-root", help="serve local image paths in requests, only those under this folder")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs in requests (bounded in size and time); off by default")
+    p.add_argument("--allow-private-image-hosts", action="store_true",
+                   help="with --allow-remote-images, also fetch from loopback, private and reserved addresses (refused by "
+                        "default, so that a request cannot make the server read its own network)")
     p.add_argument("--remote-timeout", type=float, default=10.0, help="seconds a remote image fetch may take")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow browser pages from this origin (repeat for several); no CORS without it")

@@ -1,14 +1,19 @@
 """Images named by a request's ``image_url``, fetched under the server's rules: ``data:`` URLs
 always; local paths (``/abs/x.png``, ``photos/x.png`` or ``file://...``) only inside
 ``--image-root`` (symbolic links resolved first, so none leads out); ``http(s)`` URLs only with
-``--allow-remote-images``, bounded in bytes and seconds. Every image is checked against the pixel
-limit from its header before a pixel is decoded (decompression bombs are refused: 413)."""
+``--allow-remote-images``, bounded in bytes and seconds, and not from the server's own network
+(loopback, private, link-local and other reserved addresses, as the host name resolves, are refused
+unless ``--allow-private-image-hosts``: a request must not make the server read its neighbours).
+Every image is checked against the pixel limit from its header before a pixel is decoded
+(decompression bombs are refused: 413)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import ipaddress
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -88,6 +93,8 @@ class ImageFetcher:
                            "server with --allow-remote-images)", "remote_images_disabled", "messages")
         import httpx
 
+        if not self.settings.allow_private_image_hosts:
+            _public_host(url, where)
         limit, timeout = self.settings.remote_image_bytes, self.settings.remote_timeout_s
         deadline = time.monotonic() + timeout  # for the whole fetch: httpx's timeout bounds each read alone
         try:
@@ -114,6 +121,21 @@ class ImageFetcher:
         except httpx.HTTPError as err:
             raise ApiError(400, f"{where}: cannot fetch {url} ({type(err).__name__}: {err})", "image_fetch_failed",
                            "messages") from None
+
+
+def _public_host(url: str, where: str) -> None:
+    """Refuse a URL whose host is, or resolves to, an address of the server's own networks."""
+    host = urlparse(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError) as err:
+        raise ApiError(400, f"{where}: cannot resolve the host of {url} ({err})", "image_fetch_failed", "messages") from None
+    for address in sorted(addresses):
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global:
+            raise ApiError(400, f"{where}: {url} is on a private, loopback or reserved address ({ip}); the server fetches "
+                           "from public hosts only (--allow-private-image-hosts allows others)", "image_host_not_allowed",
+                           "messages")  # fmt: skip
 
 
 def data_url_bytes(url: str, where: str) -> bytes:

@@ -18,6 +18,7 @@ class ServeSettings:
     api_key: str | None = None
     image_root: Path | None = None
     allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False  # remote images from loopback, private or reserved addresses too
     cors_origins: tuple[str, ...] = ()
     max_tokens_cap: int = 512
     default_max_tokens: int = 256
