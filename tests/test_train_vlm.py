@@ -15,7 +15,7 @@ import vlkit.train.vlm as vlm
 from _vlm_train_util import RECORDS, VISION, clip_folder, llava_folder, lm_folder, recipe
 from vlkit.cli import main
 from vlkit.data.images import BadSample
-from vlkit.errors import CheckpointError, ConfigError
+from vlkit.errors import CheckpointError, ConfigError, VlkitError
 from vlkit.train.loop import _optimizer
 from vlkit.train.vlm import build_model, load_init, load_recipe, plan_training, train_vlm
 
@@ -156,16 +156,22 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1,
 
 
 def test_bad_samples_are_counted_or_stop_the_run(parts, tmp_path, capsys):
-    recs = [*RECORDS, {**RECORDS[0], "id": "lost", "image": "images/gone.png"}]
+    mute = {"id": "mute", "image": "images/a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
+    recs = [*RECORDS, {**RECORDS[0], "id": "lost", "image": "images/gone.png"}, mute]
     data = llava_folder(tmp_path / "data", recs)
     r = recipe(parts["lm"], data, stage=1, steps=3, data={"on_bad_sample": "skip", "bucket_window": 0})
     summary = train_vlm(load_recipe(r), tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-    assert summary["skipped"] == len(lines) >= 1
-    assert {(s["source"], s["record"], s["reason"]) for s in lines} == {(str(data), "record 4 (id 'lost')", "missing image")}
+    assert summary["skipped"] + summary["skipped_records"] == len(lines) and summary["skipped"] >= 1
+    # the record skipped as the data was read (no answer to train on) is listed too, first, as step 0; it was not
+    assert (lines[0]["step"], lines[0]["record"], lines[0]["reason"]) == (0, "record 5 (id 'mute')", "bad record")
+    assert {(s["source"], s["record"], s["reason"]) for s in lines[1:]} == {(str(data), "record 4 (id 'lost')", "missing image")}
     # stage 1 trains the connector only, which the text-only record "text" cannot reach: left out up front
     assert "left out 1 records without images" in capsys.readouterr().out
     r["data"]["on_bad_sample"] = "error"
+    with pytest.raises(VlkitError, match=r"data\.json, record 5 \(id 'mute'\): 1 turns; expected human/gpt pairs"):
+        train_vlm(load_recipe(r), tmp_path / "stops")
+    llava_folder(tmp_path / "data", recs[:-1])
     with pytest.raises(BadSample, match=r"data\.json, record 4 \(id 'lost'\): image 0 .*gone\.png: file not found"):
         train_vlm(load_recipe(r), tmp_path / "stops")
 

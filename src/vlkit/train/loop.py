@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Sequence
 
 import numpy as np
 import torch
@@ -320,8 +320,8 @@ class MetricsLog:
         self.window_n += n
 
     def skipped(self, step: int, skips: list[Skip]) -> None:
-        """One line per skipped sample in ``skipped.jsonl`` as it happens: the step, the file
-        and record, and the reason."""
+        """One line per skipped sample in ``skipped.jsonl`` as it happens: the step (0: before
+        training, as the data was read), the file and record, and the reason."""
         if self.on and skips:
             with open(self.skips, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps({"step": step, **dataclasses.asdict(skip)}) + "\n" for skip in skips)
@@ -358,6 +358,7 @@ def fit(
     stop_at: int | None = None,
     recipe: dict | None = None,
     lrs: dict[str, float] | None = None,
+    read_skips: Sequence[Skip] = (),
 ) -> dict:
     """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict.
 
@@ -368,6 +369,8 @@ def fit(
     interrupted there: the schedule still spans ``loop.steps``, so ``resume`` continues it.
     ``recipe`` is written to the run's ``recipe.json`` once the run has started (after a
     resumed checkpoint has loaded), so a failed resume leaves the run folder as it was.
+    ``read_skips``: records the data's reader skipped before training, listed first in
+    ``skipped.jsonl`` (as step 0) with those skipped as batches are read.
     """
     device, run_dir = torch.device(device), Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -407,6 +410,8 @@ def fit(
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers,
                         generator=torch.Generator().manual_seed(loop.seed + start))  # fmt: skip
     log = MetricsLog(run_dir, loop, world, start)
+    if start == 0:
+        log.skipped(0, list(read_skips))
     t0, seen, skipped_before, micro, loss_sum = time.perf_counter(), 0, progress.skipped, 0, 0.0
 
     def check_trained() -> None:

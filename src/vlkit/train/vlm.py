@@ -344,7 +344,7 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
             print(f"left out {dataset.left_out} records without images: {why}")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, ConversationCollate(processor, recipe.train.loss), loop, recipe.optim, out, "llava", world=world,
-                      resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs)  # fmt: skip
+                      resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs, read_skips=skips.items)  # fmt: skip
         summary.update(trainable=trained, parameters=counts["total"], skipped_records=skips.total)
         if summary["steps"] == recipe.loop.steps and world.is_main:
             summary.update(save_final(recipe, out))
