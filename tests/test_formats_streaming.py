@@ -93,6 +93,8 @@ def test_every_chunk_boundary(tmp_path, text):
         ('{"data": [', "data", r"x\.json: malformed JSON \(the file ends inside the array, after 0 items\)"),
         ("[1] [2]", None, r"x\.json: malformed JSON \(extra data after the top-level array at character 4\)"),
         ("", None, r"x\.json: malformed JSON \(the file ends before the top level\)"),
+        ('["a", "b\tc"]', None, r"x\.json, item 1: malformed JSON \(Invalid control character at character 8\)"),
+        ('["a", "b', None, r"x\.json, item 1: malformed JSON \(Unterminated string starting at character 6\)"),  # not "at at"
         ('{"other": [1]}', "data", r"x\.json: no key 'data' in the top-level object; expected the test layout"),
         ('{"data": {"a": 1}}', "data", r"x\.json: 'data' is a JSON object; expected the test layout"),
         ('{"data": [1]}', None, r"x\.json: the top level is a JSON object; expected the test layout"),

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from vlkit.data.formats.captions import CAPTIONS, INDEX, caption_record
 from vlkit.data.formats.coco import CaptionRecord
-from vlkit.data.formats.common import BadRecord, no_records, read_text
+from vlkit.data.formats.common import BadRecord, json_problem, no_records, read_text
 from vlkit.data.images import BadSample, load_record_image
 from vlkit.data.shapes import ShapesWorld
 from vlkit.data.skips import Skip
@@ -80,7 +80,7 @@ class CaptionFolder(Dataset):
         try:
             rec = json.loads(self.records[i])
         except json.JSONDecodeError as err:
-            raise BadRecord(str(source), f"malformed JSON ({err.msg}); expected {CAPTIONS}", f"line {line}") from None
+            raise BadRecord(str(source), f"malformed JSON ({json_problem(err, f'column {err.colno}')}); expected {CAPTIONS}", f"line {line}") from None
         except RecursionError:
             raise BadRecord(str(source), f"JSON nested too deeply; expected {CAPTIONS}", f"line {line}") from None
         r = caption_record(rec, source, line, self.root, self.allow_outside_paths)

@@ -48,13 +48,19 @@ def read_text(path: str | Path, expected: str) -> str:
         raise not_utf8(path, expected) from None
 
 
+def json_problem(err: json.JSONDecodeError, where: str) -> str:
+    """What ``err`` says, then ``where`` ("column 14"): some of json's messages end in a dangling
+    "at" ("Invalid control character at"), which ``where`` completes."""
+    return f"{err.msg.removesuffix(' at')} at {where}"
+
+
 def read_json(path: str | Path, expected: str):
     path = Path(path)
     text = read_text(path, expected)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise FormatError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno}); expected {expected}") from None
+        raise FormatError(f"{path}: malformed JSON ({json_problem(err, f'line {err.lineno}, column {err.colno}')}); expected {expected}") from None
     except RecursionError:
         raise FormatError(f"{path}: JSON nested too deeply to read; expected {expected}") from None
 
@@ -85,7 +91,8 @@ def iter_jsonl(path: str | Path, expected: str = "one JSON object per line", ski
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                skips.reject(BadRecord(str(path), f"malformed JSON ({err.msg}); expected {expected}", f"line {n}"), "bad record")
+                problem = f"malformed JSON ({json_problem(err, f'column {err.colno}')}); expected {expected}"
+                skips.reject(BadRecord(str(path), problem, f"line {n}"), "bad record")
                 continue
             except RecursionError:
                 skips.reject(BadRecord(str(path), f"JSON nested too deeply; expected {expected}", f"line {n}"), "bad record")

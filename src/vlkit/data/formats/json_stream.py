@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from vlkit.data.formats.common import FormatError, not_utf8
+from vlkit.data.formats.common import FormatError, json_problem, not_utf8
 
 CHUNK_SIZE = 1 << 18  # characters per read: peak memory is a few times this plus one item
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -96,7 +96,7 @@ class _JSONStream:
             except json.JSONDecodeError as err:
                 cut = err.pos + _MARGIN >= len(self.buf) or err.msg.startswith("Unterminated string")
                 if self.eof or not cut:
-                    raise self.fail(where, f"{err.msg} at character {self.base + err.pos}") from None
+                    raise self.fail(where, json_problem(err, f"character {self.base + err.pos}")) from None
             else:
                 if self.eof or end + _MARGIN < len(self.buf):
                     self.pos = end
