@@ -195,6 +195,10 @@ def test_resumed_run_equals_uninterrupted_run_exactly(tmp_path):
     middle = latest_checkpoint(tmp_path / "split")
     assert middle.name == f"step_{steps // 2:08d}"
     assert load_state(middle / "training_state")["step"] == steps // 2
+    # as a run killed two steps after that checkpoint leaves its logs (the last line torn): the resumed run logs
+    # those steps again, and used to leave both copies
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 9.0}\n{"step": 5, "loss": 9.0}\n{"step": 6, "lo')
 
     resumed = train_clip(shapes_recipe(steps), tmp_path / "split", resume=True)
     assert resumed["steps"] == steps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,6 +302,26 @@ def _wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.n
                                                      find_unused_parameters=unused)
 
 
+def _keep_steps(path: Path, last: int) -> None:
+    """Drop the JSON lines of ``path`` logged past step ``last`` (and a line torn by a kill),
+    rewriting it by a rename."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    def step(line: str) -> float:
+        try:
+            return json.loads(line)["step"] if line.endswith("\n") else float("inf")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return float("inf")
+
+    kept = [line for line in lines if step(line) <= last]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class MetricsLog:
     """The progress bar and ``metrics.jsonl``: a record every ``log_every`` steps, with the
     samples/s of the steps since the last one, and the parts of a loss made of several
@@ -313,6 +334,9 @@ class MetricsLog:
         if self.on and start == 0:
             self.path.unlink(missing_ok=True)
             self.skips.unlink(missing_ok=True)
+        elif self.on:  # a run stopped after its checkpoint logged steps this one logs again
+            for path in (self.path, self.skips):
+                _keep_steps(path, start)
         self.bar = tqdm(total=loop.steps, initial=start, disable=not self.on, desc="train", unit="step", dynamic_ncols=True)
         self.window_t, self.window_n = time.perf_counter(), 0
 
