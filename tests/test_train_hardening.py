@@ -262,6 +262,34 @@ def test_the_next_save_removes_what_a_killed_save_left(run, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
 
 
+def test_a_kill_between_the_renames_of_a_save_loses_nothing(run, tmp_path):
+    """A fresh run saving the step that ``latest`` names moves the old folder aside, then its own in:
+    killed between the two, ``latest`` named a folder that was gone, and the next save deleted the
+    old copy as a leftover."""
+    out = copy_run(run, tmp_path / "run")
+    root, model = out / "checkpoints", vlkit.load(out)
+    named = latest_checkpoint(out)
+    weights = (named / "model.safetensors").read_bytes()
+    named.rename(root / f".{named.name}.old-0a1b2c3d")  # the state such a kill leaves
+    (root / f".{named.name}.tmp-4e5f6a7b").mkdir()
+    assert latest_checkpoint(out) == named and (named / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    named.rename(root / f".{named.name}.old-0a1b2c3d")
+    save_checkpoint(out, 9, model, "clip", {"step": 9})
+    assert (named / "model.safetensors").read_bytes() == weights  # put back, not cleared, by the next save
+
+
+def test_an_atomic_folder_killed_between_its_renames_is_put_back_by_the_next_write(tmp_path):
+    from vlkit.files import atomic_folder
+
+    target = tmp_path / "out"
+    atomic_folder(target, lambda tmp: (tmp.mkdir(), (tmp / "a.txt").write_text("first")))
+    target.rename(tmp_path / ".out.old-12345678")  # killed here: no out/ at all
+    (tmp_path / ".out.tmp-9abcdef0").mkdir()
+    atomic_folder(target, lambda tmp: (tmp.mkdir(), (tmp / "a.txt").write_text("second")))
+    assert (target / "a.txt").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_fresh_run_over_an_earlier_one_replaces_it(run, tmp_path, capsys):
     """The earlier run got further; its later checkpoints must not outlive the new run's."""
     out = copy_run(run, tmp_path / "run")

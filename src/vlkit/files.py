@@ -4,6 +4,7 @@ mixes old files with new ones."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -17,11 +18,26 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def recover(target: Path) -> None:
+    """Undo what a process killed inside :func:`atomic_folder` left beside ``target``: with
+    ``target`` gone between the two renames, its old copy is put back; hidden leftovers of killed
+    writes are removed."""
+    target = Path(target)
+    name = glob.escape(target.name)
+    olds = sorted(target.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        olds.pop().rename(target)
+    for stale in olds + list(target.parent.glob(f".{name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def atomic_folder(target: Path, write) -> None:
     """Call ``write(tmp)`` on a fresh temporary folder, then move it to ``target`` in one rename
-    (replacing an old ``target`` only after the new one is complete)."""
+    (replacing an old ``target`` only after the new one is complete; a kill between that and the
+    old one's removal is undone by :func:`recover`, which every write starts with)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vlkit.config import to_dict, write_json
 from vlkit.errors import CheckpointError
-from vlkit.files import atomic_folder
+from vlkit.files import atomic_folder, recover
 
 
 def _flatten(obj, prefix: str, tensors: dict[str, torch.Tensor]):
@@ -96,6 +96,17 @@ def _step_folders(root: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in root.glob("step_*") if (m := STEP.fullmatch(p.name)) and p.is_dir()}
 
 
+def _recover_latest(root: Path) -> None:
+    """Put back the checkpoint ``latest`` names if a save killed between two renames left it aside
+    (:func:`vlkit.files.recover`), before the leftovers of killed saves are cleared."""
+    try:
+        name = (root / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return
+    if STEP.fullmatch(name):
+        recover(root / name)
+
+
 def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_state: dict, keep: int = 2,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, prune older ones
@@ -105,6 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_s
     replaces, and go too; so do the temporary folders of a save that was killed."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    _recover_latest(root)
     for pattern in STALE:
         for stale in root.glob(pattern):
             if stale.is_dir():
@@ -141,6 +153,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not STEP.fullmatch(name):
         raise CheckpointError(f"{pointer}: expected the name of a checkpoint folder (step_NNNNNNNN), got {name[:80]!r}")
     folder = pointer.parent / name
+    if not folder.exists():
+        recover(folder)  # a save killed between atomic_folder's renames
     if not (folder / "model.safetensors").is_file():
         found = [p.name for _, p in sorted(_step_folders(pointer.parent).items())]
         problem = "has no model.safetensors" if folder.is_dir() else "does not exist"
