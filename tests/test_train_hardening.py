@@ -299,6 +299,27 @@ def test_a_fresh_run_over_an_earlier_one_replaces_it(run, tmp_path, capsys):
     assert latest_checkpoint(out).name == "step_00000001"
 
 
+def test_a_fresh_run_killed_before_its_first_checkpoint_leaves_the_earlier_run_whole(run, tmp_path, monkeypatch):
+    """Its metrics.jsonl and recipe.json used to be replaced at once, describing checkpoints they never made."""
+    import vlkit.train.loop as loop
+
+    out = copy_run(run, tmp_path / "run")
+    before = {name: (out / name).read_text() for name in ("metrics.jsonl", "recipe.json")}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed as it saved")
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(out, "--optim.lr=0.01")
+    assert {name: (out / name).read_text() for name in before} == before
+    monkeypatch.undo()
+    assert train(out, "--optim.lr=0.01", "--loop.steps=3") == 0  # the next fresh run replaces it, logs and all
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((out / "recipe.json").read_text())["optim"]["lr"] == 0.01
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     model = CLIP(load_recipe({}, TINY).model)
     for step in (7, 8, 9):

@@ -326,22 +326,41 @@ class MetricsLog:
     """The progress bar and ``metrics.jsonl``: a record every ``log_every`` steps, with the
     samples/s of the steps since the last one, and the parts of a loss made of several
     (``loss_itc`` ..., from a model's ``last_losses``: its last micro-batch on the main rank).
-    Only the main rank writes."""
+    Only the main rank writes. A fresh run that ``replaces`` an earlier one in its folder logs
+    beside the earlier run's files until :meth:`commit` (its first checkpoint) puts them in place."""
 
-    def __init__(self, run_dir: Path, loop: LoopConfig, world: World, start: int):
-        self.path, self.every, self.on = run_dir / "metrics.jsonl", loop.log_every, world.is_main
-        self.skips = run_dir / SKIPPED_FILE
+    def __init__(self, run_dir: Path, loop: LoopConfig, world: World, start: int, replaces: bool = False):
+        self.every, self.on = loop.log_every, world.is_main
+        final = (run_dir / "metrics.jsonl", run_dir / SKIPPED_FILE)
+        aside = tuple(p.with_name(f".{p.name}.new") for p in final)
+        self.pending = list(zip(aside, final)) if replaces else []
+        self.path, self.skips = aside if replaces else final
+        if self.on:
+            for path in aside:  # a replacing run's, killed before its first checkpoint
+                path.unlink(missing_ok=True)
         if self.on and start == 0:
             self.path.unlink(missing_ok=True)
             self.skips.unlink(missing_ok=True)
         elif self.on:  # a run stopped after its checkpoint logged steps this one logs again
-            for path in (self.path, self.skips):
+            for path in final:
                 _keep_steps(path, start)
         self.bar = tqdm(total=loop.steps, initial=start, disable=not self.on, desc="train", unit="step", dynamic_ncols=True)
         self.window_t, self.window_n = time.perf_counter(), 0
 
     def samples(self, n: int) -> None:
         self.window_n += n
+
+    def commit(self) -> None:
+        """The run's first checkpoint is saved: its logs take the place of the earlier run's."""
+        if self.on:
+            for new, final in self.pending:
+                if new.exists():
+                    os.replace(new, final)
+                else:
+                    final.unlink(missing_ok=True)
+        if self.pending:
+            self.path, self.skips = (final for _, final in self.pending)
+            self.pending = []
 
     def skipped(self, step: int, skips: list[Skip]) -> None:
         """One line per skipped sample in ``skipped.jsonl`` as it happens: the step (0: before
@@ -422,7 +441,8 @@ def fit(
         raise VlkitError("the training data holds no samples")
     end = loop.steps if stop_at is None else min(stop_at, loop.steps)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if recipe is not None and world.is_main:
+    replaces = start == 0 and (run_dir / "checkpoints" / "latest").exists()  # kept until this run's first checkpoint
+    if recipe is not None and world.is_main and not replaces:
         write_json(run_dir / "recipe.json", recipe)
     if start >= end:  # a resumed run that has already got there
         return {"steps": start, "samples": 0, "train_seconds": progress.elapsed, "skipped": progress.skipped,
@@ -433,7 +453,7 @@ def fit(
     # would shift a resumed run's random stream (noise, dropout) by one draw against an unbroken run's
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loop.num_workers,
                         generator=torch.Generator().manual_seed(loop.seed + start))  # fmt: skip
-    log = MetricsLog(run_dir, loop, world, start)
+    log = MetricsLog(run_dir, loop, world, start, replaces)
     if start == 0:
         log.skipped(0, list(read_skips))
     t0, seen, skipped_before, micro, loss_sum = time.perf_counter(), 0, progress.skipped, 0, 0.0
@@ -454,6 +474,9 @@ def fit(
         if world.is_main:
             state = _training_state(optimizer_state, scheduler, progress, rng)
             saved = save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints, weights)
+            if log.pending and recipe is not None:
+                write_json(run_dir / "recipe.json", recipe)
+            log.commit()
         world.barrier()  # no rank reads the run folder (a resume, a next stage) before the checkpoint is there
         return saved
 
