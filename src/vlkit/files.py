@@ -18,6 +18,18 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def write_text_whole(path: Path, text: str) -> None:
+    """Write the file ``path`` through a synced temporary sibling renamed over it: a kill leaves
+    the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def recover(target: Path) -> None:
     """Undo what a process killed inside :func:`atomic_folder` left beside ``target``: with
     ``target`` gone between the two renames, its old copy is put back; hidden leftovers of killed

@@ -35,6 +35,7 @@ from vlkit.data.images import BadSample
 from vlkit.data.skips import Skips
 from vlkit.errors import VlkitError
 from vlkit.eval.generative import Sample, _write, load_samples, score
+from vlkit.files import write_text_whole
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 CACHE_NAME = "endpoint_answers.jsonl"
@@ -104,13 +105,7 @@ class AnswerCache:
 
     def _rewrite(self) -> None:
         """The file without its torn line, replaced in one rename: a crash meanwhile leaves the old one."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in self.records.values():
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_whole(self.path, "".join(json.dumps(rec) + "\n" for rec in self.records.values()))
 
     def get(self, key: str) -> str | None:
         rec = self.records.get(key)

@@ -10,10 +10,8 @@ crash mid-write leaves the previous checkpoint loadable.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from vlkit.config import to_dict, write_json
 from vlkit.errors import CheckpointError
-from vlkit.files import atomic_folder, recover
+from vlkit.files import atomic_folder, recover, write_text_whole
 
 
 def _flatten(obj, prefix: str, tensors: dict[str, torch.Tensor]):
@@ -130,9 +128,7 @@ def save_checkpoint(run_dir: Path, step: int, model, model_type: str, training_s
         save_state(tmp / "training_state", training_state)
 
     atomic_folder(target, write)
-    pointer = root / f".latest.tmp-{uuid.uuid4().hex[:8]}"
-    pointer.write_text(target.name + "\n")
-    os.replace(pointer, root / "latest")
+    write_text_whole(root / "latest", target.name + "\n")
     others = sorted((s, p) for s, p in _step_folders(root).items() if p != target)
     older = [p for s, p in others if s < step]
     for old in [p for s, p in others if s > step] + older[: max(0, len(older) - (keep - 1))]:

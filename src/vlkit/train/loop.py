@@ -35,6 +35,7 @@ from vlkit.config import (
 )
 from vlkit.data.skips import SKIPPED_FILE, Skip
 from vlkit.errors import CheckpointError, ConfigError, VlkitError
+from vlkit.files import write_text_whole
 from vlkit.precision import PRECISIONS, autocast
 from vlkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, weight_mismatches
 from vlkit.train.distributed import PARALLEL, World, full_state, is_sharded, load_full_state, local_gradients, shard
@@ -317,9 +318,7 @@ def _keep_steps(path: Path, last: int) -> None:
 
     kept = [line for line in lines if step(line) <= last]
     if len(kept) < len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_whole(path, "".join(kept))
 
 
 class MetricsLog:
