@@ -205,8 +205,8 @@ def _section(m: dict, recipes: dict, summaries: dict, model, quick: bool) -> str
         f"The demo's CLIP tower (frozen in stage 1) and shapes LM joined by a {r2.model.connector} connector "
         f"({model.num_image_tokens()} visual tokens per image). Stage 1: the connector alone on captions, "
         f"{recipes[1].loop.steps} steps of {recipes[1].loop.batch_size} ({m['stage1_seconds'] / 60:.1f} min). Stage 2: "
-        f"connector and LM (train.lm={r2.train.lm}; tower {tower}) on multi-turn conversations mixing "
-        f"captioning, VQA and grounding, {r2.loop.steps} steps of {r2.loop.batch_size} ({m['stage2_seconds'] / 60:.1f} min; "
+        f"connector and LM (train.lm={r2.train.lm}; tower {tower}) on single-turn captioning, VQA and "
+        f"grounding and short multi-turn conversations mixing them, {r2.loop.steps} steps of {r2.loop.batch_size} ({m['stage2_seconds'] / 60:.1f} min; "
         f"{summaries[2]['trainable']:,} trainable parameters). Model folder: `vlm/`.",
         "",
         "Held-out scenes (another seed). Boxes are text, `[x1, y1, x2, y2]` on a 0–999 grid of the image.",
