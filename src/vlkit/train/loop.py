@@ -337,12 +337,11 @@ class MetricsLog:
         if self.on:
             for path in aside:  # a replacing run's, killed before its first checkpoint
                 path.unlink(missing_ok=True)
-        if self.on and start == 0:
-            self.path.unlink(missing_ok=True)
-            self.skips.unlink(missing_ok=True)
-        elif self.on:  # a run stopped after its checkpoint logged steps this one logs again
             for path in final:
-                _keep_steps(path, start)
+                if start:  # a run stopped after its checkpoint logged steps this one logs again
+                    _keep_steps(path, start)
+                elif not replaces:  # no checkpoint: what is there belongs to no run
+                    path.unlink(missing_ok=True)
         self.bar = tqdm(total=loop.steps, initial=start, disable=not self.on, desc="train", unit="step", dynamic_ncols=True)
         self.window_t, self.window_n = time.perf_counter(), 0
 
