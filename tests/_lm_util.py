@@ -8,6 +8,7 @@ BOS from ``add_bos_token``), each with its realistic chat template.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -95,12 +96,20 @@ def llama3_folder(folder: Path, vocab_size: int = 400) -> Path:
     return _save(folder, tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
 
 
+def _alphabet(size: int) -> list[str]:
+    """The ``size`` commonest characters of the normalised corpus, ties broken by the character: the
+    trainer's own ``limit_alphabet`` breaks ties in hash order, so each process trained a different
+    tokenizer (and a test whose random model's text depends on it could fail one run in many)."""
+    counts = Counter("".join("▁" + text.replace(" ", "▁") for text in CORPUS))
+    return sorted(counts, key=lambda c: (-counts[c], c))[:size]
+
+
 def sentencepiece_folder(folder: Path, vocab_size: int = 500) -> Path:
     """Llama-2/Mistral-like: metaspace BPE with byte fallback (``<0x..>`` tokens), ``add_bos_token``."""
     trained = Tokenizer(models.BPE())
     trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     trained.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                                                limit_alphabet=60))
+                                                                initial_alphabet=_alphabet(60), limit_alphabet=60))
     model = json.loads(trained.to_str())["model"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece in sorted(model["vocab"], key=model["vocab"].get):
