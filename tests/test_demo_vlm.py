@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vlkit.data.shapes_chat import ShapesChatConfig, box_text, caption, eval_captions, eval_grounding, eval_vqa
-from vlkit.demo.vlm import evaluate, split_overrides
+from vlkit.demo.vlm import RUNS, evaluate, run_recipe, split_overrides
 
 SIZES = {"vqa": 25, "caption": 10, "grounding": 10}
 
@@ -54,7 +54,22 @@ def test_wrong_answers_score_zero(world):
 
 def test_overrides_reach_their_stage():
     got = split_overrides(["--stage1.loop.steps=5", "--stage2.train.lm=lora", "--loop.batch_size=8"])
-    assert got == {1: ["--loop.steps=5", "--loop.batch_size=8"], 2: ["--train.lm=lora", "--loop.batch_size=8"]}
+    assert got == {"stage1": ["--loop.steps=5", "--loop.batch_size=8"], "stage2": ["--train.lm=lora", "--loop.batch_size=8"]}
+    got = split_overrides(["--grounding.loop.steps=7", "loop.seed=3"], tuple(RUNS))
+    assert got == {"stage1": ["loop.seed=3"], "grounding": ["--loop.steps=7", "loop.seed=3"], "stage2": ["loop.seed=3"]}
+
+
+def test_each_run_starts_from_the_one_before(tmp_path):
+    """Stage 2 is boxes alone, then the mix: each recipe's init_from names the run before it."""
+    recipes = {run: run_recipe(run, tmp_path, False, []) for run in RUNS}
+    assert recipes["stage1"].init_from is None and recipes["stage1"].stage == 1
+    assert recipes["grounding"].init_from == str(tmp_path / "vlm" / "stage1")
+    assert recipes["stage2"].init_from == str(tmp_path / "vlm" / "grounding")
+    assert max(recipes["grounding"].data.shapes.mix, key=recipes["grounding"].data.shapes.mix.get) == "grounding"
+    assert len(recipes["stage2"].data.shapes.mix) > 2
+    assert recipes["grounding"].model == recipes["stage2"].model, "the chain trains one model"
+    quick = run_recipe("grounding", tmp_path, True, ["--loop.steps=4"])
+    assert quick.loop.steps == 4, "an override wins over quick mode's steps"
 
 
 @pytest.mark.slow
@@ -76,8 +91,10 @@ def test_lm_and_vlm_parts_end_to_end(tmp_path):
     lm_metrics, lm_section = lm.run(tmp_path, True, tiny_lm)
     assert (tmp_path / "lm" / "config.json").is_file() and lm_metrics["held_out_perplexity"] > 1
     assert "## The shapes language model" in lm_section
-    metrics, section = vlm.run(tmp_path, True, ["--stage1.loop.steps=2", "--stage2.loop.steps=2", "--loop.batch_size=4"])
+    metrics, section = vlm.run(tmp_path, True, ["--stage1.loop.steps=2", "--grounding.loop.steps=2", "--stage2.loop.steps=2",
+                                                "--loop.batch_size=4"])  # fmt: skip
     assert (tmp_path / "vlm" / "config.json").is_file() and (tmp_path / "figures" / "vlm_examples.png").is_file()
+    assert all((tmp_path / "figures" / f"vlm_{run}_loss.png").is_file() for run in RUNS) and metrics["grounding_seconds"] > 0
     assert set(metrics["vqa_by_type"]) == {"color", "shape", "count", "yesno", "relation"}
     assert all(0 <= metrics[k] <= 1 for k in ("vqa_accuracy", "grounding_acc50")) and metrics["caption_cider"] >= 0
     assert metrics["train_seconds"] > 0 and "| VQA exact match (200 questions)" in section

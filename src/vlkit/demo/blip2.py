@@ -106,7 +106,7 @@ def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple
 
 def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     per_stage = split_overrides(overrides)
-    recipes = {s: stage_recipe(s, out, quick, per_stage[s]) for s in (1, 2)}
+    recipes = {s: stage_recipe(s, out, quick, per_stage[f"stage{s}"]) for s in (1, 2)}
     per_step = _estimate_step_seconds(recipes[1])
     steps = recipes[1].loop.steps + recipes[2].loop.steps
     print(f"[blip2] stage 1: {recipes[1].loop.steps} steps, stage 2: {recipes[2].loop.steps} steps: about {per_step * steps / 60:.1f} min "

@@ -1,6 +1,7 @@
 """The demo's VLM part: a LLaVA-style shapes VLM from the demo's CLIP tower and shapes LM,
-trained in two stages (align the connector on captions, then instruction-tune on
-conversations mixing captioning, VQA and grounding), evaluated on held-out scenes.
+trained in two stages (align the connector on captions, then instruction-tune: mostly on
+referring expressions first, then on conversations mixing captioning, VQA and grounding),
+evaluated on held-out scenes.
 
 Evaluation (held-out world, :data:`vlkit.data.shapes_chat.HELD_OUT_SEED`): VQA exact match
 (answers normalised as VQAv2 does) over 1000 questions, a fifth of each type; caption
@@ -31,30 +32,34 @@ REQUIRES: tuple[str, ...] = ("clip", "lm")
 SIZES = {"vqa": 1000, "caption": 500, "grounding": 500}
 QUICK_SIZES = {"vqa": 200, "caption": 100, "grounding": 100}
 
+RUNS = {"stage1": None, "grounding": "stage1", "stage2": "grounding"}
+"""The training runs in order (recipe ``llava_shapes_<run>.yaml``, folder ``vlm/<run>``), each with
+the run it starts from: stage 2 is two runs, mostly boxes and then the mix."""
+QUICK_STEPS = {"stage1": 15, "grounding": 15, "stage2": 60}
 
-def split_overrides(overrides: list[str]) -> dict[int, list[str]]:
-    """``--stage1.KEY=V`` reaches stage 1 only, ``--stage2.KEY=V`` stage 2 only; others both."""
-    out = {1: [], 2: []}
+
+def split_overrides(overrides: list[str], runs=("stage1", "stage2")) -> dict[str, list[str]]:
+    """``--RUN.KEY=V`` reaches that run only (``--stage2.loop.steps=100``); others every run."""
+    out = {run: [] for run in runs}
     for item in overrides:
         text = item.removeprefix("--")
-        for stage in (1, 2):
-            if text.startswith(f"stage{stage}."):
-                out[stage].append("--" + text.removeprefix(f"stage{stage}."))
-                break
+        run = next((r for r in runs if text.startswith(f"{r}.")), None)
+        if run is None:
+            for name in runs:
+                out[name].append(item)
         else:
-            out[1].append(item)
-            out[2].append(item)
+            out[run].append("--" + text.removeprefix(f"{run}."))
     return out
 
 
-def stage_recipe(stage: int, out: Path, quick: bool, overrides: list[str]):
-    path = RECIPES / f"llava_shapes_stage{stage}.yaml"
+def run_recipe(run: str, out: Path, quick: bool, overrides: list[str]):
+    """The recipe of one of :data:`RUNS`, on the demo's tower and LM, starting from its run before."""
+    path = RECIPES / f"llava_shapes_{run}.yaml"
     data = apply_overrides(read(path), [f"model.vision={out / 'clip'}", f"model.lm={out / 'lm'}"])
-    if stage == 2:
-        data = apply_overrides(data, [f"init_from={out / 'vlm' / 'stage1'}"])
+    if RUNS[run] is not None:
+        data = apply_overrides(data, [f"init_from={out / 'vlm' / RUNS[run]}"])
     if quick:
-        steps = 15 if stage == 1 else 60
-        data = apply_overrides(data, [f"loop.steps={steps}", "optim.warmup_steps=5"])
+        data = apply_overrides(data, [f"loop.steps={QUICK_STEPS[run]}", "optim.warmup_steps=5"])
     return load_recipe(data, overrides, path)
 
 
@@ -152,6 +157,12 @@ def draw_examples(world, examples: dict, out: Path, per_task: int = 6) -> None:
     plt.close(fig)
 
 
+def _mix(recipe) -> str:
+    """A shapes recipe's task mix as shares: ``grounding 75%, vqa 25%``."""
+    mix = recipe.data.shapes.mix
+    return ", ".join(f"{task} {share / sum(mix.values()):.0%}" for task, share in mix.items())
+
+
 def _wrap(text: str, width: int = 30) -> str:
     text = "".join(ch if ch.isprintable() else "?" for ch in text)  # an untrained model's bytes
     words, lines, line = text.split(), [], ""
@@ -166,48 +177,52 @@ def _wrap(text: str, width: int = 30) -> str:
 
 # ---------------------------------------------------------------- the part
 def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
-    per_stage = split_overrides(overrides)
-    recipes = {s: stage_recipe(s, out, quick, per_stage[s]) for s in (1, 2)}
-    estimate = {s: _estimate_step_seconds(recipes[s]) * recipes[s].loop.steps for s in (1, 2)}
-    print(f"[vlm] stage 1: {recipes[1].loop.steps} steps, about {estimate[1] / 60:.1f} min; stage 2: {recipes[2].loop.steps} "
-          f"steps, about {estimate[2] / 60:.1f} min on this machine; then ~2 min of evaluation")
+    per_run = split_overrides(overrides, tuple(RUNS))
+    recipes = {r: run_recipe(r, out, quick, per_run[r]) for r in RUNS}
+    estimate = {r: _estimate_step_seconds(recipes[r]) * recipes[r].loop.steps for r in RUNS}
+    plan = "; ".join(f"{r}: {recipes[r].loop.steps} steps, about {estimate[r] / 60:.1f} min" for r in RUNS)
+    print(f"[vlm] {plan} on this machine; then ~2 min of evaluation")
     root = out / "vlm"
-    runs = {s: root / f"stage{s}" for s in (1, 2)}
-    summaries = {s: train_vlm(recipes[s], runs[s]) for s in (1, 2)}
-    publish(runs[2] / MODEL_DIR, root)
+    summaries = {r: train_vlm(recipes[r], root / r) for r in RUNS}
+    last = list(RUNS)[-1]
+    publish(root / last / MODEL_DIR, root)
     model = vlkit.load(root)
-    world = ShapesChatConfig(held_out=True, image_size=recipes[2].data.shapes.image_size).world
+    world = ShapesChatConfig(held_out=True, image_size=recipes[last].data.shapes.image_size).world
     t = time.perf_counter()
     metrics, examples = evaluate(model, world, QUICK_SIZES if quick else SIZES)
     eval_seconds = time.perf_counter() - t
     train_seconds = sum(s["train_seconds"] for s in summaries.values())
-    metrics.update(train_seconds=train_seconds, stage1_seconds=summaries[1]["train_seconds"],
-                   stage2_seconds=summaries[2]["train_seconds"], eval_seconds=eval_seconds,
-                   trainable_stage2=summaries[2]["trainable"], parameters=summaries[2]["parameters"])  # fmt: skip
+    metrics.update(train_seconds=train_seconds, **{f"{r}_seconds": summaries[r]["train_seconds"] for r in RUNS},
+                   eval_seconds=eval_seconds, trainable_stage2=summaries[last]["trainable"],
+                   parameters=summaries[last]["parameters"])  # fmt: skip
     lm_metrics = out / "metrics.json"
     if lm_metrics.is_file() and "lm" in read(lm_metrics):
         metrics["train_seconds_with_lm"] = train_seconds + read(lm_metrics)["lm"]["train_seconds"]
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for s in (1, 2):
-        draw_loss(runs[s] / "metrics.jsonl", figures / f"vlm_stage{s}_loss.png")
+    for r in RUNS:
+        draw_loss(root / r / "metrics.jsonl", figures / f"vlm_{r}_loss.png")
     draw_examples(world, examples, figures / "vlm_examples.png")
     return metrics, _section(metrics, recipes, summaries, model, quick)
 
 
 def _section(m: dict, recipes: dict, summaries: dict, model, quick: bool) -> str:
-    r2 = recipes[2]
+    r2 = recipes["stage2"]
     n = QUICK_SIZES if quick else SIZES
     tower = "frozen" if r2.train.vision_lr is None else f"trained at lr {r2.train.vision_lr}"
+
+    def steps(run: str) -> str:
+        return f"{recipes[run].loop.steps} steps of {recipes[run].loop.batch_size} ({m[f'{run}_seconds'] / 60:.1f} min)"
+
     return "\n".join([
         "## The shapes VLM (LLaVA-style, two stages)",
         "",
         f"The demo's CLIP tower (frozen in stage 1) and shapes LM joined by a {r2.model.connector} connector "
         f"({model.num_image_tokens()} visual tokens per image). Stage 1: the connector alone on captions, "
-        f"{recipes[1].loop.steps} steps of {recipes[1].loop.batch_size} ({m['stage1_seconds'] / 60:.1f} min). Stage 2: "
-        f"connector and LM (train.lm={r2.train.lm}; tower {tower}) on single-turn captioning, VQA and "
-        f"grounding and short multi-turn conversations mixing them, {r2.loop.steps} steps of {r2.loop.batch_size} ({m['stage2_seconds'] / 60:.1f} min; "
-        f"{summaries[2]['trainable']:,} trainable parameters). Model folder: `vlm/`.",
+        f"{steps('stage1')}. Stage 2: connector and LM (train.lm={r2.train.lm}; tower {tower}) first mostly on "
+        f"referring expressions (mix {_mix(recipes['grounding'])}), {steps('grounding')}, then on single-turn "
+        f"captioning, VQA and grounding and short multi-turn conversations (mix {_mix(r2)}), {steps('stage2')}; "
+        f"{summaries['stage2']['trainable']:,} trainable parameters. Model folder: `vlm/`.",
         "",
         "Held-out scenes (another seed). Boxes are text, `[x1, y1, x2, y2]` on a 0–999 grid of the image.",
         "",
@@ -222,6 +237,6 @@ def _section(m: dict, recipes: dict, summaries: dict, model, quick: bool) -> str
         "",
         "![examples](figures/vlm_examples.png)",
         "",
-        "![stage 1 loss](figures/vlm_stage1_loss.png) ![stage 2 loss](figures/vlm_stage2_loss.png)",
+        " ".join(f"![{r} loss](figures/vlm_{r}_loss.png)" for r in RUNS),
         "",
     ])  # fmt: skip

@@ -3,8 +3,8 @@
 Stage 1 (align): only the connector trains, on captions rendered by the ``plain`` template; the
 vision tower and the language model are frozen (eval mode, no gradients). Stage 2 (instruct):
 the connector and the language model (fully, by LoRA, or not at all), the tower frozen or at its
-own learning rate, on conversations; ``init_from`` names stage 1's run, whose model must be the
-one this recipe builds. The run folder holds the loop's checkpoints (``vlkit.load(out)`` reads
+own learning rate, on conversations; ``init_from`` names the run it starts from (stage 1's, or an
+earlier stage-2 run's: a curriculum is runs in a chain), whose model must be the one this recipe builds. The run folder holds the loop's checkpoints (``vlkit.load(out)`` reads
 the newest) and, at the end, ``model/``: the trained model as a vlkit LLaVA folder (LoRA merged
 into it) and, with LoRA, ``adapter/``: the adapters in peft's layout.
 """
@@ -194,7 +194,8 @@ def stage_one_folder(init_from: str | Path) -> Path:
     try:
         return resolve(path)
     except FileNotFoundError as err:
-        raise ConfigError(f"init_from: {err}; expected stage 1's run folder", ("init_from",)) from None
+        raise ConfigError(f"init_from: {err}; expected the folder of stage 1's run (or an earlier stage-2 run)",
+                          ("init_from",)) from None
 
 
 def _with_option_defaults(cfg: dict) -> dict:
@@ -232,7 +233,7 @@ def check_init(folder: Path, cfg: LlavaConfig) -> None:
 
 
 def load_init(model: Llava, init_from: str) -> Path:
-    """Stage 1's weights into ``model``, once its config is seen to match."""
+    """The init run's weights (all of them) into ``model``, once its config is seen to match."""
     from safetensors.torch import load_file
 
     folder = stage_one_folder(init_from)
