@@ -60,7 +60,7 @@ def test_overrides_reach_their_stage():
 
 
 def test_each_run_starts_from_the_one_before(tmp_path):
-    """Stage 2 is boxes alone, then the mix: each recipe's init_from names the run before it."""
+    """Stage 2 is mostly boxes, then the mix: each recipe's init_from names the run before it."""
     recipes = {run: run_recipe(run, tmp_path, False, []) for run in RUNS}
     assert recipes["stage1"].init_from is None and recipes["stage1"].stage == 1
     assert recipes["grounding"].init_from == str(tmp_path / "vlm" / "stage1")
@@ -98,3 +98,4 @@ def test_lm_and_vlm_parts_end_to_end(tmp_path):
     assert set(metrics["vqa_by_type"]) == {"color", "shape", "count", "yesno", "relation"}
     assert all(0 <= metrics[k] <= 1 for k in ("vqa_accuracy", "grounding_acc50")) and metrics["caption_cider"] >= 0
     assert metrics["train_seconds"] > 0 and "| VQA exact match (200 questions)" in section
+    assert "first mostly on referring expressions (mix grounding 75%, vqa 25%), 2 steps of 4" in section
