@@ -4,9 +4,10 @@ Stage 1 (align): only the connector trains, on captions rendered by the ``plain`
 vision tower and the language model are frozen (eval mode, no gradients). Stage 2 (instruct):
 the connector and the language model (fully, by LoRA, or not at all), the tower frozen or at its
 own learning rate, on conversations; ``init_from`` names the run it starts from (stage 1's, or an
-earlier stage-2 run's: a curriculum is runs in a chain), whose model must be the one this recipe builds. The run folder holds the loop's checkpoints (``vlkit.load(out)`` reads
-the newest) and, at the end, ``model/``: the trained model as a vlkit LLaVA folder (LoRA merged
-into it) and, with LoRA, ``adapter/``: the adapters in peft's layout.
+earlier stage-2 run's: a curriculum is runs in a chain), whose model must be the one this recipe
+builds. The run folder holds the loop's checkpoints (``vlkit.load(out)`` reads the newest) and,
+at the end, ``model/``: the trained model as a vlkit LLaVA folder (LoRA merged into it) and, with
+LoRA, ``adapter/``: the adapters in peft's layout.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def build_model(recipe: VlmRecipe) -> Llava:
     return model
 
 
-def stage_one_folder(init_from: str | Path) -> Path:
+def init_folder(init_from: str | Path) -> Path:
     """The model folder of a finished run (its ``model/``), a run's newest checkpoint, or a model folder."""
     from vlkit.loading import resolve
 
@@ -236,7 +237,7 @@ def load_init(model: Llava, init_from: str) -> Path:
     """The init run's weights (all of them) into ``model``, once its config is seen to match."""
     from safetensors.torch import load_file
 
-    folder = stage_one_folder(init_from)
+    folder = init_folder(init_from)
     check_init(folder, model.cfg)
     weights = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(weights, strict=False)
