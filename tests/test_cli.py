@@ -87,9 +87,11 @@ def test_bad_override_is_a_clear_error(workspace, capsys):
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path):
+def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out  # every part's time, measured on stand-ins, before the first trains
+    assert all(printed.index(f"[demo] {p}: about ") < printed.index("[demo] clip: training") for p in demo.PARTS)
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("zeroshot_top1", "t2i_r1", "i2t_r1", "train_seconds"):
         assert key in metrics["clip"]

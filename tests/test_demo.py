@@ -8,20 +8,36 @@ import vlkit.demo as demo
 from vlkit.errors import ConfigError
 
 
-def _part(name, requires, calls):
+def _part(name, requires, calls, events):
     def run(out, quick, overrides):
         (out / name).mkdir(exist_ok=True)
         (out / name / "config.json").write_text("{}")
         calls.append((name, overrides))
+        events.append(("run", name))
         return {"score": len(calls)}, f"## {name}\n"
 
-    return SimpleNamespace(REQUIRES=requires, run=run)
+    def estimate(out, quick, overrides):
+        events.append(("estimate", name, sorted(r for r in requires if (out / r / "config.json").is_file())))
+        return 90.0, f"the {name} plan"
+
+    def stand_in(folder, quick, overrides):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        print("noise a stand-in's training prints")
+        events.append(("stand_in", name))
+
+    return SimpleNamespace(REQUIRES=requires, run=run, estimate=estimate, stand_in=stand_in)
 
 
 @pytest.fixture
-def parts(monkeypatch):
+def events():
+    return []
+
+
+@pytest.fixture
+def parts(monkeypatch, events):
     calls = []
-    fake = {"clip": _part("clip", (), calls), "lm": _part("lm", (), calls), "vlm": _part("vlm", ("clip", "lm"), calls)}
+    fake = {n: _part(n, r, calls, events) for n, r in (("clip", ()), ("lm", ()), ("vlm", ("clip", "lm")))}
     monkeypatch.setattr(demo, "PARTS", fake)
     return calls
 
@@ -46,3 +62,23 @@ def test_an_override_must_name_a_part_that_runs(tmp_path, parts):
         demo.run_demo(tmp_path, parts=["clip"], overrides=["--loop.steps=3"])
     with pytest.raises(ConfigError, match="unknown demo part"):
         demo.run_demo(tmp_path, parts=["clop"])
+
+
+def test_every_part_is_timed_before_any_trains_on_stand_ins_for_prerequisites_not_trained(tmp_path, parts, events, capsys):
+    demo.run_demo(tmp_path, parts=["vlm"])
+    assert events == [("stand_in", "clip"), ("stand_in", "lm"), ("estimate", "clip", []), ("estimate", "lm", []),
+                      ("estimate", "vlm", ["clip", "lm"]), ("run", "clip"), ("run", "lm"), ("run", "vlm")]  # fmt: skip
+    out = capsys.readouterr().out
+    assert "noise" not in out
+    assert out.index("[demo] vlm: about 1.5 min of training: the vlm plan") < out.index("[demo] clip: training")
+    assert "about 4 min of training in all" in out
+
+
+def test_trained_prerequisites_are_timed_as_they_are(tmp_path, parts, events):
+    demo.run_demo(tmp_path, parts=["clip"])
+    events.clear()
+    demo.run_demo(tmp_path, parts=["vlm"])
+    assert events == [("stand_in", "lm"), ("estimate", "lm", []), ("estimate", "vlm", ["clip", "lm"]), ("run", "lm"), ("run", "vlm")]
+    events.clear()
+    demo.run_demo(tmp_path, parts=["vlm"])
+    assert events == [("estimate", "vlm", ["clip", "lm"]), ("run", "vlm")]

@@ -1,14 +1,20 @@
 """``vlkit demo``: train each system on the shapes world, evaluate it, write one report.
 
-Each part is a module here with ``run(out, quick, overrides) -> (metrics, section)`` and
-``REQUIRES``, the earlier parts whose folders under ``out`` it reads. Parts run in the order
+Each part is a module here with ``run(out, quick, overrides) -> (metrics, section)``,
+``estimate(out, quick, overrides) -> (seconds, plan)``, ``stand_in(folder, quick, overrides)``
+and ``REQUIRES``, the earlier parts whose folders under ``out`` it reads. Parts run in the order
 of :data:`PARTS`; a prerequisite missing from ``out`` runs first. Each adds a section to
-``report.md`` and a key to ``metrics.json``, and says up front how long it will take.
+``report.md`` and a key to ``metrics.json``. Before any part runs, the demo says how long each
+will take: each times its own training step on this machine, on one-step stand-ins for the
+prerequisites not trained yet.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -54,15 +60,45 @@ def route(overrides: list[str], parts: list[str]) -> dict[str, list[str]]:
     return routed
 
 
+def _timing_folder(out: Path, tmp: Path, order: list[str], quick: bool, routed: dict[str, list[str]]) -> Path:
+    """``out`` if every prerequisite of the parts is trained there, else ``tmp`` holding those
+    that are (linked) and one-step stand-ins, built quietly, for those that are not."""
+    needed = [r for r in PARTS if any(r in PARTS[p].REQUIRES for p in order)]
+    if all(_done(out, r) for r in needed):
+        return out
+    for r in needed:
+        if _done(out, r):
+            (tmp / r).symlink_to((out / r).resolve(), target_is_directory=True)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                PARTS[r].stand_in(tmp / r, quick, routed.get(r, []))
+    return tmp
+
+
+def announce(out: Path, order: list[str], quick: bool, routed: dict[str, list[str]]) -> dict[str, float]:
+    """Print, before any part trains, how long each part's training will take on this machine."""
+    print(f"[demo] timing each part's training step on this machine: {', '.join(order)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _timing_folder(out, Path(tmp), order, quick, routed)
+        plans = {p: PARTS[p].estimate(folder, quick, routed[p]) for p in order}
+    for p, (seconds, what) in plans.items():
+        print(f"[demo] {p}: about {seconds / 60:.1f} min of training: {what}")
+    total = sum(seconds for seconds, _ in plans.values())
+    print(f"[demo] about {total / 60:.0f} min of training in all, plus each part's evaluation")
+    return {p: seconds for p, (seconds, _) in plans.items()}
+
+
 def run_demo(out: Path, quick: bool = False, parts: list[str] | tuple[str, ...] = tuple(PARTS), overrides: list[str] = ()) -> dict:
     out = Path(out)
     order = plan(out, list(parts))
     routed = route(list(overrides), order)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    estimates = announce(out, order, quick, routed)
+    torch.manual_seed(0)  # after the estimates' random draws, so the parts train as they would without them
     metrics = read(out / "metrics.json") if (out / "metrics.json").is_file() else {}
     sections = {}
     for part in order:
+        print(f"[demo] {part}: training, about {estimates[part] / 60:.1f} min")
         metrics[part], sections[part] = PARTS[part].run(out, quick, routed[part])
         _section(out, part).parent.mkdir(exist_ok=True)
         _section(out, part).write_text(sections[part])

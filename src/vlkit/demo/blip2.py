@@ -104,13 +104,22 @@ def evaluate_stage2(model, qformer_model, image_size: int, sizes: dict) -> tuple
     return metrics, examples
 
 
-def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+def _recipes(out: Path, quick: bool, overrides: list[str]) -> dict:
     per_stage = split_overrides(overrides)
-    recipes = {s: stage_recipe(s, out, quick, per_stage[f"stage{s}"]) for s in (1, 2)}
-    per_step = _estimate_step_seconds(recipes[1])
+    return {s: stage_recipe(s, out, quick, per_stage[f"stage{s}"]) for s in (1, 2)}
+
+
+def estimate(out: Path, quick: bool, overrides: list[str]) -> tuple[float, str]:
+    """Seconds of training on this machine, and what the part will do."""
+    recipes = _recipes(out, quick, overrides)
     steps = recipes[1].loop.steps + recipes[2].loop.steps
-    print(f"[blip2] stage 1: {recipes[1].loop.steps} steps, stage 2: {recipes[2].loop.steps} steps: about {per_step * steps / 60:.1f} min "
-          "on this machine (stage 1's step time measured, stage 2's assumed alike), then a few minutes of evaluation")
+    return _estimate_step_seconds(recipes[1]) * steps, (
+        f"stage 1 {recipes[1].loop.steps} steps, stage 2 {recipes[2].loop.steps} steps (stage 1's step time measured, "
+        "stage 2's assumed alike), then a few minutes of evaluation")
+
+
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+    recipes = _recipes(out, quick, overrides)
     root = out / "blip2"
     runs = {s: root / f"stage{s}" for s in (1, 2)}
     summaries = {1: train_blip2(1, recipes[1], runs[1])}

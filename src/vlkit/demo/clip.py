@@ -42,15 +42,29 @@ def clip_recipe(quick: bool, overrides: list[str]):
     return load_recipe(data, overrides, RECIPES / "clip_shapes.yaml")
 
 
-def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+def estimate(out: Path, quick: bool, overrides: list[str]) -> tuple[float, str]:
+    """Seconds of training on this machine, and what the part will do."""
     recipe = clip_recipe(quick, overrides)
     per_step = _estimate_step_seconds(recipe)
-    eta = per_step * recipe.loop.steps
-    print(f"[clip] {recipe.loop.steps} steps × {recipe.loop.batch_size} samples: about {eta / 60:.1f} min "
-          f"of training on this machine ({recipe.loop.batch_size / per_step:.0f} samples/s measured), then ~1 min of evaluation")
-    run = out / "clip"
+    return per_step * recipe.loop.steps, (f"{recipe.loop.steps} steps × {recipe.loop.batch_size} samples "
+                                          f"({recipe.loop.batch_size / per_step:.0f} samples/s), then ~1 min of evaluation")
+
+
+def _train(recipe, run: Path) -> dict:
     summary = train_clip(recipe, run)
     publish(Path(summary["checkpoint"]), run)
+    return summary
+
+
+def stand_in(folder: Path, quick: bool, overrides: list[str]) -> None:
+    """The part's model trained one step: what later parts' estimates build on before it has run."""
+    _train(clip_recipe(quick, [*overrides, "--loop.steps=1", "--optim.warmup_steps=0"]), folder)
+
+
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+    recipe = clip_recipe(quick, overrides)
+    run = out / "clip"
+    summary = _train(recipe, run)
     model = vlkit.load(run)
     print("[clip] evaluating on 1000 held-out single-object images and 1000 held-out captions")
     res = shapes_eval.evaluate(model, shapes_world(recipe.data))

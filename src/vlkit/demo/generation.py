@@ -48,12 +48,23 @@ def _grid(model, prompts: list[str], guidance: float):
     return image_grid(cells, 2 * SHOWN)
 
 
+def _prompt_counts(quick: bool) -> tuple[int, int]:
+    """How many single-object and relation prompts the evaluation samples."""
+    return (40, 10) if quick else (200, 40)
+
+
+def estimate(out: Path, quick: bool, overrides: list[str]) -> tuple[float, str]:
+    """Seconds of training on this machine, and what the part will do."""
+    recipe = diffusion_recipe(out, quick, overrides)
+    prompts = sum(_prompt_counts(quick))
+    return _estimate_step_seconds(recipe) * recipe.loop.steps, (
+        f"{recipe.loop.steps} steps × {recipe.loop.batch_size} images, then sampling {prompts} prompts twice "
+        f"(guidance 1 and {GUIDANCE}) to score them")
+
+
 def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
     recipe = diffusion_recipe(out, quick, overrides)
-    n_single, n_relation = (40, 10) if quick else (200, 40)
-    per_step = _estimate_step_seconds(recipe)
-    print(f"[generation] {recipe.loop.steps} steps × {recipe.loop.batch_size} images: about {per_step * recipe.loop.steps / 60:.1f} min "
-          f"of training on this machine, then sampling {n_single + n_relation} prompts twice (guidance 1 and {GUIDANCE}) to score them")  # fmt: skip
+    n_single, n_relation = _prompt_counts(quick)
     run_dir = out / "generation"
     summary = train_diffusion(recipe, run_dir)
     publish(Path(summary["checkpoint"]), run_dir)

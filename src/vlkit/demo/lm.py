@@ -48,11 +48,22 @@ def held_out_loss(model, recipe, scenes: int = 300) -> float:
     return sum(losses) / len(losses)
 
 
-def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+def estimate(out: Path, quick: bool, overrides: list[str]) -> tuple[float, str]:
+    """Seconds of training on this machine, and what the part will do."""
     recipe = lm_recipe(quick, overrides)
     per_step = _estimate_step_seconds(recipe)
-    print(f"[lm] {recipe.loop.steps} steps × {recipe.loop.batch_size} blocks of {recipe.data.block_size} tokens: about "
-          f"{per_step * recipe.loop.steps / 60:.1f} min of training on this machine (plus ~0.5 min building the texts and tokenizer)")
+    return per_step * recipe.loop.steps, (f"{recipe.loop.steps} steps × {recipe.loop.batch_size} blocks of "
+                                          f"{recipe.data.block_size} tokens, plus ~0.5 min building the texts and tokenizer")
+
+
+def stand_in(folder: Path, quick: bool, overrides: list[str]) -> None:
+    """The part's model trained one step on a few scenes' texts: what later parts' estimates build
+    on before it has run."""
+    train_lm(lm_recipe(quick, [*overrides, "--loop.steps=1", "--optim.warmup_steps=0", "--data.scenes=200"]), folder)
+
+
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+    recipe = lm_recipe(quick, overrides)
     run_dir = out / "lm"
     summary = train_lm(recipe, run_dir)
     model = vlkit.load(run_dir)

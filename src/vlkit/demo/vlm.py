@@ -176,12 +176,21 @@ def _wrap(text: str, width: int = 30) -> str:
 
 
 # ---------------------------------------------------------------- the part
-def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+def _recipes(out: Path, quick: bool, overrides: list[str]) -> dict:
     per_run = split_overrides(overrides, tuple(RUNS))
-    recipes = {r: run_recipe(r, out, quick, per_run[r]) for r in RUNS}
-    estimate = {r: _estimate_step_seconds(recipes[r]) * recipes[r].loop.steps for r in RUNS}
-    plan = "; ".join(f"{r}: {recipes[r].loop.steps} steps, about {estimate[r] / 60:.1f} min" for r in RUNS)
-    print(f"[vlm] {plan} on this machine; then ~2 min of evaluation")
+    return {r: run_recipe(r, out, quick, per_run[r]) for r in RUNS}
+
+
+def estimate(out: Path, quick: bool, overrides: list[str]) -> tuple[float, str]:
+    """Seconds of training on this machine, and what the part will do."""
+    recipes = _recipes(out, quick, overrides)
+    seconds = {r: _estimate_step_seconds(recipes[r]) * recipes[r].loop.steps for r in RUNS}
+    plan = ", ".join(f"{r} {recipes[r].loop.steps} steps ({seconds[r] / 60:.1f} min)" for r in RUNS)
+    return sum(seconds.values()), f"{plan}, then ~2 min of evaluation"
+
+
+def run(out: Path, quick: bool, overrides: list[str]) -> tuple[dict, str]:
+    recipes = _recipes(out, quick, overrides)
     root = out / "vlm"
     summaries = {r: train_vlm(recipes[r], root / r) for r in RUNS}
     last = list(RUNS)[-1]
