@@ -7,7 +7,8 @@ seed) and is scored on the same held-out scenes.
         [--stage2-steps 500] [--quick]
 
 Prints one table: visual tokens per image, trainable parameters (stage 2), training seconds
-(every run), VQA exact match by type, caption CIDEr-D and grounding Acc@0.5; and writes it
+(every run), VQA exact match by type, colour and shape on scenes of several objects (which
+object a question names matters only there), caption CIDEr-D and grounding Acc@0.5; and writes it
 to ``OUT/connectors.md`` with every run's metrics in ``OUT/connectors.json``.
 """
 
@@ -50,20 +51,28 @@ def measure(kind: str, args) -> dict:
     summaries = {name: train_vlm(recipe(name, kind, args, run), run / name) for name in RUNS}
     model = vlkit.load(run / "stage2" / MODEL_DIR)
     world = ShapesChatConfig(held_out=True).world
-    metrics, _ = evaluate(model, world, QUICK_SIZES if args.quick else SIZES)
+    metrics, examples = evaluate(model, world, QUICK_SIZES if args.quick else SIZES)
     return {"kind": kind, "visual_tokens": model.num_image_tokens(), "trainable": summaries["stage2"]["trainable"],
             "connector_parameters": sum(p.numel() for p in model.connector.parameters()),
-            "seconds": sum(s["train_seconds"] for s in summaries.values()), **metrics}  # fmt: skip
+            "seconds": sum(s["train_seconds"] for s in summaries.values()), "binding": binding(examples["vqa"], world),
+            **metrics}  # fmt: skip
+
+
+def binding(vqa: list, world) -> float:
+    """Colour and shape accuracy on scenes of several objects, where the answer depends on which
+    object the question names (on one-object scenes it is the only colour or shape there)."""
+    right = [ok for q, _, ok in vqa if q.type in ("color", "shape") and len(world.scene(q.index).objects) > 1]
+    return sum(right) / max(len(right), 1)
 
 
 def table(rows: list[dict]) -> str:
     head = ["connector", "visual tokens", "connector params", "trainable (stage 2)", "train s", "VQA",
-            *QUESTION_TYPES, "CIDEr-D", "grounding@0.5"]  # fmt: skip
+            *QUESTION_TYPES, "colour/shape, 2-3 objects", "CIDEr-D", "grounding@0.5"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["kind"], r["visual_tokens"], f"{r['connector_parameters']:,}", f"{r['trainable']:,}", f"{r['seconds']:.0f}",
                  f"{r['vqa_accuracy']:.3f}", *[f"{r['vqa_by_type'].get(t, 0.0):.3f}" for t in QUESTION_TYPES],
-                 f"{r['caption_cider']:.3f}", f"{r['grounding_acc50']:.3f}"]  # fmt: skip
+                 f"{r['binding']:.3f}", f"{r['caption_cider']:.3f}", f"{r['grounding_acc50']:.3f}"]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
