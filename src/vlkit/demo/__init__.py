@@ -102,7 +102,7 @@ def run_demo(out: Path, quick: bool = False, parts: list[str] | tuple[str, ...] 
         metrics[part], sections[part] = PARTS[part].run(out, quick, routed[part])
         _section(out, part).parent.mkdir(exist_ok=True)
         _section(out, part).write_text(sections[part])
-    write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)  # a later part reads it (the VLM adds the LM's time); a crash keeps it
     mode = "quick mode (a first look; lower quality)" if quick else "full run"
     kept = [p for p in PARTS if _section(out, p).is_file()]
     header = f"# vlkit demo report\n\n{mode}; parts run now: {', '.join(order)}. Metrics are fractions in 0..1 unless named otherwise.\n\n"

@@ -11,6 +11,7 @@ referring expressions, the answer's ``[x1, y1, x2, y2]`` read on the 0–999 gri
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def run_recipe(run: str, out: Path, quick: bool, overrides: list[str]):
 
 
 def _estimate_step_seconds(recipe) -> float:
-    """Time two training steps (after one warm-up) of the recipe's model on its own data."""
+    """Time two training steps (after one warm-up) of the recipe's model on its own data: batches of
+    random samples, as training draws them (the first samples may be shorter), built inside the timing."""
     from vlkit.data.conversations import ConversationCollate, ConversationDataset
     from vlkit.data.formats.common import Skips
     from vlkit.train.loop import freeze
@@ -77,9 +79,14 @@ def _estimate_step_seconds(recipe) -> float:
     processor = build_processor(model, recipe)
     n = recipe.loop.batch_size
     data = ConversationDataset(build_source(recipe.data, Skips()), processor, model.lm.max_length, n, bucket_window=0)
-    batch = ConversationCollate(processor)([data[i] for i in range(n)])
-    batch.pop("skipped")
-    return step_seconds(lambda: model(**batch).loss, recipe.loop.precision)
+    collate, draw = ConversationCollate(processor), random.Random(0)
+
+    def loss():
+        batch = collate([data[draw.randrange(len(data))] for _ in range(n)])
+        batch.pop("skipped")
+        return model(**batch).loss
+
+    return step_seconds(loss, recipe.loop.precision)
 
 
 # ---------------------------------------------------------------- evaluation
