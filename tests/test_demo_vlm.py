@@ -4,6 +4,8 @@ gets zero; predictions are matched to their own images and prompts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vlkit.data.shapes_chat import ShapesChatConfig, box_text, caption, eval_captions, eval_grounding, eval_vqa
@@ -91,6 +93,7 @@ def test_lm_and_vlm_parts_end_to_end(tmp_path):
     lm_metrics, lm_section = lm.run(tmp_path, True, tiny_lm)
     assert (tmp_path / "lm" / "config.json").is_file() and lm_metrics["held_out_perplexity"] > 1
     assert "## The shapes language model" in lm_section
+    (tmp_path / "metrics.json").write_text(json.dumps({"lm": lm_metrics}))  # as run_demo leaves it after the LM part
     metrics, section = vlm.run(tmp_path, True, ["--stage1.loop.steps=2", "--grounding.loop.steps=2", "--stage2.loop.steps=2",
                                                 "--loop.batch_size=4"])  # fmt: skip
     assert (tmp_path / "vlm" / "config.json").is_file() and (tmp_path / "figures" / "vlm_examples.png").is_file()
@@ -98,4 +101,6 @@ def test_lm_and_vlm_parts_end_to_end(tmp_path):
     assert set(metrics["vqa_by_type"]) == {"color", "shape", "count", "yesno", "relation"}
     assert all(0 <= metrics[k] <= 1 for k in ("vqa_accuracy", "grounding_acc50")) and metrics["caption_cider"] >= 0
     assert metrics["train_seconds"] > 0 and "| VQA exact match (200 questions)" in section
+    assert metrics["train_seconds_with_lm"] == metrics["train_seconds"] + lm_metrics["train_seconds"]
+    assert "| training time with the LM's pre-training |" in section
     assert "first mostly on referring expressions (mix grounding 75%, vqa 25%), 2 steps of 4" in section

@@ -250,6 +250,8 @@ def _section(m: dict, recipes: dict, summaries: dict, model, quick: bool) -> str
         f"| grounding Acc@0.5 ({n['grounding']} expressions) | {m['grounding_acc50']:.3f} |",
         f"| grounding mean IoU | {m['grounding_mean_iou']:.3f} |",
         f"| training time, both stages | {m['train_seconds'] / 60:.1f} min |",
+        *([f"| training time with the LM's pre-training | {m['train_seconds_with_lm'] / 60:.1f} min |"]
+          if "train_seconds_with_lm" in m else []),
         "",
         "![examples](figures/vlm_examples.png)",
         "",
