@@ -1,8 +1,9 @@
 """``vlkit demo``: train each system on the shapes world, evaluate it, write one report.
 
 Each part is a module here with ``run(out, quick, overrides) -> (metrics, section)``,
-``estimate(out, quick, overrides) -> (seconds, plan)``, ``stand_in(folder, quick, overrides)``
-and ``REQUIRES``, the earlier parts whose folders under ``out`` it reads. Parts run in the order
+``estimate(out, quick, overrides) -> (seconds, plan)`` and ``REQUIRES``, the earlier parts whose
+folders under ``out`` it reads; a part that others require also has ``stand_in(folder, quick,
+overrides)``, its model trained one step. Parts run in the order
 of :data:`PARTS`; a prerequisite missing from ``out`` runs first. Each adds a section to
 ``report.md`` and a key to ``metrics.json``. Before any part runs, the demo says how long each
 will take: each times its own training step on this machine, on one-step stand-ins for the
