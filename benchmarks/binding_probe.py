@@ -53,7 +53,9 @@ def merge(x: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return x
     n, t, d = x.shape
-    g = int(t**0.5)
+    g = int(round(t**0.5))
+    if g * g != t or g % factor:
+        raise SystemExit(f"--merge {factor}: the model gives {t} visual tokens; expected a square grid whose side {factor} divides")
     x = x.reshape(n, g // factor, factor, g // factor, factor, d).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(n, (g // factor) ** 2, factor * factor * d)
 
@@ -186,6 +188,7 @@ def main() -> None:
     mean, std = train_x.mean((0, 1)), train_x.std((0, 1)) + 1e-5
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     dim, tokens = train_x.shape[-1], train_x.shape[1]
+    train_m, test_m = merge(train_x, args.merge), merge(test_x, args.merge)
     print(f"{args.model}: {tokens} visual tokens of {dim} channels; {args.scenes} training scenes, 2000 held-out\n")
     print("| probe | 1 object | 2 objects | 3 objects |\n|---|---|---|---|")
     for asked in ("color", "shape"):
@@ -206,7 +209,6 @@ def main() -> None:
     print("| step | examples | 1 object | 2 objects | 3 objects |\n|---|---|---|---|---|")
     k, q, y, _ = attribute_items(train_s, "color")
     tk, tq, ty, tn = attribute_items(test_s, "color")
-    train_m, test_m = merge(train_x, args.merge), merge(test_x, args.merge)
     plateau = Plateau(train_m.shape[-1])
     test = [test_m[tk], torch.tensor(tq)]
 
