@@ -28,8 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vlkit
+from vlkit.connectors.pixel_shuffle import space_to_depth
 from vlkit.data.shapes import COLOR_NAMES, RELATIONS, SHAPES, ShapesWorld, holds
 from vlkit.data.shapes_chat import HELD_OUT_SEED
+from vlkit.errors import VlkitError
 from vlkit.models.llava_processor import LlavaProcessor
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -46,18 +48,6 @@ def features(model, world: ShapesWorld, n: int) -> tuple[torch.Tensor, list]:
         out.append(model.vision_features(torch.stack([image(s.render()) for s in batch])))
         scenes += batch
     return torch.cat(out), scenes
-
-
-def merge(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Tokens of a square grid, each ``factor`` x ``factor`` block concatenated into one (pixel shuffle)."""
-    if factor == 1:
-        return x
-    n, t, d = x.shape
-    g = int(round(t**0.5))
-    if g * g != t or g % factor:
-        raise SystemExit(f"--merge {factor}: the model gives {t} visual tokens; expected a square grid whose side {factor} divides")
-    x = x.reshape(n, g // factor, factor, g // factor, factor, d).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, (g // factor) ** 2, factor * factor * d)
 
 
 def attribute_items(scenes: list, asked: str) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -188,7 +178,10 @@ def main() -> None:
     mean, std = train_x.mean((0, 1)), train_x.std((0, 1)) + 1e-5
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     dim, tokens = train_x.shape[-1], train_x.shape[1]
-    train_m, test_m = merge(train_x, args.merge), merge(test_x, args.merge)
+    try:  # the connector's own merge, which refuses a grid it cannot take
+        train_m, test_m = space_to_depth(train_x, args.merge), space_to_depth(test_x, args.merge)
+    except VlkitError as e:
+        raise SystemExit(f"--merge {args.merge}: {e}") from None
     print(f"{args.model}: {tokens} visual tokens of {dim} channels; {args.scenes} training scenes, 2000 held-out\n")
     print("| probe | 1 object | 2 objects | 3 objects |\n|---|---|---|---|")
     for asked in ("color", "shape"):
