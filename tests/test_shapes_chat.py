@@ -49,6 +49,16 @@ def test_conversations_every_kind():
     assert any(len(chat[i].messages) > 2 for i in range(len(chat)))
 
 
+def test_questions_kind_asks_only_the_scenes_questions():
+    chat = ShapesChat(ShapesChatConfig(scenes=30, mix={"questions": 1.0}, max_turns=5))
+    for i in range(len(chat)):
+        rec, scene = chat[i], chat.world.scene(i)
+        truth = {VQA_PROMPT.format(question=q["question"]): q["answer"] for q in scene.vqa}
+        asked = [m["content"].removeprefix("<image>\n") for m in rec.messages[::2]]
+        assert len(asked) == min(5, len(truth)) == len(set(asked))
+        assert [truth[q] for q in asked] == [m["content"] for m in rec.messages[1::2]]
+
+
 def test_caption_is_left_to_right_and_true():
     world = ShapesWorld()
     for i in range(30):

@@ -39,8 +39,9 @@ QUESTION_TYPES = ("color", "shape", "count", "yesno", "relation")
 BLIP2_QUESTION = "Question: {question} Short answer: {answer}"
 """A question as BLIP-2's zero-shot VQA prompt poses it, answered; half the LM's questions
 take this form, so a frozen LM answers that prompt."""
-KINDS = ("caption", "vqa", "grounding", "multi")
-"""Conversation kinds: one caption, one VQA pair, one grounding pair, or a multi-turn mix."""
+KINDS = ("caption", "vqa", "grounding", "multi", "questions")
+"""Conversation kinds: one caption, one VQA pair, one grounding pair, a multi-turn mix, or
+several of the scene's questions as turns (many answers about one image for one image's cost)."""
 
 
 def box_text(box, width: float, height: float | None = None) -> str:
@@ -96,7 +97,8 @@ class ShapesChatConfig:
     """Which conversations: ``scenes`` scenes of the world (``seed``, ``image_size``, objects
     per scene), ``held_out`` for the evaluation world instead (:data:`HELD_OUT_SEED`).
     ``mix`` weights the kinds (:data:`KINDS`); a multi-turn conversation takes up to
-    ``max_turns`` of the scene's caption, questions and referring expressions in a seeded order."""
+    ``max_turns`` of the scene's caption, questions and referring expressions in a seeded order,
+    a ``questions`` one up to ``max_turns`` of its questions alone."""
 
     scenes: PositiveInt = 20000
     seed: NonNegativeInt = 0
@@ -150,7 +152,7 @@ class ShapesChat:
         if kind in ("vqa", "grounding"):
             pool = vqa if kind == "vqa" else ground
             return [pool[int(rng.integers(len(pool)))]]
-        pool = [(CAPTION_PROMPT, caption(scene))] + vqa + ground
+        pool = vqa if kind == "questions" else [(CAPTION_PROMPT, caption(scene))] + vqa + ground
         return [pool[k] for k in rng.permutation(len(pool))[: self.cfg.max_turns]]
 
 
