@@ -14,7 +14,7 @@ at half the speed of one row."""
 
 from __future__ import annotations
 
-import math
+import statistics
 import time
 
 import torch
@@ -69,23 +69,28 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return _ONEDNN(x, weight, bias, "none", [], "")
 
 
-def fastest_matvec(rows: int = 16384, cols: int = 1024, rounds: int = 5) -> str:
-    """The fastest mat-vec on this CPU (a key of :data:`_matvec`), best of ``rounds`` on a weight (64 MB by
-    default) that streams from memory as a decode step's do. oneDNN's beat MKL's by ~1.6x on the AMD EPYCs
-    measured and lost by ~15% on an Intel Xeon with AMX (2026-12-02), whose MKL mat-vec is fast; the blocked
-    copy beat the plain weight by ~5% on an AVX2 EPYC (2026-12-04) and lost on an AVX-512 one (session 4)."""
-    weight, x = torch.empty(rows, cols).uniform_(-1, 1), torch.ones(1, cols)
-    ways = {"mkl": lambda: F.linear(x, weight), "onednn": lambda: _onednn(x, weight)}
+def fastest_matvec(rows: int = 4096, cols: int = 1024, weights: int = 4, rounds: int = 15) -> str:
+    """The fastest mat-vec on this CPU (a key of :data:`_matvec`). Each round times every way once on the
+    same ``weights`` matrices in turn (16 MB each by default), as a decode step streams its layers; the
+    medians of the rounds decide. oneDNN's beat MKL's by ~1.6x on the AMD EPYCs measured and lost by ~15%
+    on Intel Xeons with AMX, whose MKL mat-vec is fast; the blocked copy beat the plain weight by ~5% on an
+    AVX2 EPYC (2026-12-04) and lost on an AVX-512 one (session 4). A best-of-5 on one repeated 64 MB weight
+    picked oneDNN in 7 of 20 tries on a Xeon with AMX, where that made a 150M model's decode step 27.6 ms
+    against 23.6 ms with MKL's; this measure picked MKL in 20 of 20 (session 30, benchmarks/RESULTS.md)."""
+    mats = [torch.empty(rows, cols).uniform_(-1, 1) for _ in range(weights)]
+    x = torch.ones(1, cols)
+    ways = {"mkl": lambda w, _: F.linear(x, w), "onednn": lambda w, _: _onednn(x, w)}
     if _REORDER is not None:
-        blocked = _REORDER(weight, PACK_ROWS)
-        ways["blocked"] = lambda: _onednn(x, blocked)
-    best = dict.fromkeys(ways, math.inf)
+        blocked = [_REORDER(w, PACK_ROWS) for w in mats]
+        ways["blocked"] = lambda _, k: _onednn(x, blocked[k])
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, way in ways.items():
             start = time.perf_counter()
-            way()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return min(best, key=best.get)
+            for k, w in enumerate(mats):
+                way(w, k)
+            times[name].append(time.perf_counter() - start)
+    return min(times, key=lambda name: statistics.median(times[name]))
 
 
 def _single_row_way() -> str:
