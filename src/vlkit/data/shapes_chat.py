@@ -41,7 +41,7 @@ BLIP2_QUESTION = "Question: {question} Short answer: {answer}"
 take this form, so a frozen LM answers that prompt."""
 KINDS = ("caption", "vqa", "grounding", "multi", "questions")
 """Conversation kinds: one caption, one VQA pair, one grounding pair, a multi-turn mix, or
-several of the scene's questions as turns (many answers about one image for one image's cost)."""
+several of the scene's questions as turns (the image's tokens paid once for many answers)."""
 
 
 def box_text(box, width: float, height: float | None = None) -> str:
