@@ -29,12 +29,11 @@ import torch.nn.functional as F
 
 import vlkit
 from vlkit.connectors.pixel_shuffle import space_to_depth
-from vlkit.data.shapes import COLOR_NAMES, RELATIONS, SHAPES, ShapesWorld, holds
+from vlkit.data.shapes import COLOR_NAMES, OPPOSITE, RELATIONS, SHAPES, ShapesWorld, holds
 from vlkit.data.shapes_chat import HELD_OUT_SEED
 from vlkit.errors import VlkitError
 from vlkit.models.llava_processor import LlavaProcessor
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 WIDTH = 64
 
 

@@ -33,6 +33,8 @@ BACKGROUND = (28, 28, 32)
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLOR_NAMES for s in SHAPES)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+"""Each relation's opposite: the relation questions' "no" asks it."""
 
 
 @dataclass(frozen=True)
@@ -391,7 +393,7 @@ def _vqa(scene: Scene, rng: np.random.Generator) -> list[dict]:
         qa.append(
             {"question": f"is the {a.name()} {rel} the {b.name()}?", "answer": "yes", "type": "relation"}
         )
-        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[rel]
+        opposite = OPPOSITE[rel]
         qa.append(
             {"question": f"is the {a.name()} {opposite} the {b.name()}?", "answer": "no", "type": "relation"}
         )

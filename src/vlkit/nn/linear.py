@@ -79,16 +79,16 @@ def fastest_matvec(rows: int = 4096, cols: int = 1024, weights: int = 4, rounds:
     against 23.6 ms with MKL's; this measure picked MKL in 20 of 20 (session 30, benchmarks/RESULTS.md)."""
     mats = [torch.empty(rows, cols).uniform_(-1, 1) for _ in range(weights)]
     x = torch.ones(1, cols)
-    ways = {"mkl": lambda w, _: F.linear(x, w), "onednn": lambda w, _: _onednn(x, w)}
+    ways = {"mkl": lambda k: F.linear(x, mats[k]), "onednn": lambda k: _onednn(x, mats[k])}
     if _REORDER is not None:
         blocked = [_REORDER(w, PACK_ROWS) for w in mats]
-        ways["blocked"] = lambda _, k: _onednn(x, blocked[k])
+        ways["blocked"] = lambda k: _onednn(x, blocked[k])
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, way in ways.items():
             start = time.perf_counter()
-            for k, w in enumerate(mats):
-                way(w, k)
+            for k in range(weights):
+                way(k)
             times[name].append(time.perf_counter() - start)
     return min(times, key=lambda name: statistics.median(times[name]))
 
