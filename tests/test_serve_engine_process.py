@@ -132,9 +132,11 @@ def test_an_engine_process_with_a_spare_cpu_is_bound_to_its_own(folders, local, 
     with serving(app, start_timeout=120) as base:
         assert health(base, "vlm")["cpus"] == usable[-1:]
         assert _affinities(app.state.engines["vlm"].process.pid) == {frozenset(usable[-1:])}  # every thread of it
+        assert _affinities(os.getpid()) == {frozenset(usable[:-1])}  # the server's own threads keep off it
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
         message = "Describe the picture in a few words."
         assert ask(client, [{"role": "user", "content": message}]).choices[0].message.content == reference(local, message)
+    assert _affinities(os.getpid()) == {frozenset(usable)}  # given back when the server stops
     loaded = load_models([f"vlm={folders['vlm']}"])["vlm"]
     second = start_engine(loaded, ServeSettings(engine="process", pin_engines=True), taken=len(usable) - 1)
     try:  # binding it would leave the HTTP handling no CPU: it stays unbound

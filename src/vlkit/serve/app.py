@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vlkit.errors import VlkitError
 from vlkit.lm.generate import resolve_config
 from vlkit.serve import errors, schemas
-from vlkit.serve.cpus import engine_cpus
+from vlkit.serve.cpus import bind, engine_cpus, usable_cpus
 from vlkit.serve.engine import Engine, Job
 from vlkit.serve.engine_process import EngineProcess
 from vlkit.serve.errors import ApiError
@@ -51,8 +51,8 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
 
     @asynccontextmanager
     async def lifespan(app):
+        usable, taken = usable_cpus(), 0  # taken: CPUs bound to the engines started so far
         try:
-            taken = 0  # CPUs bound to the engines started so far
             for name, m in models.items():
                 if isinstance(m, ChatModel):
                     routes.engines[name] = start_engine(m, settings, taken)
@@ -60,8 +60,12 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
         except BaseException:  # one engine could not start: the others stop with the server
             await close_engines()
             raise
-        yield
-        await close_engines()
+        bind(usable[: len(usable) - taken] if taken else None)  # the HTTP handling keeps off the engines' CPUs
+        try:
+            yield
+        finally:
+            await close_engines()
+            bind(usable if taken else None)
 
     app = FastAPI(title="vlkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
