@@ -280,3 +280,34 @@ def test_a_missing_file_is_named(tmp_path):
     (tmp_path / "e.json").write_text("[]")
     with pytest.raises(FormatError, match="e.json: no records"):
         LlavaSource(tmp_path / "e.json")
+
+
+@pytest.mark.parametrize("reduction", ["token", "answer"])
+def test_length_groups_give_the_whole_batchs_gradient_from_less_padding(tmp_path, processor, reduction):
+    """A batch collated as length-sorted parts, each padded to its own longest and its loss weighted by
+    its share of the batch's tokens or answers, gives the whole batch's loss and gradient (images
+    travel with their samples)."""
+    data = dataset(LlavaSource(llava_folder(tmp_path)), processor)
+    samples = [data.encode(k) for k in range(len(data))]
+    lengths = sorted(len(s) for s in samples)
+    assert len(samples) == 4 and lengths[1] < lengths[3]
+    whole = ConversationCollate(processor, reduction)(samples)
+    split = ConversationCollate(processor, reduction, length_groups=2)(samples)
+    assert whole.pop("skipped") == split.pop("skipped") == [] and list(split) == ["parts"]
+    parts = split["parts"]
+    assert [tuple(p["input_ids"].shape) for p, _ in parts] == [(2, lengths[1]), (2, lengths[3])]
+    assert sum(w for _, w in parts) == pytest.approx(1.0)
+    torch.manual_seed(0)
+    lm = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = Llava(LlavaConfig(vision=ViTConfig(**VISION), lm=lm, image_token_id=processor.image_token_id))
+
+    def gradient(batches) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = sum(model(**b).loss * w for b, w in batches)
+        loss.backward()
+        return loss.item(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    (loss, grads), (parted, parted_grads) = gradient([(whole, 1.0)]), gradient(parts)
+    assert parted == pytest.approx(loss, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads, parted_grads))
+    assert ConversationCollate(processor, reduction, length_groups=9)([samples[0]]).keys() == whole.keys() | {"skipped"}

@@ -155,6 +155,21 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1,
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
 
 
+def test_length_groups_train_as_the_whole_batch(parts, stage1, tmp_path):
+    """A batch run as length-sorted parts (data.length_groups) takes the whole batch's steps."""
+    out, _ = stage1
+    runs = {}
+    for k in (1, 3):
+        r = recipe(parts["lm"], parts["data"], stage=2, steps=3, init_from=str(out), data={"bucket_window": 0, "length_groups": k},
+                   train={"vision_lr": 1e-4, "loss": "answer"}, loop={"batch_size": 6})  # fmt: skip
+        summary = train_vlm(load_recipe(r), tmp_path / f"groups{k}")
+        runs[k] = (latest(tmp_path / f"groups{k}"), summary["samples"])
+    (whole, seen), (grouped, grouped_seen) = runs[1], runs[3]
+    assert seen == grouped_seen == 18
+    assert all(torch.allclose(whole[k], grouped[k], atol=1e-5) for k in whole)
+    assert not torch.equal(whole["lm.layers.0.mlp.down.weight"], weights(out / "model")["lm.layers.0.mlp.down.weight"])
+
+
 def test_bad_samples_are_counted_or_stop_the_run(parts, tmp_path, capsys):
     mute = {"id": "mute", "image": "images/a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
     recs = [*RECORDS, {**RECORDS[0], "id": "lost", "image": "images/gone.png"}, mute]

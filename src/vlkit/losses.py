@@ -103,17 +103,34 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     of each answer's mean, so a one-word answer counts as much as a 20-token box or caption."""
     if tuple(labels.shape) != tuple(logits.shape[:2]):
         raise VlkitError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])} like input_ids")
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+    targets = _targets(labels.to(logits.device))
     if reduction == "token":
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     supervised = targets != IGNORE_INDEX
     losses = F.cross_entropy(logits.float()[supervised], targets[supervised], reduction="none")
-    starts = supervised & ~F.pad(supervised, (1, 0), value=False)[:, :-1]
-    answer = starts.flatten().cumsum(0)[supervised.flatten()] - 1  # each supervised token's answer
+    answer = _answer_starts(supervised).flatten().cumsum(0)[supervised.flatten()] - 1  # each supervised token's answer
     if len(answer) == 0:
         return logits.sum() * 0.0
     sums = torch.zeros(int(answer[-1]) + 1, device=losses.device).index_add_(0, answer, losses)
     return (sums / torch.bincount(answer)).mean()
+
+
+def _targets(labels: torch.Tensor) -> torch.Tensor:
+    """Each position's next label (the last position's: none)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
+def _answer_starts(supervised: torch.Tensor) -> torch.Tensor:
+    """Where each run of supervised targets (an answer) begins."""
+    return supervised & ~F.pad(supervised, (1, 0), value=False)[:, :-1]
+
+
+def loss_units(labels: torch.Tensor, reduction: str = "token") -> int:
+    """What :func:`causal_lm_loss` averages over for ``labels``: its supervised tokens ("token") or
+    answers ("answer"). Rows split into parts give the whole's loss as the parts' losses weighted by
+    their shares of these."""
+    supervised = _targets(labels) != IGNORE_INDEX
+    return int((supervised if reduction == "token" else _answer_starts(supervised)).sum())
 
 
 def global_rows(n: int, device=None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from vlkit.data.images import BadSample, load_image
 from vlkit.data.pairs import Skipped
 from vlkit.data.skips import Skip, check_rule
 from vlkit.errors import VlkitError
-from vlkit.losses import IGNORE_INDEX
+from vlkit.losses import IGNORE_INDEX, loss_units
 from vlkit.models.llava_processor import LlavaProcessor, ProcessedSample
 from vlkit.text.conversation import encode_conversation
 
@@ -237,21 +237,47 @@ class ConversationCollate:
     """Samples → a right-padded training batch (``input_ids``, ``attention_mask``, ``labels``,
     ``pixel_values`` when any sample has images); skipped samples are left out and listed in
     ``batch["skipped"]`` for the loop to count. A ``loss_reduction`` other than "token" goes
-    into the batch for the model's loss (:func:`vlkit.losses.causal_lm_loss`)."""
+    into the batch for the model's loss (:func:`vlkit.losses.causal_lm_loss`).
 
-    def __init__(self, processor: LlavaProcessor, loss_reduction: str = "token"):
+    ``length_groups`` > 1 sorts the samples by length and collates them as that many parts, each
+    padded to its own longest, in ``batch["parts"]`` as ``(part, weight)``: the loop runs each part's
+    forward and backward with its loss times its weight (its share of the batch's answers or tokens),
+    which gives the whole batch's gradient while the model reads far less padding, whose cost in
+    attention grows with the square of the longest sample."""
+
+    def __init__(self, processor: LlavaProcessor, loss_reduction: str = "token", length_groups: int = 1):
         self.processor = processor
         self.loss_reduction = loss_reduction
+        self.length_groups = length_groups
 
     def __call__(self, items: list) -> dict:
         skipped = [it.skip for it in items if isinstance(it, Skipped)]
         samples = [it for it in items if not isinstance(it, Skipped)]
         batch: dict = {"skipped": skipped}
-        if samples:
-            batch.update(self.processor.collate(samples, "right"))
-            if self.loss_reduction != "token":
-                batch["loss_reduction"] = self.loss_reduction
+        if not samples:
+            return batch
+        parts = [self._collate(group) for group in self._groups(samples)]
+        units = [loss_units(part["labels"], self.loss_reduction) for part in parts]
+        if len(parts) == 1 or not sum(units):  # nothing supervised: one batch, whose loss says so
+            batch.update(self._collate(samples))
+        else:
+            batch["parts"] = [(part, n / sum(units)) for part, n in zip(parts, units) if n]
         return batch
+
+    def _collate(self, samples: list[ProcessedSample]) -> dict:
+        batch = self.processor.collate(samples, "right")
+        if self.loss_reduction != "token":
+            batch["loss_reduction"] = self.loss_reduction
+        return batch
+
+    def _groups(self, samples: list[ProcessedSample]) -> list[list[ProcessedSample]]:
+        """The samples by length, cut into ``length_groups`` runs of near-equal count."""
+        k = min(self.length_groups, len(samples))
+        if k == 1:
+            return [samples]
+        ordered = sorted(samples, key=len)
+        bounds = [round(i * len(ordered) / k) for i in range(k + 1)]
+        return [ordered[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def padding_fraction(batches: Sequence[Sequence[int]]) -> float:

@@ -483,13 +483,15 @@ def fit(
             skips = batch.pop("skipped", [])
             progress.skipped += len(skips)
             log.skipped(progress.step + 1, skips)
-            if batch:
-                sync = micro == loop.grad_accum - 1 or not world.distributed
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                loss_sum += _backward(wrapped, batch, loop, device, sync)
-                n = batch["input_ids" if "input_ids" in batch else "pixel_values"].shape[0] * world.world_size
-                seen += n
-                log.samples(n)
+            parts = batch.pop("parts", None) or ([(batch, 1.0)] if batch else [])
+            if parts:
+                sync = micro == loop.grad_accum - 1  # the step's last micro-batch
+                parts = [({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in part.items()}, weight)
+                         for part, weight in parts]  # fmt: skip
+                loss_sum += _backward(wrapped, parts, loop, device, sync, world.distributed)
+                n = sum(part["input_ids" if "input_ids" in part else "pixel_values"].shape[0] for part, _ in parts)
+                seen += n * world.world_size
+                log.samples(n * world.world_size)
             micro += 1
             if micro < loop.grad_accum:
                 continue
@@ -511,14 +513,21 @@ def fit(
             "checkpoint": str(final) if final else None}  # fmt: skip
 
 
-def _backward(wrapped: torch.nn.Module, batch: dict, loop: LoopConfig, device: torch.device, sync: bool) -> float:
-    """Forward and backward one micro-batch; DDP and FSDP sync gradients only on the last of a step."""
-    with contextlib.nullcontext() if sync else local_gradients(wrapped):
-        with autocast(loop.precision, device):
-            out = wrapped(**batch)
-            loss = getattr(out, "loss", out) / loop.grad_accum
-        loss.backward()
-    return loss.item()
+def _backward(wrapped: torch.nn.Module, parts: list[tuple[dict, float]], loop: LoopConfig, device: torch.device,
+              sync: bool, distributed: bool) -> float:  # fmt: skip
+    """Forward and backward one micro-batch, part by part (each loss times its weight: a collate that
+    splits a batch by length weighs each part by its share of the batch's loss); DDP and FSDP sync
+    gradients only on the last part of a step (``sync``: this micro-batch is its last)."""
+    total = 0.0
+    for i, (part, weight) in enumerate(parts):
+        local = distributed and not (sync and i == len(parts) - 1)
+        with local_gradients(wrapped) if local else contextlib.nullcontext():
+            with autocast(loop.precision, device):
+                out = wrapped(**part)
+                loss = getattr(out, "loss", out) * weight / loop.grad_accum
+            loss.backward()
+        total += loss.item()
+    return total
 
 
 def _optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, after_step) -> None:

@@ -74,7 +74,9 @@ class VlmDataConfig:
     (null: the tokenizer's chat template, else llava_v1, which is what inference uses); stage 1
     always uses "plain". ``max_length``: tokens per sample (null: the LM's context); longer samples
     are cut where no image or answer token is lost, else skipped. ``bucket_window``: micro-batches
-    per length-sorting window (0: random batches)."""
+    per length-sorting window (0: random batches). ``length_groups``: each micro-batch runs as this
+    many parts of its samples sorted by length, each padded to its own longest, with the whole
+    micro-batch's gradient (:class:`~vlkit.data.conversations.ConversationCollate`)."""
 
     source: str = ""
     image_folder: str | None = None
@@ -82,6 +84,7 @@ class VlmDataConfig:
     template: str | None = None
     max_length: PositiveInt | None = None
     bucket_window: NonNegativeInt = 16
+    length_groups: PositiveInt = 1
     on_bad_sample: Annotated[str, OneOf(ON_BAD_SAMPLE)] = "error"
     allow_outside_paths: bool = False
 
@@ -345,7 +348,7 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         if dataset.left_out and world.is_main:
             print(f"left out {dataset.left_out} records without images: {why}")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        summary = fit(model, dataset, ConversationCollate(processor, recipe.train.loss), loop, recipe.optim, out, "llava", world=world,
+        summary = fit(model, dataset, ConversationCollate(processor, recipe.train.loss, recipe.data.length_groups), loop, recipe.optim, out, "llava", world=world,
                       resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs, read_skips=skips.items)  # fmt: skip
         summary.update(trainable=trained, parameters=counts["total"], skipped_records=skips.total)
         if summary["steps"] == recipe.loop.steps and world.is_main:
