@@ -94,3 +94,19 @@ def test_fsdp_leaves_text_only_records_out(stage1, tmp_path, capfd):
         tmp_path / "fsdp")
     assert "left out 5 records without images: under FSDP every rank runs the sharded tower" in capfd.readouterr().out
     assert (tmp_path / "fsdp" / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_length_groups_under_ddp_take_the_whole_batchs_steps(stage1, tmp_path):
+    """Each rank runs its micro-batch as length-sorted parts and syncs on the last: the steps are those
+    of whole micro-batches."""
+    root, lm, _ = stage1
+    images = llava_folder(tmp_path / "data", [r for r in RECORDS if "image" in r], repeat=2)
+    r = recipe(lm, images, stage=2, steps=2, init_from=str(root / "s1"), loop={"batch_size": 8}, data={"bucket_window": 0},
+               train={"loss": "answer"})  # fmt: skip
+    run(r, tmp_path / "whole")
+    r["data"]["length_groups"] = 2
+    run(r, tmp_path / "parts")
+    a, b = latest(tmp_path / "whole"), latest(tmp_path / "parts")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert any(not torch.equal(a[k], v) for k, v in latest(root / "s1").items() if k.startswith("lm."))
