@@ -79,12 +79,13 @@ def _estimate_step_seconds(recipe) -> float:
     processor = build_processor(model, recipe)
     n = recipe.loop.batch_size
     data = ConversationDataset(build_source(recipe.data, Skips()), processor, model.lm.max_length, n, bucket_window=0)
-    collate, draw = ConversationCollate(processor), random.Random(0)
+    collate, draw = ConversationCollate(processor, recipe.train.loss, recipe.data.length_groups), random.Random(0)
 
     def loss():
         batch = collate([data[draw.randrange(len(data))] for _ in range(n)])
         batch.pop("skipped")
-        return model(**batch).loss
+        parts = batch.pop("parts", None) or [(batch, 1.0)]  # a batch as the recipe's length-sorted parts
+        return sum(model(**part).loss * weight for part, weight in parts)
 
     return step_seconds(loss, recipe.loop.precision)
 
