@@ -123,6 +123,8 @@ def test_stage2_starts_from_stage1_and_refuses_a_different_model(parts, stage1):
 def test_recipes_that_cannot_train_are_refused_by_key(parts, tmp_path):
     with pytest.raises(ConfigError, match="stage 1 trains only the connector; got train.lm='full'"):
         load_recipe(recipe(parts["lm"], parts["data"], stage=1, train={"lm": "full"}))
+    with pytest.raises(ConfigError, match="data.length_groups 2 under loop.parallel fsdp"):
+        load_recipe(recipe(parts["lm"], parts["data"], data={"length_groups": 2}, loop={"parallel": "fsdp"}))
     with pytest.raises(ConfigError, match="exactly one of model.vision .* and model.vision_config"):
         load_recipe(recipe(parts["lm"], parts["data"], model={"vision": "somewhere"}))
     not_a_tower = recipe(parts["lm"], parts["data"], model={"vision": str(parts["lm"])})

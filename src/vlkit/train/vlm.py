@@ -140,6 +140,10 @@ class VlmRecipe:
         if self.loop.unfreeze_at is not None:
             raise ConfigError("loop.unfreeze_at: VLM training sets what trains by train.lm and train.vision_lr",
                               ("loop.unfreeze_at",))  # fmt: skip
+        if self.loop.parallel == "fsdp" and self.data.length_groups > 1:
+            raise ConfigError(f"data.length_groups {self.data.length_groups} under loop.parallel fsdp: every forward "
+                              "gathers the sharded weights on all ranks together, and a rank's parts depend on its own "
+                              "samples (skips, short batches); expected 1", ("data.length_groups", "loop.parallel"))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the model
