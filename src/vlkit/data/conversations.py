@@ -256,12 +256,13 @@ class ConversationCollate:
         batch: dict = {"skipped": skipped}
         if not samples:
             return batch
-        parts = [self._collate(group) for group in self._groups(samples)]
+        groups = self._groups(samples)
+        parts = [self._collate(group) for group in groups] if len(groups) > 1 else []
         units = [loss_units(part["labels"], self.loss_reduction) for part in parts]
-        if len(parts) == 1 or not sum(units):  # nothing supervised: one batch, whose loss says so
-            batch.update(self._collate(samples))
-        else:
+        if sum(units):
             batch["parts"] = [(part, n / sum(units)) for part, n in zip(parts, units) if n]
+        else:  # one group, or nothing supervised: one batch (whose loss says so)
+            batch.update(self._collate(samples))
         return batch
 
     def _collate(self, samples: list[ProcessedSample]) -> dict:

@@ -1,9 +1,10 @@
 """Which CPUs each chat model's engine process is bound to. An engine that runs fewer torch threads
 than this process may use gets CPUs of its own, the last ones, and the HTTP handling (parsing, image
 decoding, templating) is bound to the others while the app runs (``vlkit.serve.app``): the operating
-system then never runs the two on one core by turns, and the engine never moves between cores. On two vCPUs with one engine thread, 8 concurrent
-clients of the demo VLM got a few percent more requests a second than unbound, about as much as the
-VM's run-to-run spread (``benchmarks/RESULTS.md``, session 23)."""
+system then never runs the two on one core by turns, and the engine never moves between cores. On
+two vCPUs with one engine thread, 8 concurrent clients of the demo VLM got a few percent more
+requests a second than unbound, about as much as the VM's run-to-run spread (``benchmarks/RESULTS.md``,
+sessions 23 and 31)."""
 
 from __future__ import annotations
 
