@@ -259,8 +259,8 @@ class ConversationCollate:
         groups = self._groups(samples)
         parts = [self._collate(group) for group in groups] if len(groups) > 1 else []
         units = [loss_units(part["labels"], self.loss_reduction) for part in parts]
-        if sum(units):
-            batch["parts"] = [(part, n / sum(units)) for part, n in zip(parts, units) if n]
+        if total := sum(units):
+            batch["parts"] = [(part, n / total) for part, n in zip(parts, units) if n]
         else:  # one group, or nothing supervised: one batch (whose loss says so)
             batch.update(self._collate(samples))
         return batch

@@ -69,7 +69,7 @@ def _estimate_step_seconds(recipe) -> float:
     random samples, as training draws them (the first samples may be shorter), built inside the timing."""
     from vlkit.data.conversations import ConversationCollate, ConversationDataset
     from vlkit.data.formats.common import Skips
-    from vlkit.train.loop import freeze
+    from vlkit.train.loop import batch_parts, freeze
     from vlkit.train.vlm import build_model, build_processor, build_source, plan_training
 
     model = build_model(recipe)
@@ -84,8 +84,7 @@ def _estimate_step_seconds(recipe) -> float:
     def loss():
         batch = collate([data[draw.randrange(len(data))] for _ in range(n)])
         batch.pop("skipped")
-        parts = batch.pop("parts", None) or [(batch, 1.0)]  # a batch as the recipe's length-sorted parts
-        return sum(model(**part).loss * weight for part, weight in parts)
+        return sum(model(**part).loss * weight for part, weight in batch_parts(batch))  # the parts training runs
 
     return step_seconds(loss, recipe.loop.precision)
 

@@ -483,7 +483,7 @@ def fit(
             skips = batch.pop("skipped", [])
             progress.skipped += len(skips)
             log.skipped(progress.step + 1, skips)
-            parts = batch.pop("parts", None) or ([(batch, 1.0)] if batch else [])
+            parts = batch_parts(batch)
             if parts:
                 sync = micro == loop.grad_accum - 1  # the step's last micro-batch
                 parts = [({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in part.items()}, weight)
@@ -511,6 +511,13 @@ def fit(
     final = save()
     return {"steps": progress.step, "samples": seen, "train_seconds": progress.elapsed, "skipped": progress.skipped,
             "checkpoint": str(final) if final else None}  # fmt: skip
+
+
+def batch_parts(batch: dict) -> list[tuple[dict, float]]:
+    """A collated batch as ``(part, weight)`` pairs: the parts a collate split it into (``batch["parts"]``,
+    popped), else the batch whole; none for an empty one."""
+    parts = batch.pop("parts", None)
+    return parts if parts is not None else [(batch, 1.0)] if batch else []
 
 
 def _backward(wrapped: torch.nn.Module, parts: list[tuple[dict, float]], loop: LoopConfig, device: torch.device,
