@@ -119,8 +119,14 @@ def test_engine_cpus_leave_the_http_handling_at_least_one():
 
 
 def _affinities(pid: int) -> set[frozenset[int]]:
-    """The CPU sets of every thread of process ``pid``."""
-    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+    """The CPU sets of every thread of process ``pid`` (a thread that ends meanwhile is left out)."""
+    sets = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            sets.add(frozenset(os.sched_getaffinity(int(tid))))
+        except ProcessLookupError:
+            pass
+    return sets
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
