@@ -4,6 +4,7 @@ spawned DataLoader workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from multiprocessing.reduction import ForkingPickler
@@ -26,11 +27,13 @@ from vlkit.data.formats.common import BadRecord, FormatError, Skips
 from vlkit.data.formats.llava import Conversation, index_llava, llava_record, read_llava
 from vlkit.data.images import BadSample
 from vlkit.data.pairs import Skipped
+from vlkit.errors import VlkitError
 from vlkit.lm.llama import LlamaConfig
 from vlkit.losses import IGNORE_INDEX, causal_lm_loss
 from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.text.lm_tokenizer import LMTokenizer
+from vlkit.train.loop import LoopConfig, OptimConfig, fit
 from vlkit.vision.vit import ViTConfig
 from vlkit.vision.preprocess import ImageProcessor
 
@@ -293,7 +296,7 @@ def test_length_groups_give_the_whole_batchs_gradient_from_less_padding(tmp_path
     assert len(samples) == 4 and lengths[1] < lengths[3]
     whole = ConversationCollate(processor, reduction)(samples)
     split = ConversationCollate(processor, reduction, length_groups=2)(samples)
-    assert whole.pop("skipped") == split.pop("skipped") == [] and list(split) == ["parts"]
+    assert whole.pop("skipped") == split.pop("skipped") == [] and list(split) == ["parts", "rows"] and split["rows"] == 4
     parts = split["parts"]
     assert [tuple(p["input_ids"].shape) for p, _ in parts] == [(2, lengths[1]), (2, lengths[3])]
     assert sum(w for _, w in parts) == pytest.approx(1.0)
@@ -311,3 +314,34 @@ def test_length_groups_give_the_whole_batchs_gradient_from_less_padding(tmp_path
     assert parted == pytest.approx(loss, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads, parted_grads))
     assert ConversationCollate(processor, reduction, length_groups=9)([samples[0]]).keys() == whole.keys() | {"skipped"}
+
+
+def test_a_part_with_nothing_supervised_is_left_out_and_its_samples_still_counted(tmp_path, processor):
+    data = dataset(LlavaSource(llava_folder(tmp_path)), processor)
+    samples = sorted((data.encode(k) for k in range(len(data))), key=len)
+    quiet = [dataclasses.replace(s, labels=[-100] * len(s.labels)) for s in samples[:2]]  # the short part
+    batch = ConversationCollate(processor, "answer", length_groups=2)(quiet + samples[2:])
+    assert batch["rows"] == 4 and [w for _, w in batch["parts"]] == [1.0]
+    assert batch["parts"][0][0]["input_ids"].shape[0] == 2
+    class Quiet(torch.utils.data.Dataset):  # the same four samples every epoch
+        shuffle = False
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, k):
+            return (quiet + samples[2:])[k % 4]
+
+    lm = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    seen = []
+    for groups in (1, 2):
+        torch.manual_seed(0)
+        model = Llava(LlavaConfig(vision=ViTConfig(**VISION), lm=lm, image_token_id=processor.image_token_id))
+        loop = LoopConfig(steps=2, batch_size=4, log_every=1, precision="fp32")
+        summary = fit(model, Quiet(), ConversationCollate(processor, "answer", groups), loop, OptimConfig(lr=1e-2),
+                      tmp_path / f"run{groups}", "llava")  # fmt: skip
+        seen.append(summary["samples"])
+    assert seen == [8, 8]  # the loop counts the samples a left-out part held
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(VlkitError, match=f"length_groups must be a positive integer, got {bad!r}"):
+            ConversationCollate(processor, length_groups=bad)

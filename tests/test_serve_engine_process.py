@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from vlkit.chat import ChatSession  # noqa: E402
 from vlkit.errors import VlkitError  # noqa: E402
-from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
+from vlkit.serve import ServeSettings, cpus, create_app, load_models  # noqa: E402
 from vlkit.serve.app import start_engine  # noqa: E402
 from vlkit.serve.engine_process import EngineProcess  # noqa: E402
 from vlkit.serve.server import serving  # noqa: E402
@@ -110,12 +110,61 @@ def test_the_model_generates_in_another_process_and_its_weights_stay_out_of_this
 def test_engine_cpus_leave_the_http_handling_at_least_one():
     from vlkit.serve.cpus import engine_cpus
 
-    usable = [0, 2, 5, 7]
-    assert engine_cpus(1, 0, usable) == [7]
-    assert engine_cpus(2, 1, usable) == [2, 5]  # a second engine: the last CPUs the first left free
-    assert engine_cpus(3, 0, usable) == [2, 5, 7]
-    assert engine_cpus(2, 2, usable) is None  # it would leave the HTTP handling no CPU: unbound
-    assert engine_cpus(4, 0, usable) is None and engine_cpus(1, 0, [3]) is None
+    free = [0, 2, 5, 7]
+    assert engine_cpus(1, free) == [7]
+    assert engine_cpus(2, free[:3]) == [2, 5]  # a second engine: the last CPUs the first left free
+    assert engine_cpus(3, free) == [2, 5, 7]
+    assert engine_cpus(2, free[:2]) is None  # it would leave the HTTP handling no CPU: unbound
+    assert engine_cpus(4, free) is None and engine_cpus(1, [3]) is None
+
+
+def _fake_affinity(monkeypatch, usable: list[int]) -> list[list[int]]:
+    """This process's CPU binding, faked: every ``cpus.bind`` is recorded (the last is in force)."""
+    from vlkit.serve import cpus
+
+    bound = [usable]
+    monkeypatch.setattr(cpus, "usable_cpus", lambda: list(bound[-1]))
+    monkeypatch.setattr(cpus, "bind", lambda c: bound.append(list(c)))
+    return bound
+
+
+def test_apps_that_overlap_keep_off_each_others_engines_and_give_every_cpu_back(monkeypatch):
+    from vlkit.serve import cpus
+
+    bound = _fake_affinity(monkeypatch, [0, 1, 2, 3])
+    a, b = object(), object()
+    cpus.hold(a, cpus.engine_cpus(1, cpus.free_cpus()))
+    assert bound[-1] == [0, 1, 2]
+    cpus.hold(b, cpus.engine_cpus(1, cpus.free_cpus()))
+    assert bound[-1] == [0, 1]
+    cpus.release(a)  # b still serves: its HTTP handling keeps off its engine's CPU, and gets a's back
+    assert bound[-1] == [0, 1, 3]
+    cpus.release(b)
+    assert bound[-1] == [0, 1, 2, 3] and cpus.free_cpus() == [0, 1, 2, 3]
+
+
+def test_the_cpus_come_back_when_closing_an_engine_fails(folders, monkeypatch):
+    import asyncio
+
+    from vlkit.serve import app as app_module
+
+    class Stuck:
+        cpus = [1]
+
+        def close(self):
+            raise RuntimeError("close failed")
+
+    bound = _fake_affinity(monkeypatch, [0, 1])
+    monkeypatch.setattr(app_module, "start_engine", lambda served, settings: Stuck())
+    app = create_app(load_models([f"vlm={folders['vlm']}"], chat_weights=False), ServeSettings(engine="process"))
+
+    async def serve():
+        async with app.router.lifespan_context(app):
+            assert bound[-1] == [0]
+
+    with pytest.raises(RuntimeError, match="close failed"):
+        asyncio.run(serve())
+    assert bound[-1] == [0, 1]
 
 
 def _affinities(pid: int) -> set[frozenset[int]]:
@@ -144,11 +193,14 @@ def test_an_engine_process_with_a_spare_cpu_is_bound_to_its_own(folders, local, 
         assert ask(client, [{"role": "user", "content": message}]).choices[0].message.content == reference(local, message)
     assert _affinities(os.getpid()) == {frozenset(usable)}  # given back when the server stops
     loaded = load_models([f"vlm={folders['vlm']}"])["vlm"]
-    second = start_engine(loaded, ServeSettings(engine="process", pin_engines=True), taken=len(usable) - 1)
-    try:  # binding it would leave the HTTP handling no CPU: it stays unbound
-        assert second.health()["cpus"] is None and _affinities(second.process.pid) == {frozenset(usable)}
-    finally:
+    cpus.hold("another app", usable[1:])  # its engines leave this process one CPU
+    try:  # binding a second engine would leave the HTTP handling no CPU: it stays unbound
+        second = start_engine(loaded, ServeSettings(engine="process", pin_engines=True))
+        assert second.health()["cpus"] is None and _affinities(second.process.pid) == {frozenset(usable[:1])}
         second.close()
+    finally:
+        cpus.release("another app")
+    assert _affinities(os.getpid()) == {frozenset(usable)}
 
 
 def test_answers_equal_the_in_process_engine(client, local):

@@ -243,9 +243,12 @@ class ConversationCollate:
     padded to its own longest, in ``batch["parts"]`` as ``(part, weight)``: the loop runs each part's
     forward and backward with its loss times its weight (its share of the batch's answers or tokens),
     which gives the whole batch's gradient while the model reads far less padding, whose cost in
-    attention grows with the square of the longest sample."""
+    attention grows with the square of the longest sample. A part with nothing supervised is left out
+    (its loss would be 0 / 0); ``batch["rows"]`` then counts every sample the parts came from."""
 
     def __init__(self, processor: LlavaProcessor, loss_reduction: str = "token", length_groups: int = 1):
+        if isinstance(length_groups, bool) or not isinstance(length_groups, int) or length_groups < 1:
+            raise VlkitError(f"ConversationCollate: length_groups must be a positive integer, got {length_groups!r}")
         self.processor = processor
         self.loss_reduction = loss_reduction
         self.length_groups = length_groups
@@ -261,6 +264,7 @@ class ConversationCollate:
         units = [loss_units(part["labels"], self.loss_reduction) for part in parts]
         if total := sum(units):
             batch["parts"] = [(part, n / total) for part, n in zip(parts, units) if n]
+            batch["rows"] = len(samples)
         else:  # one group, or nothing supervised: one batch (whose loss says so)
             batch.update(self._collate(samples))
         return batch

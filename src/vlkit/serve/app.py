@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vlkit.errors import VlkitError
 from vlkit.lm.generate import resolve_config
 from vlkit.serve import errors, schemas
-from vlkit.serve.cpus import bind, engine_cpus, usable_cpus
+from vlkit.serve import cpus
 from vlkit.serve.engine import Engine, Job
 from vlkit.serve.engine_process import EngineProcess
 from vlkit.serve.errors import ApiError
@@ -51,21 +51,20 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
 
     @asynccontextmanager
     async def lifespan(app):
-        usable, taken = usable_cpus(), 0  # taken: CPUs bound to the engines started so far
+        held = []  # the CPUs this app's engines are bound to: the HTTP handling keeps off them
         try:
             for name, m in models.items():
                 if isinstance(m, ChatModel):
-                    routes.engines[name] = start_engine(m, settings, taken)
-                    taken += len(routes.engines[name].cpus or ())
-        except BaseException:  # one engine could not start: the others stop with the server
-            await close_engines()
-            raise
-        bind(usable[: len(usable) - taken] if taken else None)  # the HTTP handling keeps off the engines' CPUs
-        try:
+                    routes.engines[name] = start_engine(m, settings)
+                    held += routes.engines[name].cpus or []
+                    if held:
+                        cpus.hold(routes, held)
             yield
-        finally:
-            await close_engines()
-            bind(usable if taken else None)
+        finally:  # also when an engine could not start: the others stop with the server
+            try:
+                await close_engines()
+            finally:
+                cpus.release(routes)
 
     app = FastAPI(title="vlkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
@@ -88,11 +87,11 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     return app
 
 
-def start_engine(served: ChatModel, settings: ServeSettings, taken: int = 0):
+def start_engine(served: ChatModel, settings: ServeSettings):
     """The model's engine: a thread of this process, or (``settings.engine == "process"``) a
     process of its own, after which this process keeps the model's config and processor only. A
     process on the CPU is bound to CPUs of its own where ``settings.pin_engines`` and enough are
-    free after the ``taken`` ones (:func:`vlkit.serve.cpus.engine_cpus`)."""
+    free (:func:`vlkit.serve.cpus.engine_cpus`)."""
     if settings.engine == "thread":
         if not served.has_weights:
             raise VlkitError(f"{served.path}: the chat model {served.name!r} was loaded without its weights "
@@ -100,8 +99,8 @@ def start_engine(served: ChatModel, settings: ServeSettings, taken: int = 0):
         return Engine(served, settings.max_batch)
     threads = torch.get_num_threads()
     on_cpu = torch.device(served.device).type == "cpu"
-    cpus = engine_cpus(threads, taken) if settings.pin_engines and on_cpu else None
-    engine = EngineProcess(served, settings.max_batch, served.device, threads, cpus=cpus)
+    bound = cpus.engine_cpus(threads, cpus.free_cpus()) if settings.pin_engines and on_cpu else None
+    engine = EngineProcess(served, settings.max_batch, served.device, threads, cpus=bound)
     served.drop_weights()
     return engine
 

@@ -18,15 +18,43 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def engine_cpus(threads: int, taken: int, usable: list[int] | None = None) -> list[int] | None:
-    """The CPUs of an engine with ``threads`` threads when ``taken`` CPUs went to engines started
-    before it: the last free ones of ``usable`` (this process's by default); None, left unbound,
-    when they would not leave the HTTP handling at least one CPU."""
-    usable = usable_cpus() if usable is None else usable
-    free = len(usable) - taken
-    if threads < 1 or threads >= free:
+_base: list[int] | None = None  # the process's CPUs before running apps' engines took some
+_held: dict[object, list[int]] = {}  # each running app's engines' CPUs
+
+
+def free_cpus() -> list[int]:
+    """This process's CPUs that no running app's engine holds."""
+    held = {c for cpus in _held.values() for c in cpus}
+    return [c for c in (_base if _base is not None else usable_cpus()) if c not in held]
+
+
+def engine_cpus(threads: int, free: list[int]) -> list[int] | None:
+    """The CPUs of an engine with ``threads`` threads: the last ones of ``free``
+    (:func:`free_cpus`); None, left unbound, when they would not leave the HTTP handling at least one."""
+    if threads < 1 or threads >= len(free):
         return None
-    return usable[free - threads : free]
+    return free[len(free) - threads :]
+
+
+def hold(owner: object, cpus: list[int]) -> None:
+    """``owner``'s (an app's) engines hold ``cpus``: every thread of this process keeps off them, and
+    off every other running app's engines' CPUs, until :func:`release`."""
+    global _base
+    if _base is None:
+        _base = usable_cpus()
+    _held[owner] = list(cpus)
+    bind(free_cpus())
+
+
+def release(owner: object) -> None:
+    """``owner``'s engines have stopped: this process's threads may use their CPUs again (all it had
+    before the first :func:`hold` once no app holds any)."""
+    global _base
+    if _held.pop(owner, None) is None:
+        return
+    bind(free_cpus())
+    if not _held:
+        _base = None
 
 
 def bind(cpus: list[int] | None) -> None:

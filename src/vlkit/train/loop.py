@@ -483,13 +483,14 @@ def fit(
             skips = batch.pop("skipped", [])
             progress.skipped += len(skips)
             log.skipped(progress.step + 1, skips)
+            rows = batch.pop("rows", None)  # the samples a split batch's parts came from
             parts = batch_parts(batch)
             if parts:
                 sync = micro == loop.grad_accum - 1  # the step's last micro-batch
                 parts = [({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in part.items()}, weight)
                          for part, weight in parts]  # fmt: skip
                 loss_sum += _backward(wrapped, parts, loop, device, sync, world.distributed)
-                n = sum(part["input_ids" if "input_ids" in part else "pixel_values"].shape[0] for part, _ in parts)
+                n = rows or sum(part["input_ids" if "input_ids" in part else "pixel_values"].shape[0] for part, _ in parts)
                 seen += n * world.world_size
                 log.samples(n * world.world_size)
             micro += 1
