@@ -56,12 +56,14 @@ def test_index_and_search_match_brute_force(tmp_path, clip_dir):
     (tmp_path / "photos" / "broken.png").write_bytes(b"not a png")
     (tmp_path / "photos" / ".hidden.png").write_bytes(b"skipped silently")
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    (tmp_path / "photos" / "dangling.png").symlink_to(tmp_path / "nowhere.png")  # a link to nothing: unreadable too
     model = vlkit.load(clip_dir)
     summary = build_index(model, clip_dir, tmp_path / "photos", tmp_path / "idx", precision="fp32", progress=False)
-    assert (summary["images"], summary["new"], summary["unreadable"]) == (12, 12, 1)
+    assert (summary["images"], summary["new"], summary["unreadable"]) == (12, 12, 2)
     assert summary["kind"] == "exact" and "exact" in summary["kind_reason"]
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert [b["path"] for b in meta["unreadable"]] == ["broken.png"] and "corrupt" in meta["unreadable"][0]["problem"]
+    assert [b["path"] for b in meta["unreadable"]] == ["broken.png", "dangling.png"]
+    assert "corrupt" in meta["unreadable"][0]["problem"]
 
     idx = PhotoIndex.load(tmp_path / "idx")
     rel = [p.relative_to(tmp_path / "photos").as_posix() for p in paths]

@@ -89,3 +89,26 @@ def test_bad_model_folders_are_refused(tmp_path, capsys):
     assert "name it" in capsys.readouterr().err
     assert main(["serve", "--model", str(clip), "--image-root", str(tmp_path / "nowhere")]) == 2
     assert "--image-root" in capsys.readouterr().err
+
+
+def test_an_empty_or_padded_api_key_is_refused(tmp_path, capsys, monkeypatch):
+    """A key no client can send (empty, as an unset shell variable gives, or padded) would leave /v1
+    open or closed to all: refused before the models load."""
+    clip = tmp_path / "no-model-needed"
+    for key, said in (("", "--api-key is empty"), ("  ", "--api-key is empty"), (" k ", "padded with whitespace")):
+        assert main(["serve", "--model", str(clip), "--api-key", key]) == 2
+        assert said in capsys.readouterr().err
+    monkeypatch.setenv("VLKIT_API_KEY", "")
+    assert main(["serve", "--model", str(clip)]) == 2
+    assert "$VLKIT_API_KEY is empty" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_a_command_with_one_line(monkeypatch, capsys):
+    import vlkit.serve.cli
+
+    def interrupted(args, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlkit.serve.cli, "cmd_serve", interrupted)  # what Ctrl+C in any command raises
+    assert main(["serve", "--model", "x"]) == 130
+    assert capsys.readouterr().err == "vlkit: interrupted\n"

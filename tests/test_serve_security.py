@@ -204,3 +204,6 @@ def test_no_cors_unless_an_origin_is_named(models):
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
         other = httpx.get(f"{url}/v1/models", headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+    with serving(create_app(models, ServeSettings(cors_origins=(origin,), max_body_bytes=1000))) as url:
+        big = httpx.post(f"{url}/v1/embeddings", json={"model": "clip", "input": "a" * 2000}, headers={"Origin": origin})
+        assert big.status_code == 413 and big.headers["access-control-allow-origin"] == origin  # a page can read it

@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as err:  # VlkitError is a ValueError
         print(f"vlkit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was written stays (a run's checkpoints, an evaluation's cache of answers)
+        print("vlkit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -61,8 +61,11 @@ def scan(images: Path) -> list[FileStamp]:
     for full in image_files(images):
         try:
             st = full.stat()
-        except OSError:  # removed while scanning
-            continue
+        except OSError:
+            try:  # a link to nothing: kept, so that embedding it counts it unreadable
+                st = full.lstat()
+            except OSError:  # removed while scanning
+                continue
         found.append(FileStamp(full.relative_to(images).as_posix(), st.st_size, st.st_mtime_ns))
     return sorted(found, key=lambda f: f.path)
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 
 from vlkit.errors import VlkitError
 from vlkit.lm.generate import resolve_config
@@ -77,6 +79,7 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
     v1.add_api_route("/search", routes.search, methods=["POST"])
     v1.add_api_route("/search/image", routes.search_image, methods=["GET"])
     app.include_router(v1)
+    app.add_api_route("/v1/{rest:path}", _unrouted(v1), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     app.add_api_route("/health", routes.health, methods=["GET"])
     if (STATIC / "index.html").is_file():  # the web page: / is index.html, its files beside it (or under /static)
         from fastapi.staticfiles import StaticFiles
@@ -85,6 +88,21 @@ def create_app(models: dict, settings: ServeSettings | None = None, searcher=Non
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     app.state.models, app.state.settings, app.state.engines = models, settings, routes.engines
     return app
+
+
+def _unrouted(v1: APIRouter):
+    """The handler of a /v1 request no route of ``v1`` takes (else the page's files would answer it):
+    405 where one has the path under other methods, else 404."""
+
+    async def unrouted(request: Request):
+        path = request.url.path
+        allowed = sorted({m for r in v1.routes if isinstance(r, APIRoute) and r.path_regex.match(path)
+                          for m in r.methods} - {"HEAD"})  # fmt: skip
+        if allowed:
+            raise HTTPException(405, f"{request.method} is not allowed on {path}; expected {' or '.join(allowed)}")
+        raise HTTPException(404, f"no route {path}")
+
+    return unrouted
 
 
 def start_engine(served: ChatModel, settings: ServeSettings):
@@ -212,15 +230,16 @@ class Routes:
 
     async def _stream(self, engine, job: Job, inbox: asyncio.Queue, cid, name, created, prompt_tokens, include_usage):
         open_choices, tokens = job.n, 0
+        piece = functools.partial(schemas.chunk, cid, name, created, include_usage=include_usage)
         try:
             for i in range(job.n):
-                yield _sse(schemas.chunk(cid, name, created, i, {"role": "assistant", "content": ""}))
+                yield _sse(piece(i, {"role": "assistant", "content": ""}))
             while open_choices:
                 event = await inbox.get()
                 if event[0] == "delta":
-                    yield _sse(schemas.chunk(cid, name, created, event[1], {"content": event[2]}))
+                    yield _sse(piece(event[1], {"content": event[2]}))
                 elif event[0] == "end":
-                    yield _sse(schemas.chunk(cid, name, created, event[1], {}, event[2]))
+                    yield _sse(piece(event[1], {}, event[2]))
                     open_choices, tokens = open_choices - 1, tokens + event[3]
                 else:
                     yield _sse(errors.body(500, event[1], "generation_failed"))
@@ -257,6 +276,11 @@ class Routes:
         ids = [(i, x) for i, x in enumerate(items) if isinstance(x, list)]
         tokens = 0
         if texts:
+            context = model.tokenizer.context_length
+            for (i, _), n in zip(texts, model.tokenizer.lengths([t for _, t in texts])):  # else cut off without a word
+                if n > context:
+                    raise ApiError(400, f"input[{i}]: {n} tokens; model {served.name!r} reads at most {context}",
+                                   "context_length_exceeded", "input")
             feats = embed_texts(model, [t for _, t in texts])
             tokens += int(model.tokenizer([t for _, t in texts])["attention_mask"].sum())
             for (i, _), f in zip(texts, feats):
@@ -288,13 +312,16 @@ class Routes:
             if not row or len(row) > context or max(row) >= vocab:
                 raise ApiError(400, f"input[{i}]: {len(row)} token ids in [0, {max(row, default=0)}]; expected 1 to {context} "
                                f"ids below {vocab} (the model's context and vocabulary)", "invalid_value", "input")
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
         device = next(model.parameters()).device
-        return F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1).cpu()
+        out = []
+        for start in range(0, len(rows), 256):  # as embed_texts batches texts: memory bounded by the batch
+            batch = rows[start : start + 256]
+            ids = torch.zeros(len(batch), max(len(r) for r in batch), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(batch):
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+            out.append(F.normalize(model.encode_text(ids.to(device), mask.to(device)).float(), dim=-1).cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------ models, health
     def _card(self, m) -> dict:
@@ -348,6 +375,10 @@ class Routes:
         return Response(data, media_type=media)
 
 
+MAX_EMBEDDING_INPUTS = 2048
+"""The most texts, images or token-id lists one embeddings request may hold (OpenAI's limit)."""
+
+
 def _is_image(text: str) -> bool:
     return text[:11].lower() == "data:image/"
 
@@ -362,4 +393,7 @@ def _embedding_items(value) -> list:
         items = list(value)
     if not items or any(isinstance(v, str) and not v for v in items):
         raise ApiError(400, "input is empty; expected a non-empty text, list of texts or token ids", "invalid_value", "input")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"input holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS} a request (as OpenAI's API)",
+                       "invalid_value", "input")
     return items

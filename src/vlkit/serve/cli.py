@@ -21,8 +21,13 @@ def cmd_serve(args, overrides: list[str]) -> int:
     from vlkit.serve.server import serve
     from vlkit.serve.settings import ServeSettings
 
+    key = args.api_key if args.api_key is not None else os.environ.get("VLKIT_API_KEY")
+    if key is not None and (not key.strip() or key != key.strip()):
+        source = "--api-key" if args.api_key is not None else "$VLKIT_API_KEY"
+        raise VlkitError(f"{source} is {'empty' if not key.strip() else 'padded with whitespace'}: no client could send "
+                         "it; give a key, or none to serve without one")  # fmt: skip
     settings = ServeSettings(
-        api_key=args.api_key or os.environ.get("VLKIT_API_KEY") or None, image_root=args.image_root,
+        api_key=key, image_root=args.image_root,
         allow_remote_images=args.allow_remote_images, allow_private_image_hosts=args.allow_private_image_hosts,
         cors_origins=tuple(args.cors_origin or ()),
         max_tokens_cap=args.max_tokens_cap, max_body_bytes=int(args.max_body_mb * 2**20),

@@ -35,18 +35,19 @@ def response(status: int, message: str, code: str | None = None, param: str | No
     return JSONResponse(body(status, message, code, param), status_code=status)
 
 
-def _validation_message(err: RequestValidationError) -> tuple[int, str, str | None]:
-    """400 for a body that is not JSON, else 422 naming each field and what was expected."""
+def _validation_message(err: RequestValidationError) -> tuple[str, str, str | None]:
+    """The error code and message of a bad body (a 400, OpenAI's status for a bad parameter): each bad field
+    named with what was expected, or that the body is not JSON."""
     errors = err.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-        return 400, f"the request body is not valid JSON ({detail})", None
+        return "invalid_json", f"the request body is not valid JSON ({detail})", None
     parts, param = [], None
     for e in errors:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         param = param or (".".join(loc) or None)
         parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
-    return 422, "invalid request: " + "; ".join(parts), param
+    return "invalid_value", "invalid request: " + "; ".join(parts), param
 
 
 def install(app: FastAPI) -> None:
@@ -58,8 +59,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        status, message, param = _validation_message(err)
-        return response(status, message, "invalid_json" if status == 400 else "invalid_value", param)
+        code, message, param = _validation_message(err)
+        return response(400, message, code, param)
 
     @app.exception_handler(VlkitError)
     async def vlkit_error(request: Request, err: VlkitError):

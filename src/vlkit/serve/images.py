@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import re
 import socket
 import time
 import warnings
@@ -43,7 +44,7 @@ class ImageFetcher:
             data = self._local(unquote(urlparse(url).path) if scheme == "file" else url, where)
         else:
             raise ApiError(400, f"{where}: unsupported image URL scheme {scheme!r}; expected data:, a path under "
-                           "--image-root, or http(s) (with --allow-remote-images)", "invalid_image_url", "messages")
+                           "--image-root, or http(s) (with --allow-remote-images)", "invalid_image_url", _field(where))
         return self.decode(data, where)
 
     def decode(self, data: bytes, where: str) -> Image.Image:
@@ -57,40 +58,40 @@ class ImageFetcher:
         except Image.DecompressionBombError:
             w = h = None
         except Exception as err:  # noqa: BLE001 - untrusted bytes: any failure means "not an image"
-            raise ApiError(400, f"{where}: not an image ({type(err).__name__}: {err})", "invalid_image", "messages") from None
+            raise ApiError(400, f"{where}: not an image ({type(err).__name__}: {err})", "invalid_image", _field(where)) from None
         if w is None or w * h > limit:
             size = "too many pixels" if w is None else f"{w}x{h} = {w * h} pixels"
             raise ApiError(413, f"{where}: {size}; the server takes images of at most {limit} pixels", "image_too_large",
-                           "messages")
+                           _field(where))
         try:
             return decode_image(data, where, max_pixels=limit)
         except BadSample as err:
-            raise ApiError(400, str(err), "invalid_image", "messages") from None
+            raise ApiError(400, str(err), "invalid_image", _field(where)) from None
 
     def _local(self, path: str, where: str) -> bytes:
         root = self.settings.image_root
         if root is None:
             raise ApiError(400, f"{where}: local image paths are not served; start the server with --image-root FOLDER "
-                           "to allow the images under it (or send a data: URL)", "image_path_not_allowed", "messages")
+                           "to allow the images under it (or send a data: URL)", "image_path_not_allowed", _field(where))
         try:
             target = (root / path).resolve()
         except (OSError, RuntimeError, ValueError) as err:  # ValueError: a NUL byte in the path
-            raise ApiError(400, f"{where}: bad path {path!r} ({err})", "image_path_not_allowed", "messages") from None
+            raise ApiError(400, f"{where}: bad path {path!r} ({err})", "image_path_not_allowed", _field(where)) from None
         if not target.is_relative_to(root):
             raise ApiError(400, f"{where}: {path!r} is outside the image root; only images under --image-root are served",
-                           "image_path_not_allowed", "messages")
+                           "image_path_not_allowed", _field(where))
         if not target.is_file():
-            raise ApiError(400, f"{where}: {path!r}: no such image under the image root", "image_not_found", "messages")
+            raise ApiError(400, f"{where}: {path!r}: no such image under the image root", "image_not_found", _field(where))
         size = target.stat().st_size
         if size > self.settings.remote_image_bytes:
             raise ApiError(413, f"{where}: {path!r} is {size} bytes; the server reads images of at most "
-                           f"{self.settings.remote_image_bytes} bytes", "image_too_large", "messages")
+                           f"{self.settings.remote_image_bytes} bytes", "image_too_large", _field(where))
         return Path(target).read_bytes()
 
     def _remote(self, url: str, where: str) -> bytes:
         if not self.settings.allow_remote_images:
             raise ApiError(400, f"{where}: the server fetches no URLs; send the image as a data: URL (or start the "
-                           "server with --allow-remote-images)", "remote_images_disabled", "messages")
+                           "server with --allow-remote-images)", "remote_images_disabled", _field(where))
         import httpx
 
         if not self.settings.allow_private_image_hosts:
@@ -101,26 +102,26 @@ class ImageFetcher:
             with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as r:
                 if r.status_code != 200:
                     raise ApiError(400, f"{where}: fetching {url} answered HTTP {r.status_code}; expected 200",
-                                   "image_fetch_failed", "messages")
+                                   "image_fetch_failed", _field(where))
                 declared = int(r.headers.get("content-length") or 0)
                 if declared > limit:
                     raise ApiError(413, f"{where}: {url} is {declared} bytes; the limit is {limit}", "image_too_large",
-                                   "messages")
+                                   _field(where))
                 data = bytearray()
                 for piece in r.iter_bytes():
                     data += piece
                     if len(data) > limit:
                         raise ApiError(413, f"{where}: {url} is over {limit} bytes, the limit", "image_too_large",
-                                       "messages")
+                                       _field(where))
                     if time.monotonic() > deadline:
                         raise httpx.ReadTimeout("the whole fetch took too long")
                 return bytes(data)
         except httpx.TimeoutException:
             raise ApiError(400, f"{where}: fetching {url} took over {timeout} s, the limit", "image_fetch_timeout",
-                           "messages") from None
+                           _field(where)) from None
         except httpx.HTTPError as err:
             raise ApiError(400, f"{where}: cannot fetch {url} ({type(err).__name__}: {err})", "image_fetch_failed",
-                           "messages") from None
+                           _field(where)) from None
 
 
 def _public_host(url: str, where: str) -> None:
@@ -129,13 +130,18 @@ def _public_host(url: str, where: str) -> None:
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (OSError, UnicodeError) as err:
-        raise ApiError(400, f"{where}: cannot resolve the host of {url} ({err})", "image_fetch_failed", "messages") from None
+        raise ApiError(400, f"{where}: cannot resolve the host of {url} ({err})", "image_fetch_failed", _field(where)) from None
     for address in sorted(addresses):
         ip = ipaddress.ip_address(address.split("%")[0])
         if not ip.is_global:
             raise ApiError(400, f"{where}: {url} is on a private, loopback or reserved address ({ip}); the server fetches "
                            "from public hosts only (--allow-private-image-hosts allows others)", "image_host_not_allowed",
-                           "messages")  # fmt: skip
+                           _field(where))  # fmt: skip
+
+
+def _field(where: str) -> str:
+    """The request field an error names: ``input`` for ``input[2]``, ``messages`` for ``messages[0].content[1]``."""
+    return re.split(r"[\[.]", where, maxsplit=1)[0] or "messages"
 
 
 def data_url_bytes(url: str, where: str) -> bytes:
@@ -143,15 +149,15 @@ def data_url_bytes(url: str, where: str) -> bytes:
     head, sep, payload = url.partition(",")
     if not sep:
         raise ApiError(400, f"{where}: a data: URL without a comma; expected data:image/png;base64,<data>",
-                       "invalid_image_url", "messages")
+                       "invalid_image_url", _field(where))
     media = head[5:].split(";")
     if media[0] and not media[0].lower().startswith("image/"):
         raise ApiError(400, f"{where}: a data: URL of type {media[0]!r}; expected an image type (image/png, ...)",
-                       "invalid_image", "messages")
+                       "invalid_image", _field(where))
     if "base64" not in (m.lower() for m in media[1:]):
         return unquote(payload).encode("latin-1", "replace")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ApiError(400, f"{where}: the data: URL's base64 does not decode ({err})", "invalid_image_url",
-                       "messages") from None
+                       _field(where)) from None

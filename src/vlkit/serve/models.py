@@ -15,7 +15,7 @@ from vlkit.serve.errors import ApiError
 from vlkit.serve.images import ImageFetcher
 from vlkit.serve.schemas import Message
 from vlkit.serve.settings import ServeSettings
-from vlkit.text.conversation import IMAGE_TOKEN, ConversationError
+from vlkit.text.conversation import IMAGE_TOKEN, ConversationError, special_texts
 
 
 @dataclass
@@ -60,6 +60,8 @@ class ChatModel:
             has_eos = resolve_config(model, model.generation_config).eos_ids
             self.options = {} if has_eos or eos is None else {"eos_token_id": eos}  # an answer ends at the EOS
         self.max_positions = self.lm.config.max_position_embeddings
+        # what a request's text may not hold: the template would read it as structure (a turn, an image)
+        self.reserved = sorted({IMAGE_TOKEN, *special_texts(self.tokenizer)} - {""})
 
     @property
     def has_weights(self) -> bool:
@@ -84,7 +86,7 @@ class ChatModel:
                 texts = []
                 for k, part in enumerate(content):
                     if part.type == "text":
-                        texts.append(part.text)
+                        texts.append(self._literal(part.text, f"messages[{i}].content[{k}]"))
                     else:
                         images.append((f"messages[{i}].content[{k}]", part.image_url.url))
                         texts.append(IMAGE_TOKEN)
@@ -92,6 +94,8 @@ class ChatModel:
             elif content is None:
                 raise ApiError(400, f"messages[{i}]: no content; expected a string or a list of parts", "invalid_value",
                                f"messages[{i}].content")
+            else:
+                self._literal(content, f"messages[{i}].content")
             turns.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         if images and not self.vlm:
             raise ApiError(400, f"model {self.name!r} is a language model; it takes no images ({images[0][0]})",
@@ -109,6 +113,17 @@ class ChatModel:
             return Prompt(self.tokenizer.encode_chat(turns))
         except ConversationError as err:
             raise ApiError(400, str(err), "invalid_messages", "messages") from None
+
+    def _literal(self, text: str, where: str) -> str:
+        """``text`` unless it holds a special token of the model (``<image>``, a turn marker): OpenAI's
+        text is literal and images come as image parts, but the template would read those as
+        structure, so a request could open turns of its own."""
+        for token in self.reserved:
+            if token in text:
+                raise ApiError(400, f"{where}: the text holds {token!r}, a special token of model {self.name!r}; text is "
+                               "taken literally and may not hold special tokens (send images as image_url parts)",
+                               "invalid_value", where)  # fmt: skip
+        return text
 
     def max_images(self, settings: ServeSettings) -> int:
         if not self.vlm:

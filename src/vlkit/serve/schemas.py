@@ -1,5 +1,5 @@
 """The request bodies of OpenAI's chat completions and embeddings APIs, checked by pydantic (a
-field of the wrong type or out of range is a 422 naming it), and the response and stream chunk
+field of the wrong type or out of range is a 400 naming it), and the response and stream chunk
 shapes, built as plain dicts in OpenAI's field order."""
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class ChatRequest(_Body):
     stream_options: StreamOptions | None = None
     tools: list | None = None
 
+    @field_validator("n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """OpenAI types ``n`` and ``stream`` as nullable, null meaning the default."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
@@ -120,12 +126,13 @@ def completion(cid: str, model: str, created: int, choices: list[tuple[str, str]
 
 
 def chunk(cid: str, model: str, created: int, index: int | None = None, delta: dict | None = None,
-          finish_reason: str | None = None, usage_counts: dict | None = None) -> dict:  # fmt: skip
+          finish_reason: str | None = None, usage_counts: dict | None = None, include_usage: bool = False) -> dict:  # fmt: skip
     """A ``chat.completion.chunk``: one choice's delta (and its finish reason), or with
-    ``usage_counts`` the closing chunk of ``stream_options.include_usage`` (no choices)."""
+    ``usage_counts`` the closing chunk of ``stream_options.include_usage`` (no choices). Under
+    ``include_usage`` every other chunk has ``"usage": null``, as OpenAI's stream does."""
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": []}
     if index is not None:
         out["choices"] = [{"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
-    if usage_counts is not None:
+    if usage_counts is not None or include_usage:
         out["usage"] = usage_counts
     return out

@@ -74,10 +74,11 @@ class BodyLimit:
 
 
 def add_guards(app: FastAPI, settings: ServeSettings) -> None:
-    """The body limit on every request; CORS headers only for the configured origins."""
+    """The body limit on every request; CORS headers only for the configured origins, outside the limit
+    (the middleware added last runs first), so that a page can read a 413 too."""
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -63,6 +63,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Each text's token count before truncation to the context (its special tokens included):
+        what a caller checks before a long text is cut short without a word."""
+        whole = HFTokenizer.from_str(self.tok.to_str())
+        whole.no_truncation()
+        whole.no_padding()
+        return [len(e.ids) for e in whole.encode_batch(list(texts))]
+
     def token_id(self, token: str) -> int:
         idx = self.tok.token_to_id(token)
         if idx is None:
