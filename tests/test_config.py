@@ -217,3 +217,13 @@ def test_override_values_keep_their_meaning():
     recipe = load_recipe(read(RECIPE), ["--data.source=2024", "--loop={steps: 5}", "--data.source=2024-13-45"])
     assert recipe.data.source == "2024-13-45"  # a string field takes the text as written
     assert recipe.loop.steps == 5 and recipe.loop.batch_size == 128, "a mapping merges into the section"
+
+
+@pytest.mark.parametrize("bad", [5, [1], "abc"])
+def test_a_mapping_field_takes_only_a_mapping(bad):
+    import re
+
+    from vlkit.train.vlm import VlmModelConfig
+
+    with pytest.raises(ConfigError, match=re.escape(f"recipe.model.connector_options: expected dict, got {bad!r}")):
+        from_dict(VlmModelConfig, {"connector_options": bad}, "recipe.model")

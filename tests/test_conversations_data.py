@@ -78,6 +78,7 @@ def test_llava_records_may_hold_several_images_with_placeholders_kept_in_place(t
     ([], [("<image>", "x")], r"record 0 \(id 'r'\): 'image' is an empty list"),
     ("a.png", [("<image>", "x <image>")], r"record 0 \(id 'r'\): turn 1: an '<image>' placeholder in a gpt turn"),
     (["a.png", 4], [("<image><image>", "x")], r"record 0 \(id 'r'\), image 1: image path 4; expected a file path"),
+    ("a.png", [("<image>", "  ")], r"record 0 \(id 'r'\): turn 1: a blank gpt answer"),
 ])
 def test_bad_image_lists_are_named(tmp_path, image, turns, message):
     conv = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
@@ -345,3 +346,14 @@ def test_a_part_with_nothing_supervised_is_left_out_and_its_samples_still_counte
     for bad in (0, -1, 1.5, True):
         with pytest.raises(VlkitError, match=f"length_groups must be a positive integer, got {bad!r}"):
             ConversationCollate(processor, length_groups=bad)
+
+
+def test_an_images_key_is_taken_for_image_but_not_both(tmp_path):
+    conv = [{"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "two"}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": "r", "images": ["a.png", "b.png"], "conversations": conv}]))
+    (record,) = read_llava(path)
+    assert record.images == [tmp_path / "a.png", tmp_path / "b.png"]
+    path.write_text(json.dumps([{"id": "r", "image": "a.png", "images": ["b.png"], "conversations": conv}]))
+    with pytest.raises(BadRecord, match=r"record 0 \(id 'r'\): both 'image' and 'images'"):
+        read_llava(path)

@@ -137,6 +137,23 @@ def test_recipes_that_cannot_train_are_refused_by_key(parts, tmp_path):
         train_vlm(load_recipe(recipe(parts["lm"], tmp_path / "nothing.json")), tmp_path / "run")
     with pytest.raises(ConfigError, match="model.lm .*: a CLIP; LLaVA takes a Llama-family language model"):
         train_vlm(load_recipe(recipe(clip_folder(tmp_path / "clip"), parts["data"])), tmp_path / "run")
+    for frozen in (["connector"], ["connector.proj"]):
+        with pytest.raises(ConfigError, match=r"loop.freeze .*: the connector always trains"):
+            load_recipe(recipe(parts["lm"], parts["data"], loop={"freeze": frozen}))
+
+
+def test_loop_freeze_is_counted_and_a_resume_refuses_new_learning_rates(parts, stage1, tmp_path, capsys):
+    out, _ = stage1
+    r = recipe(parts["lm"], parts["data"], stage=2, steps=2, init_from=str(out), loop={"freeze": ["lm.layers.0"]})
+    summary = train_vlm(load_recipe(r), tmp_path / "run", stop_at=1)
+    model = build_model(load_recipe(r))
+    layer = sum(p.numel() for p in model.lm.layers[0].parameters())
+    full = train_vlm(load_recipe({**r, "loop": {k: v for k, v in r["loop"].items() if k != "freeze"}}), tmp_path / "whole",
+                     stop_at=1)
+    assert summary["trainable"] == full["trainable"] - layer  # the frozen layer is left out of the count
+    faster = {**r, "train": {**r["train"], "lm_lr": 0.5}}
+    with pytest.raises(CheckpointError, match=r"keeps the learning rates .* changes train.lm_lr .* → 0.5"):
+        train_vlm(load_recipe(faster), tmp_path / "run", resume=True)
 
 
 @pytest.mark.parametrize("lm_mode", ["full", "lora"])
@@ -147,6 +164,17 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1,
     straight = train_vlm(load_recipe(r), tmp_path / "straight")
     stopped = train_vlm(load_recipe(r), tmp_path / "resumed", stop_at=2)
     assert stopped["steps"] == 2 and "model" not in stopped
+    # an interrupted run loads, and starts a next stage, as its newest checkpoint (a LoRA run's adapters merged)
+    trained = build_model(load_recipe(r))
+    plan_training(trained, load_recipe(r))
+    trained.load_state_dict(latest(tmp_path / "resumed"))
+    init = build_model(load_recipe(r))
+    load_init(init, str(tmp_path / "resumed"))
+    ids, pixels = torch.tensor([[1, 2] + [init.cfg.image_token_id] * 16 + [5, 6, 7]]), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = trained.eval()(ids, pixels).logits
+        assert torch.allclose(vlkit.load(tmp_path / "resumed")(ids, pixels).logits, want, atol=1e-5)
+        assert torch.allclose(init.eval()(ids, pixels).logits, want, atol=1e-5)
     resumed = train_vlm(load_recipe(r), tmp_path / "resumed", resume=True)
     assert resumed["steps"] == straight["steps"] == 4
     a, b = latest(tmp_path / "straight"), latest(tmp_path / "resumed")
@@ -155,6 +183,13 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(parts, stage1,
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+    # a fresh run into a finished run's folder: its first checkpoint takes the old final model away
+    assert (tmp_path / "straight" / "model").is_dir()
+    train_vlm(load_recipe({**r, "loop": {**r["loop"], "seed": 7}}), tmp_path / "straight", stop_at=1)
+    assert not (tmp_path / "straight" / "model").exists() and not (tmp_path / "straight" / "adapter").exists()
+    newest = latest(tmp_path / "straight")
+    key = next(k for k in newest if k.startswith("connector."))
+    assert torch.equal(vlkit.load(tmp_path / "straight").state_dict()[key], newest[key])
 
 
 def test_length_groups_train_as_the_whole_batch(parts, stage1, tmp_path):
@@ -265,3 +300,12 @@ def test_help_lists_the_recipe_keys(capsys):
     for key in ("--stage=1", "--init_from=null", "--model.vision=", "--model.lm=", "--train.lm=frozen", "--train.vision_lr=null",
                 "--lora.r=8", "--lora.target_modules=", "--data.max_length=null", "--data.bucket_window=16", "--loop.steps=1000"):
         assert key in text
+
+
+def test_stage2_says_when_its_lm_is_not_the_one_the_init_run_trained(parts, stage1, tmp_path):
+    out, _ = stage1
+    same = load_recipe(recipe(parts["lm"], parts["data"], stage=2, init_from=str(out)))
+    assert vlm.init_notes(out / "model", same) == []
+    other = load_recipe(recipe(tmp_path / "elsewhere", parts["data"], stage=2, init_from=str(out)))
+    (note,) = vlm.init_notes(out / "model", other)
+    assert "model.lm is" in note and "elsewhere" in note and "its weights are the ones trained on" in note

@@ -162,11 +162,11 @@ _WRONG = object()
 
 
 def _scalar(base, value):
-    """``value`` as a ``base`` (bool, int, float or str; a bool is no int, a float field takes
+    """``value`` as a ``base`` (bool, int, float, str or dict; a bool is no int, a float field takes
     ints and must be finite), or ``_WRONG``. Other types pass unchecked."""
     if base is float and isinstance(value, str) and _EXPONENT_TEXT.fullmatch(value.strip()):
         value = float(value)
-    if base in (bool, str):
+    if base in (bool, str, dict):
         return value if isinstance(value, base) else _WRONG
     if base not in (int, float):
         return value

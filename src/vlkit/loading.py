@@ -64,7 +64,17 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
         raise FileNotFoundError(f"{weights}: missing")
     with torch.device("meta"):
         model = model_cls(cfg)
+    from vlkit.train.checkpoint import run_lora
+
+    lora = run_lora(folder)  # a LoRA run's checkpoint: its adapters, merged into the model
+    if lora is not None:
+        from vlkit.nn.lora import add_lora, merge_lora
+
+        with torch.device("meta"):
+            add_lora(model.lm, lora)
     load_native_weights(model, weights)
+    if lora is not None:
+        merge_lora(model.lm)
     if hasattr(cfg, "text") or getattr(getattr(cfg, "qformer", None), "text", False):  # a text tower, or a Q-Former's text path
         tok = folder / "tokenizer.json"
         model.tokenizer = Tokenizer.from_file(tok) if tok.is_file() else Missing(folder, tok.name, "tokenizer")

@@ -161,6 +161,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder
 
 
+def run_lora(checkpoint: Path):
+    """The :class:`~vlkit.nn.lora.LoraConfig` of the LoRA run that ``checkpoint`` (``run/checkpoints/step_N``)
+    belongs to when its weights hold unmerged adapters, else None: such a checkpoint loads as a
+    model once they are added back and merged."""
+    from vlkit.config import from_dict
+    from vlkit.nn.lora import LoraConfig
+
+    weights, recipe = Path(checkpoint) / "model.safetensors", Path(checkpoint).parent.parent / "recipe.json"
+    if not weights.is_file() or Path(checkpoint).parent.name != "checkpoints":
+        return None
+    with safe_open(str(weights), "pt") as f:
+        if not any(k.endswith(".lora_A") for k in f.keys()):
+            return None
+    if not recipe.is_file():
+        raise CheckpointError(f"{weights}: holds LoRA adapters, but its run's recipe.json (their rank and scale) is missing")
+    return from_dict(LoraConfig, json.loads(recipe.read_text()).get("lora") or {}, str(recipe) + ": lora")
+
+
 def weight_mismatches(folder: Path, model) -> list[str]:
     """How ``folder/model.safetensors`` differs from ``model``'s parameters (names and shapes,
     read from the header only); empty when the weights fit."""

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,9 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
             f"{ckpt / 'model.safetensors'}: does not fit the model this recipe builds: {'; '.join(problems)}. "
             f"{_recipe_change(recipe_file, recipe)}Resume with the run's recipe, or train into a new --out."
         )
+    if lrs := [c for c in _changes(recipe_file, recipe) or [] if c.split(" ", 1)[0].endswith("lr")]:
+        raise CheckpointError(f"{ckpt}: a resumed run keeps the learning rates its schedule was saved with, but the recipe "
+                              f"changes {', '.join(lrs)}; resume with the run's, or start a new run from it (init_from)")
     from safetensors.torch import load_file
 
     try:
@@ -260,20 +264,31 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
     except CheckpointError:
         raise
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise CheckpointError(f"{ckpt}: cannot resume from it ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{ckpt}: cannot resume from it ({type(err).__name__}: {err}). "
+                              f"{_recipe_change(recipe_file, recipe)}") from None
+
+
+def _changes(recipe_file: Path, recipe: dict | None) -> list[str] | None:
+    """``key before → now`` for each key in which ``recipe`` differs from the run's saved recipe, the
+    model's keys first; None when there is no saved recipe to read ([] for no recipe given)."""
+    if recipe is None:
+        return []
+    try:
+        before = flatten(read(recipe_file))
+    except (VlkitError, OSError):
+        return None
+    now = flatten(recipe)
+    keys = sorted(set(before) | set(now), key=lambda k: (not k.startswith("model."), k))
+    return [f"{k} {before.get(k, '(unset)')!r} → {now.get(k, '(unset)')!r}" for k in keys if before.get(k) != now.get(k)]
 
 
 def _recipe_change(recipe_file: Path, recipe: dict | None) -> str:
     """The keys in which ``recipe`` differs from the run's saved recipe, as a sentence."""
+    changed = _changes(recipe_file, recipe)
     if recipe is None:
         return ""
-    try:
-        before = flatten(read(recipe_file))
-    except (VlkitError, OSError):
+    if changed is None:
         return "The recipe differs from the one the run was trained with. "
-    now = flatten(recipe)
-    keys = sorted(set(before) | set(now), key=lambda k: (not k.startswith("model."), k))  # the model's keys first
-    changed = [f"{k} {before.get(k, '(unset)')!r} → {now.get(k, '(unset)')!r}" for k in keys if before.get(k) != now.get(k)]
     if not changed:
         return f"{recipe_file} holds the same recipe, so the checkpoint was written by another one. "
     more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
@@ -400,6 +415,7 @@ def fit(
     recipe: dict | None = None,
     lrs: dict[str, float] | None = None,
     read_skips: Sequence[Skip] = (),
+    exports: Sequence[str] = (),
 ) -> dict:
     """Train ``model`` for ``loop.steps`` optimizer steps; returns a summary dict.
 
@@ -411,7 +427,9 @@ def fit(
     ``recipe`` is written to the run's ``recipe.json`` once the run has started (after a
     resumed checkpoint has loaded), so a failed resume leaves the run folder as it was.
     ``read_skips``: records the data's reader skipped before training, listed first in
-    ``skipped.jsonl`` (as step 0) with those skipped as batches are read.
+    ``skipped.jsonl`` (as step 0) with those skipped as batches are read. ``exports``: folders of
+    the run that its trainer writes when it finishes (a VLM's merged ``model/``); each checkpoint
+    removes them first, so that a run folder never offers one older than its newest checkpoint.
     """
     device, run_dir = torch.device(device), Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -470,6 +488,10 @@ def fit(
         weights, optimizer_state = full_state(model, optimizer)  # every rank: FSDP gathers onto the main one
         rng, saved = _rng_states(world), None
         if world.is_main:
+            for name in exports:  # renamed away in one step, then removed: never left half there
+                if (run_dir / name).exists():
+                    os.replace(run_dir / name, run_dir / f".{name}.stale")
+                shutil.rmtree(run_dir / f".{name}.stale", ignore_errors=True)
             state = _training_state(optimizer_state, scheduler, progress, rng)
             saved = save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints, weights)
             if log.pending and recipe is not None:

@@ -34,7 +34,7 @@ from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.nn.lora import LoraConfig, add_lora, merge_lora
 from vlkit.text.conversation import image_token_id
-from vlkit.train.checkpoint import latest_checkpoint, save_model
+from vlkit.train.checkpoint import latest_checkpoint, run_lora, save_model
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit, freeze
 from vlkit.train.vision_tower import pretrained_vision_tower
@@ -140,6 +140,9 @@ class VlmRecipe:
         if self.loop.unfreeze_at is not None:
             raise ConfigError("loop.unfreeze_at: VLM training sets what trains by train.lm and train.vision_lr",
                               ("loop.unfreeze_at",))  # fmt: skip
+        if any(name == "connector" or name.startswith("connector.") for name in self.loop.freeze):
+            raise ConfigError(f"loop.freeze {self.loop.freeze}: the connector always trains (every stage trains it); "
+                              "freeze the LM by train.lm, the tower by train.vision_lr", ("loop.freeze",))  # fmt: skip
         if self.loop.parallel == "fsdp" and self.data.length_groups > 1:
             raise ConfigError(f"data.length_groups {self.data.length_groups} under loop.parallel fsdp: every forward "
                               "gathers the sharded weights on all ranks together, and a rank's parts depend on its own "
@@ -247,11 +250,29 @@ def load_init(model: Llava, init_from: str) -> Path:
     folder = init_folder(init_from)
     check_init(folder, model.cfg)
     weights = load_file(str(folder / "model.safetensors"))
+    lora = run_lora(folder)  # a LoRA run's checkpoint: its adapters merged first
+    if lora is not None:
+        add_lora(model.lm, lora)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"init_from {folder}: model.safetensors lacks {missing[:5]} / has {unexpected[:5]} "
                               "beyond this model's weights")  # fmt: skip
+    if lora is not None:
+        merge_lora(model.lm)
     return folder
+
+
+def init_notes(folder: Path, recipe: VlmRecipe) -> list[str]:
+    """A line for each of ``model.lm`` and ``model.vision`` that names other weights than the init
+    run started from: the init run's weights are the ones trained on (the recipe's folders give the configs)."""
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    try:
+        before = json.loads((run / "recipe.json").read_text()).get("model", {})
+    except (OSError, ValueError):
+        return []
+    now = to_dict(recipe.model)
+    return [f"note: model.{key} is {now[key]!r}, but {folder} started from {before[key]!r}; its weights are the ones "
+            "trained on here" for key in ("lm", "vision") if before.get(key) and now.get(key) and before[key] != now[key]]
 
 
 # ---------------------------------------------------------------- what trains
@@ -325,7 +346,10 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
             source_folder = load_init(model, recipe.init_from)
             if world.is_main:
                 print(f"stage 2 starts from {source_folder}")
+                for note in init_notes(source_folder, recipe):
+                    print(note)
         frozen, lrs = plan_training(model, recipe)
+        frozen = sorted(set(recipe.loop.freeze) | set(frozen))  # what the loop keeps frozen, counted below
         freeze(model, frozen)
         model.ddp_find_unused_parameters = True  # a batch without images leaves the connector (and tower) out
         counts = trainable_counts(model)
@@ -342,7 +366,7 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
         if max_length > model.lm.max_length:
             raise ConfigError(f"data.max_length {max_length} exceeds the language model's {model.lm.max_length} positions "
                               f"(model.lm {recipe.model.lm!r})", ("data.max_length",))  # fmt: skip
-        loop = LoopConfig(**{**to_dict(recipe.loop), "freeze": sorted(set(recipe.loop.freeze) | set(frozen))})
+        loop = LoopConfig(**{**to_dict(recipe.loop), "freeze": frozen})
         micro = loop.batch_size // (loop.grad_accum * world.world_size)
         why = images_only_reason(recipe, world)
         dataset = ConversationDataset(source, processor, max_length, micro, recipe.data.on_bad_sample,
@@ -353,7 +377,8 @@ def train_vlm(recipe: VlmRecipe, out: str | Path, resume: bool = False, stop_at:
             print(f"left out {dataset.left_out} records without images: {why}")
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, ConversationCollate(processor, recipe.train.loss, recipe.data.length_groups), loop, recipe.optim, out, "llava", world=world,
-                      resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs, read_skips=skips.items)  # fmt: skip
+                      resume=resume, device=device, stop_at=stop_at, recipe=to_dict(recipe), lrs=lrs, read_skips=skips.items,
+                      exports=(MODEL_DIR, ADAPTER_DIR))  # fmt: skip
         summary.update(trainable=trained, parameters=counts["total"], skipped_records=skips.total)
         if summary["steps"] == recipe.loop.steps and world.is_main:
             summary.update(save_final(recipe, out))

@@ -4,7 +4,8 @@
 "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}]``. Turns
 alternate human/gpt starting with human. With one image (a path) the ``<image>`` placeholder
 appears exactly once; with ``"image": [paths]`` there is one placeholder per image, anywhere in
-the human turns, in the order of the list; without an image there is none.
+the human turns, in the order of the list; without an image there is none. ``"images"`` is taken
+for ``"image"`` (as some multi-image sets name it). A blank gpt answer is a bad record.
 """
 
 from __future__ import annotations
@@ -131,26 +132,33 @@ def _conversation(rec, path: Path, i: int, root: Path, allow_outside: bool) -> C
                 raise BadRecord(str(path), f"turn {k + (role == 'gpt')} is {t!r:.60}; expected {{'from': '{role}', 'value': str}}", record)
         if IMAGE_TOKEN in g["value"]:
             raise BadRecord(str(path), f"turn {k + 1}: an '{IMAGE_TOKEN}' placeholder in a gpt turn; images go in human turns", record)
+        if not g["value"].strip():
+            raise BadRecord(str(path), f"turn {k + 1}: a blank gpt answer; expected the text to learn", record)
         tokens += h["value"].count(IMAGE_TOKEN)
         q = h["value"].replace(f"{IMAGE_TOKEN}\n", "").replace(f"\n{IMAGE_TOKEN}", "").replace(IMAGE_TOKEN, "").strip()
         turns.append((q, g["value"]))
         messages += [{"role": "user", "content": h["value"]}, {"role": "assistant", "content": g["value"]}]
     images = _images(rec, path, record, root, allow_outside)
     if images and tokens != len(images):
-        expected = "exactly 1 for a record with an image" if isinstance(rec["image"], str) else f"{len(images)}, one per image"
+        one = isinstance(rec.get("image", rec.get("images")), str)
+        expected = "exactly 1 for a record with an image" if one else f"{len(images)}, one per image"
         raise BadRecord(str(path), f"{tokens} '{IMAGE_TOKEN}' placeholders; expected {expected}", record)
     if not images and tokens:
-        raise BadRecord(str(path), f"'{IMAGE_TOKEN}' placeholder but no 'image' key", record)
+        raise BadRecord(str(path), f"'{IMAGE_TOKEN}' placeholder but no 'image' (or 'images') key", record)
     return Conversation(str(rec["id"]), images[0] if images else None, turns, images, messages)
 
 
 def _images(rec: dict, path: Path, record: str, root: Path, allow_outside: bool) -> list[Path]:
-    """The record's image paths: none, one (a path) or several (a non-empty list of paths)."""
-    if "image" not in rec:
+    """The record's image paths: none, one (a path) or several (a non-empty list of paths), under
+    ``image`` (LLaVA's key) or ``images`` (as some multi-image sets name it), not both."""
+    keys = [k for k in ("image", "images") if k in rec]
+    if len(keys) == 2:
+        raise BadRecord(str(path), "both 'image' and 'images'; expected one of them", record)
+    if not keys:
         return []
-    value = rec["image"]
+    value = rec[keys[0]]
     if isinstance(value, list):
         if not value:
-            raise BadRecord(str(path), "'image' is an empty list; expected a path or a non-empty list of paths", record)
+            raise BadRecord(str(path), f"'{keys[0]}' is an empty list; expected a path or a non-empty list of paths", record)
         return [image_path(root, v, path, f"{record}, image {k}", allow_outside) for k, v in enumerate(value)]
     return [image_path(root, value, path, record, allow_outside)]
