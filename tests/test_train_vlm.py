@@ -309,3 +309,14 @@ def test_stage2_says_when_its_lm_is_not_the_one_the_init_run_trained(parts, stag
     other = load_recipe(recipe(tmp_path / "elsewhere", parts["data"], stage=2, init_from=str(out)))
     (note,) = vlm.init_notes(out / "model", other)
     assert "model.lm is" in note and "elsewhere" in note and "its weights are the ones trained on" in note
+
+
+def test_a_resume_that_cannot_load_names_what_the_recipe_changed(parts, stage1, tmp_path):
+    import shutil
+
+    out, _ = stage1
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    r = recipe(parts["lm"], parts["data"], stage=2, steps=8, train={"lm_lr": None})  # over a stage-1 run: other parameter groups
+    with pytest.raises(CheckpointError, match=r"cannot resume from it .*The recipe differs from .*recipe.json in .*stage 1 → 2"):
+        train_vlm(load_recipe(r), run, resume=True)
