@@ -23,6 +23,7 @@ class Tokenizer:
 
     def __init__(self, tok: HFTokenizer, context_length: int, pad_to_max: bool = True):
         self.tok = tok
+        self._whole: HFTokenizer | None = None  # tok without truncation or padding, made when first asked
         self.context_length = context_length
         self.pad_to_max = pad_to_max
         pad_id = self._pad_id()
@@ -66,10 +67,11 @@ class Tokenizer:
     def lengths(self, texts: list[str]) -> list[int]:
         """Each text's token count before truncation to the context (its special tokens included):
         what a caller checks before a long text is cut short without a word."""
-        whole = HFTokenizer.from_str(self.tok.to_str())
-        whole.no_truncation()
-        whole.no_padding()
-        return [len(e.ids) for e in whole.encode_batch(list(texts))]
+        if self._whole is None:
+            self._whole = HFTokenizer.from_str(self.tok.to_str())
+            self._whole.no_truncation()
+            self._whole.no_padding()
+        return [len(e.ids) for e in self._whole.encode_batch(list(texts))]
 
     def token_id(self, token: str) -> int:
         idx = self.tok.token_to_id(token)
