@@ -320,3 +320,17 @@ def test_a_resume_that_cannot_load_names_what_the_recipe_changed(parts, stage1, 
     r = recipe(parts["lm"], parts["data"], stage=2, steps=8, train={"lm_lr": None})  # over a stage-1 run: other parameter groups
     with pytest.raises(CheckpointError, match=r"cannot resume from it .*The recipe differs from .*recipe.json in .*stage 1 → 2"):
         train_vlm(load_recipe(r), run, resume=True)
+
+
+@pytest.mark.parametrize("template, used", [("llava_v1", "llava_v1"), ("chatml", "chat_template"), (None, "chat_template")])
+def test_a_model_prompts_with_the_template_stage_2_trained_it_on(parts, stage1, tmp_path, template, used):
+    """llava_v1 renders other ids than the LM's chatml chat template, so the model records it; chatml renders the same."""
+    from vlkit.models.llava_processor import LlavaProcessor
+
+    out, _ = stage1
+    r = recipe(parts["lm"], parts["data"], stage=2, steps=1, init_from=str(out), data={"template": template})
+    train_vlm(load_recipe(r), tmp_path / "run")
+    assert LlavaProcessor.for_model(vlkit.load(tmp_path / "run")).template.name == used
+    lora = {**r, "train": {**r["train"], "lm": "lora"}}  # the merged model/ is saved apart
+    train_vlm(load_recipe(lora), tmp_path / "lora")
+    assert LlavaProcessor.for_model(vlkit.load(tmp_path / "lora")).template.name == used

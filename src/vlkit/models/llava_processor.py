@@ -70,16 +70,18 @@ class ProcessedSample:
 class LlavaProcessor:
     """Images and text → LLaVA batches. ``image_tokens``: the image tokens one image takes (an
     int, or a function of the PIL image); ``template``: a :mod:`vlkit.text.conversation` template
-    (default the tokenizer's chat template when it has one, else ``llava_v1``); ``max_length``: the
-    longest sample accepted (the language model's positions)."""
+    (default the one the model was trained with where its folder records it, else the tokenizer's
+    chat template when it has one, else ``llava_v1``); ``max_length``: the longest sample accepted
+    (the language model's positions)."""
 
     def __init__(self, image_processor, tokenizer, image_tokens: int | Callable[[Image.Image], int],
                  template: str | Template | None = None, max_length: int | None = None):  # fmt: skip
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
-        if template is None:
-            template = "chat_template" if getattr(tokenizer, "chat_template", None) is not None else "llava_v1"
+        if template is None:  # the one the model was trained with, else the tokenizer's own
+            template = getattr(tokenizer, "trained_template", None) or (
+                "chat_template" if getattr(tokenizer, "chat_template", None) is not None else "llava_v1")
         self.template = get_template(template, tokenizer)
         self.image_token = image_token(tokenizer)
         self.image_token_id = image_token_id(tokenizer)

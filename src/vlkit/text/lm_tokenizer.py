@@ -29,10 +29,13 @@ class LMTokenizer:
     """Text ↔ ids for a language model, its special tokens and its chat template."""
 
     def __init__(self, tok: HFTokenizer, special_tokens: dict[str, str], chat_template: ChatTemplate | None = None,
-                 clean_up_spaces: bool = False, origin: str = "tokenizer"):
+                 clean_up_spaces: bool = False, origin: str = "tokenizer", trained_template: str | None = None):
         self.backend = tok
         self.special_tokens = dict(special_tokens)
         self.chat_template = chat_template
+        self.trained_template = trained_template
+        """The built-in conversation template (``llava_v1``, ...) a VLM was trained with where it renders
+        other ids than ``chat_template``: what its prompts use (``tokenizer_config.json``'s ``vlkit_template``)."""
         self.clean_up_spaces = clean_up_spaces and type(tok.model).__name__ != "BPE"
         self.origin = origin
         tok.no_padding()
@@ -60,8 +63,11 @@ class LMTokenizer:
         special = {name: _content(value) for name, value in named.items()}
         if config.get("split_special_tokens"):
             tok.encode_special_tokens = True
+        trained = config.get("vlkit_template")
+        if trained is not None and not isinstance(trained, str):
+            raise VlkitError(f"{folder / 'tokenizer_config.json'}: vlkit_template {trained!r}; expected a template's name")
         return cls(tok, special, ChatTemplate.from_folder(folder, config),
-                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces")), origin=str(folder))
+                   clean_up_spaces=bool(config.get("clean_up_tokenization_spaces")), origin=str(folder), trained_template=trained)
 
     def save(self, folder: str | Path) -> None:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` (the files
@@ -70,6 +76,8 @@ class LMTokenizer:
         self.backend.save(str(folder / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                   "clean_up_tokenization_spaces": self.clean_up_spaces}
+        if self.trained_template is not None:
+            config["vlkit_template"] = self.trained_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if self.chat_template is not None:
             (folder / "chat_template.jinja").write_text(self.chat_template.source, encoding="utf-8")

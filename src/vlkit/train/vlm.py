@@ -33,7 +33,7 @@ from vlkit.losses import LOSS_REDUCTIONS
 from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.nn.lora import LoraConfig, add_lora, merge_lora
-from vlkit.text.conversation import image_token_id
+from vlkit.text.conversation import encode_conversation, image_token_id
 from vlkit.train.checkpoint import latest_checkpoint, run_lora, save_model
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit, freeze
@@ -71,7 +71,8 @@ class VlmDataConfig:
     """``source``: a LLaVA conversation JSON (images under ``image_folder``, default the JSON's
     folder), or "shapes": the shapes world's conversations as the ``shapes`` section sets them
     (``vlkit.data.shapes_chat.ShapesChatConfig``; ignored for a JSON). ``template``: stage 2's conversation template
-    (null: the tokenizer's chat template, else llava_v1, which is what inference uses); stage 1
+    (null: the tokenizer's chat template, else llava_v1); another one that renders other ids is saved
+    with the model (``tokenizer_config.json``'s ``vlkit_template``), which inference then uses; stage 1
     always uses "plain". ``max_length``: tokens per sample (null: the LM's context); longer samples
     are cut where no image or answer token is lost, else skipped. ``bucket_window``: micro-batches
     per length-sorting window (0: random batches). ``length_groups``: each micro-batch runs as this
@@ -192,6 +193,8 @@ def build_model(recipe: VlmRecipe) -> Llava:
     dim = cfg.vision.width * len(cfg.feature_layers)
     model.connector = build_connector(cfg.connector, dim, cfg.lm.hidden_size, **cfg.connector_options)
     model.tokenizer, model.generation_config, model.processor = lm.tokenizer, lm.generation_config, processor
+    if recipe.stage == 2:  # saved with the model's tokenizer: inference then prompts as training did
+        model.tokenizer.trained_template = trained_template(model.tokenizer, recipe)
     return model
 
 
@@ -323,6 +326,27 @@ def build_processor(model: Llava, recipe: VlmRecipe) -> LlavaProcessor:
         return LlavaProcessor(model.processor, model.tokenizer, model.num_image_tokens(), template)
     except VlkitError as err:
         raise ConfigError(f"data.template: {err}", ("data.template",)) from None
+
+
+def trained_template(tokenizer, recipe: VlmRecipe) -> str | None:
+    """The template to record with a stage-2 model (None: none to record): ``data.template`` where it
+    renders a conversation, or a prompt, as other ids than the template inference would otherwise
+    take (the tokenizer's chat template, else ``llava_v1``)."""
+    default = "chat_template" if tokenizer.chat_template is not None else "llava_v1"
+    if recipe.stage == 1 or recipe.data.template in (None, default):
+        return None
+    chat = [{"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "A shape."},
+            {"role": "user", "content": "And its colour?"}, {"role": "assistant", "content": "Red."}]  # fmt: skip
+
+    def ids(template: str) -> tuple:
+        whole = encode_conversation(chat, tokenizer, template, image_counts=[1])
+        prompt = encode_conversation(chat[:1], tokenizer, template, add_generation_prompt=True, image_counts=[1])
+        return whole.input_ids, whole.labels, prompt.input_ids
+
+    try:
+        return None if ids(recipe.data.template) == ids(default) else recipe.data.template
+    except VlkitError:
+        return recipe.data.template
 
 
 def images_only_reason(recipe: VlmRecipe, world) -> str:
