@@ -276,13 +276,13 @@ class Routes:
         ids = [(i, x) for i, x in enumerate(items) if isinstance(x, list)]
         tokens = 0
         if texts:
-            context = model.tokenizer.context_length
-            for (i, _), n in zip(texts, model.tokenizer.lengths([t for _, t in texts])):  # else cut off without a word
+            context, lengths = model.tokenizer.context_length, model.tokenizer.lengths([t for _, t in texts])
+            for (i, _), n in zip(texts, lengths):  # else cut off without a word
                 if n > context:
                     raise ApiError(400, f"input[{i}]: {n} tokens; model {served.name!r} reads at most {context}",
                                    "context_length_exceeded", "input")
             feats = embed_texts(model, [t for _, t in texts])
-            tokens += int(model.tokenizer([t for _, t in texts])["attention_mask"].sum())
+            tokens += sum(lengths)  # none was cut
             for (i, _), f in zip(texts, feats):
                 out[i] = f
         if images:

@@ -161,6 +161,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder
 
 
+def run_recipe_file(folder: Path) -> Path:
+    """The ``recipe.json`` of the run a model folder belongs to: ``run/model`` or ``run/checkpoints/step_N``."""
+    folder = Path(folder)
+    return (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent) / "recipe.json"
+
+
 def run_lora(checkpoint: Path):
     """The :class:`~vlkit.nn.lora.LoraConfig` of the LoRA run that ``checkpoint`` (``run/checkpoints/step_N``)
     belongs to when its weights hold unmerged adapters, else None: such a checkpoint loads as a
@@ -168,7 +174,7 @@ def run_lora(checkpoint: Path):
     from vlkit.config import from_dict
     from vlkit.nn.lora import LoraConfig
 
-    weights, recipe = Path(checkpoint) / "model.safetensors", Path(checkpoint).parent.parent / "recipe.json"
+    weights, recipe = Path(checkpoint) / "model.safetensors", run_recipe_file(checkpoint)
     if not weights.is_file() or Path(checkpoint).parent.name != "checkpoints":
         return None
     with safe_open(str(weights), "pt") as f:

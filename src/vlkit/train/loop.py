@@ -246,9 +246,9 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
             f"{ckpt / 'model.safetensors'}: does not fit the model this recipe builds: {'; '.join(problems)}. "
             f"{_recipe_change(recipe_file, recipe)}Resume with the run's recipe, or train into a new --out."
         )
-    if lrs := [c for c in _changes(recipe_file, recipe) or [] if c.split(" ", 1)[0].endswith("lr")]:
+    if lrs := [c for c in _changes(recipe_file, recipe) or [] if c[0].endswith("lr")]:
         raise CheckpointError(f"{ckpt}: a resumed run keeps the learning rates its schedule was saved with, but the recipe "
-                              f"changes {', '.join(lrs)}; resume with the run's, or start a new run from it (init_from)")
+                              f"changes {_shown(lrs)}; resume with the run's, or start a new run from it (init_from)")
     from safetensors.torch import load_file
 
     try:
@@ -268,8 +268,8 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
                               f"{_recipe_change(recipe_file, recipe)}") from None
 
 
-def _changes(recipe_file: Path, recipe: dict | None) -> list[str] | None:
-    """``key before → now`` for each key in which ``recipe`` differs from the run's saved recipe, the
+def _changes(recipe_file: Path, recipe: dict | None) -> list[tuple[str, object, object]] | None:
+    """``(key, before, now)`` for each key in which ``recipe`` differs from the run's saved recipe, the
     model's keys first; None when there is no saved recipe to read ([] for no recipe given)."""
     if recipe is None:
         return []
@@ -279,20 +279,25 @@ def _changes(recipe_file: Path, recipe: dict | None) -> list[str] | None:
         return None
     now = flatten(recipe)
     keys = sorted(set(before) | set(now), key=lambda k: (not k.startswith("model."), k))
-    return [f"{k} {before.get(k, '(unset)')!r} → {now.get(k, '(unset)')!r}" for k in keys if before.get(k) != now.get(k)]
+    return [(k, before.get(k, "(unset)"), now.get(k, "(unset)")) for k in keys if before.get(k) != now.get(k)]
+
+
+def _shown(changes: list[tuple[str, object, object]]) -> str:
+    """``key before → now, ...``."""
+    return ", ".join(f"{k} {a!r} → {b!r}" for k, a, b in changes)
 
 
 def _recipe_change(recipe_file: Path, recipe: dict | None) -> str:
     """The keys in which ``recipe`` differs from the run's saved recipe, as a sentence."""
-    changed = _changes(recipe_file, recipe)
     if recipe is None:
         return ""
+    changed = _changes(recipe_file, recipe)
     if changed is None:
         return "The recipe differs from the one the run was trained with. "
     if not changed:
         return f"{recipe_file} holds the same recipe, so the checkpoint was written by another one. "
     more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-    return f"The recipe differs from {recipe_file} in {', '.join(changed[:6])}{more}. "
+    return f"The recipe differs from {recipe_file} in {_shown(changed[:6])}{more}. "
 
 
 def _training_state(optimizer_state: dict, scheduler, progress: Progress, rng: list[dict]) -> dict:

@@ -34,7 +34,7 @@ from vlkit.models.llava import Llava, LlavaConfig
 from vlkit.models.llava_processor import LlavaProcessor
 from vlkit.nn.lora import LoraConfig, add_lora, merge_lora
 from vlkit.text.conversation import encode_conversation, image_token_id
-from vlkit.train.checkpoint import latest_checkpoint, run_lora, save_model
+from vlkit.train.checkpoint import latest_checkpoint, run_lora, run_recipe_file, save_model
 from vlkit.train.distributed import setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit, freeze
 from vlkit.train.vision_tower import pretrained_vision_tower
@@ -268,9 +268,8 @@ def load_init(model: Llava, init_from: str) -> Path:
 def init_notes(folder: Path, recipe: VlmRecipe) -> list[str]:
     """A line for each of ``model.lm`` and ``model.vision`` that names other weights than the init
     run started from: the init run's weights are the ones trained on (the recipe's folders give the configs)."""
-    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
     try:
-        before = json.loads((run / "recipe.json").read_text()).get("model", {})
+        before = json.loads(run_recipe_file(folder).read_text()).get("model", {})
     except (OSError, ValueError):
         return []
     now = to_dict(recipe.model)
