@@ -78,7 +78,9 @@ def _is_dataclass_type(tp) -> bool:
 
 
 @functools.cache
-def _hints(cls: type) -> dict:
+def field_types(cls: type) -> dict:
+    """A dataclass's resolved field types, ``Annotated`` kept: resolved once per class (resolving
+    string annotations costs more than the checks that use them)."""
     return typing.get_type_hints(cls, include_extras=True)
 
 
@@ -201,7 +203,7 @@ def _bad(tp, value, path: tuple[str, ...]) -> ConfigError:
 
 
 def _from_dict(cls: type[T], data: dict, path: tuple[str, ...]) -> T:
-    hints = _hints(cls)
+    hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -228,7 +230,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
 def validate(cfg) -> None:
     """Check every field of a config dataclass against its annotation, normalising in place
     (1 → 1.0 for a float); called from ``__post_init__`` so configs built in Python are checked too."""
-    hints = _hints(type(cfg))
+    hints = field_types(type(cfg))
     for f in dataclasses.fields(cfg):
         try:
             object.__setattr__(cfg, f.name, _convert(hints[f.name], getattr(cfg, f.name), (type(cfg).__name__, f.name)))
@@ -298,7 +300,7 @@ def _check_override(item: str, parts: list[str], value, raw: str, schema: type):
     cls = schema
     for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])
-        hints = _hints(cls)
+        hints = field_types(cls)
         names = [f.name for f in dataclasses.fields(cls) if f.init]
         if part not in names:
             raise ConfigError(f"override {_shown(item)}: unknown key {here!r}; expected one of {sorted(names)} there", (here,))
@@ -329,7 +331,7 @@ def _section(cls, key: str):
     field typed ``dict`` is one value, and so is everything inside it); :data:`_UNKNOWN` without a schema."""
     if cls is _UNKNOWN or cls is None:
         return cls
-    hint = _hints(cls).get(key)
+    hint = field_types(cls).get(key)
     tp = _split(_optional(hint) or hint)[0] if hint is not None else None
     return tp if _is_dataclass_type(tp) else None
 
@@ -392,7 +394,7 @@ def build(cls: type[T], data: dict, overrides: list[str], where: str = "config",
 def defaults(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
     """Every leaf key of a config class as ``(dotted key, default, what it must be)``, in order."""
     rows = []
-    hints = _hints(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = _split(hints[f.name])[0]

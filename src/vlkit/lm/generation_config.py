@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlkit.config import field_types
 from vlkit.errors import VlkitError
 
 EarlyStopping = typing.Union[bool, str]
@@ -72,7 +73,7 @@ class GenerationConfig:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise VlkitError(f"{where}: unknown generation option(s) {unknown}; expected some of {sorted(fields)}")
-        hints = typing.get_type_hints(type(self))
+        hints = field_types(type(self))
         checked = {k: _coerce(hints[k], v, f"{where}: {k}") for k, v in values.items()}
         cfg = dataclasses.replace(self, **checked)
         cfg.check(where)
