@@ -6,6 +6,7 @@ in bytes and time), and no CORS unless an origin is named."""
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ pytest.importorskip("transformers")
 import httpx  # noqa: E402
 
 from vlkit.serve import ServeSettings, create_app, load_models  # noqa: E402
+from vlkit.serve.errors import ApiError  # noqa: E402
+from vlkit.serve.images import ImageFetcher, _pinned  # noqa: E402
 from vlkit.serve.server import serving  # noqa: E402
 
 from _serve_util import clip_folder, data_url, image_message, picture, png, vlm_folder  # noqa: E402
@@ -127,7 +130,10 @@ class _Images(http.server.BaseHTTPRequestHandler):
     """/red.png: an image; /big.png: too many bytes; /slow.png: answers after 3 s; /drip.png: sends
     its bytes a few at a time, each within any read timeout, for 3 s in all."""
 
+    requests: list[str] = []  # every path asked for, by any test's server
+
     def do_GET(self):
+        _Images.requests.append(self.path)
         if self.path == "/slow.png":
             time.sleep(3)
         body = png(picture("red")) if self.path != "/big.png" else png(picture("red")).ljust(50_000, b"\0")
@@ -188,6 +194,40 @@ def test_no_url_is_fetched_unless_enabled_then_bounded(models):
                 ask(c, image_message("What?", f"{images}/drip.png"))
             with pytest.raises(openai.BadRequestError, match="scheme"):
                 ask(c, image_message("What?", "ftp://127.0.0.1/red.png"))
+
+
+def test_a_host_that_resolves_elsewhere_the_second_time_cannot_lead_the_fetch_in(monkeypatch):
+    """DNS rebinding: the name first resolves to a public address (the check passes), then to the
+    server's own loopback. The fetch must connect to the address that was checked, never look again."""
+    real, lookups = socket.getaddrinfo, []
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        address = "93.184.216.34" if len(lookups) == 1 else "127.0.0.1"
+        port = args[0] if args else kwargs.get("port")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port or 0)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    fetcher = ImageFetcher(ServeSettings(allow_remote_images=True, remote_timeout_s=0.5))
+    with image_server() as images:
+        port = images.rpartition(":")[2]
+        before = len(_Images.requests)
+        with pytest.raises(ApiError) as err:  # the public address is not reachable from here: the fetch fails there
+            fetcher.fetch(f"http://rebind.example:{port}/rebound.png", "messages[0].content[1]")
+        assert err.value.status == 400 and "rebind.example" in str(err.value)
+        assert "/rebound.png" not in _Images.requests[before:] and lookups == ["rebind.example"]
+
+
+def test_a_pinned_url_keeps_the_host_name_for_the_header_and_the_certificate(monkeypatch):
+    real = socket.getaddrinfo
+    answers = {"example.com": (socket.AF_INET, ("93.184.216.34", 0)), "v6.example": (socket.AF_INET6, ("2606:4700::1111", 0, 0, 0))}
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [(answers[host][0], socket.SOCK_STREAM, 6, "", answers[host][1])]
+                        if host in answers else real(host, *a, **k))  # fmt: skip
+    assert _pinned("https://me@example.com:8443/a.png?x=1", "w") == (
+        "https://me@93.184.216.34:8443/a.png?x=1", {"Host": "example.com:8443"}, {"sni_hostname": "example.com"})
+    assert _pinned("http://v6.example/a.png", "w") == ("http://[2606:4700::1111]/a.png", {"Host": "v6.example"}, {})
 
 
 def test_no_cors_unless_an_origin_is_named(models):

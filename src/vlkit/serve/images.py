@@ -3,7 +3,9 @@ always; local paths (``/abs/x.png``, ``photos/x.png`` or ``file://...``) only in
 ``--image-root`` (symbolic links resolved first, so none leads out); ``http(s)`` URLs only with
 ``--allow-remote-images``, bounded in bytes and seconds, and not from the server's own network
 (loopback, private, link-local and other reserved addresses, as the host name resolves, are refused
-unless ``--allow-private-image-hosts``: a request must not make the server read its neighbours).
+unless ``--allow-private-image-hosts``: a request must not make the server read its neighbours; the
+fetch then connects to the address that was checked, so a name that resolves elsewhere the second
+time, DNS rebinding, cannot lead it back in).
 Every image is checked against the pixel limit from its header before a pixel is decoded
 (decompression bombs are refused: 413)."""
 
@@ -94,12 +96,12 @@ class ImageFetcher:
                            "server with --allow-remote-images)", "remote_images_disabled", _field(where))
         import httpx
 
-        if not self.settings.allow_private_image_hosts:
-            _public_host(url, where)
+        target, headers, extensions = (url, {}, {}) if self.settings.allow_private_image_hosts else _pinned(url, where)
         limit, timeout = self.settings.remote_image_bytes, self.settings.remote_timeout_s
         deadline = time.monotonic() + timeout  # for the whole fetch: httpx's timeout bounds each read alone
         try:
-            with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as r:
+            with httpx.Client(timeout=timeout, follow_redirects=False) as client, \
+                    client.stream("GET", target, headers=headers, extensions=extensions) as r:
                 if r.status_code != 200:
                     raise ApiError(400, f"{where}: fetching {url} answered HTTP {r.status_code}; expected 200",
                                    "image_fetch_failed", _field(where))
@@ -124,19 +126,32 @@ class ImageFetcher:
                            _field(where)) from None
 
 
-def _public_host(url: str, where: str) -> None:
-    """Refuse a URL whose host is, or resolves to, an address of the server's own networks."""
-    host = urlparse(url).hostname or ""
+def _pinned(url: str, where: str) -> tuple[str, dict, dict]:
+    """``url`` with its host replaced by the one address it is fetched from, and the ``Host`` header
+    and TLS name (httpcore's ``sni_hostname``, which the certificate is checked against) of the
+    original; refused when the host is, or resolves to, an address of the server's own networks.
+    Resolving once and connecting to that address leaves no second lookup to rebind."""
+    parts = urlparse(url)
+    host = parts.hostname or ""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except (OSError, UnicodeError) as err:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, parts.port or None, type=socket.SOCK_STREAM)})
+    except (OSError, UnicodeError, ValueError) as err:  # ValueError: a port out of range
         raise ApiError(400, f"{where}: cannot resolve the host of {url} ({err})", "image_fetch_failed", _field(where)) from None
-    for address in sorted(addresses):
-        ip = ipaddress.ip_address(address.split("%")[0])
+    ips = [ipaddress.ip_address(a.split("%")[0]) for a in addresses]
+    for ip in ips:
         if not ip.is_global:
             raise ApiError(400, f"{where}: {url} is on a private, loopback or reserved address ({ip}); the server fetches "
                            "from public hosts only (--allow-private-image-hosts allows others)", "image_host_not_allowed",
                            _field(where))  # fmt: skip
+    if not ips:
+        raise ApiError(400, f"{where}: the host of {url} resolves to no address", "image_fetch_failed", _field(where))
+    address = f"[{ips[0]}]" if ips[0].version == 6 else str(ips[0])
+    port = f":{parts.port}" if parts.port else ""
+    user = parts.netloc.rpartition("@")[0]
+    netloc = f"{user}@{address}{port}" if user else f"{address}{port}"
+    name = f"[{host}]" if ":" in host else host
+    extensions = {"sni_hostname": host} if parts.scheme.lower() == "https" else {}
+    return parts._replace(netloc=netloc).geturl(), {"Host": f"{name}{port}"}, extensions
 
 
 def _field(where: str) -> str:
