@@ -5,8 +5,10 @@ text-only records are left out (every rank must run the sharded tower)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -38,6 +40,18 @@ def worker(rank: int, port: int, r: dict, out: str) -> None:
 
 def run(r: dict, out) -> None:
     mp.spawn(worker, args=(_free_port(), r, str(out)), nprocs=WORLD_SIZE, join=True)
+
+
+def cli_worker(rank: int, port: int, recipe_file: str, out: str) -> None:
+    """``vlkit train vlm`` as torchrun runs it on each rank."""
+    os.environ.update(WORLD_SIZE=str(WORLD_SIZE), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from vlkit.cli import main
+
+    main(["train", "vlm", "--recipe", recipe_file, "--out", out])
+    sys.stdout.flush()  # os._exit (see worker) drops what is buffered
+    os._exit(0)
 
 
 def latest(run_dir) -> dict[str, torch.Tensor]:
@@ -110,3 +124,16 @@ def test_length_groups_under_ddp_take_the_whole_batchs_steps(stage1, tmp_path):
     a, b = latest(tmp_path / "whole"), latest(tmp_path / "parts")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert any(not torch.equal(a[k], v) for k, v in latest(root / "s1").items() if k.startswith("lm."))
+
+
+@pytest.mark.slow
+def test_the_command_under_torchrun_reports_once(stage1, tmp_path, capfd):
+    """Every rank trains; only rank 0 prints the run's summary and what it wrote."""
+    root, lm, data = stage1
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe(lm, data, stage=2, steps=2, init_from=str(root / "s1"), loop={"batch_size": 4})))
+    mp.spawn(cli_worker, args=(_free_port(), str(recipe_file), str(tmp_path / "run")), nprocs=WORLD_SIZE, join=True)
+    out = capfd.readouterr().out
+    summaries = [line for line in out.splitlines() if line.startswith('{"steps": 2')]
+    assert len(summaries) == 1 and json.loads(summaries[0])["checkpoint"] is not None
+    assert out.count(f"wrote {tmp_path / 'run'}: the model at") == 1

@@ -39,12 +39,15 @@ def cmd_train(args, overrides: list[str]) -> int:
 
         return cmd_train_diffusion(args, overrides)
     from vlkit.train.clip import load_recipe, train_clip
+    from vlkit.train.distributed import is_main_process
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     if args.model == "siglip" and recipe.model.loss != "sigmoid":
         recipe.model.loss, recipe.model.logit_bias_init = "sigmoid", -10.0
         recipe.model.logit_scale_init = 2.302585092994046
     summary = train_clip(recipe, args.out, resume=args.resume)
+    if not is_main_process():
+        return 0
     print(json.dumps(summary))
     out = Path(args.out)
     if summary["samples"] == 0:
@@ -58,10 +61,13 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 def cmd_train_vlm(args, overrides: list[str]) -> int:
     from vlkit.config import read
+    from vlkit.train.distributed import is_main_process
     from vlkit.train.vlm import load_recipe, train_vlm
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     summary = train_vlm(recipe, args.out, resume=args.resume)
+    if not is_main_process():
+        return 0
     print(json.dumps(summary))
     if "model" in summary:
         adapter = f" and the LoRA adapter in peft's layout at {summary['adapter']}" if "adapter" in summary else ""

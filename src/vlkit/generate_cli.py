@@ -70,10 +70,11 @@ def cmd_generate(args, overrides: list[str]) -> int:
 def cmd_train_diffusion(args, overrides: list[str]) -> int:
     from vlkit.config import read
     from vlkit.train.diffusion import load_recipe, train_diffusion
+    from vlkit.train.distributed import is_main_process
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     summary = train_diffusion(recipe, args.out, resume=args.resume)
-    if summary["checkpoint"] is None:  # not the main rank under torchrun: that one reports
+    if not is_main_process():
         return 0
     print(json.dumps(summary))
     print(f"wrote {args.out}: {summary['checkpoint']} (model + EMA weights and training state), metrics.jsonl, recipe.json; "

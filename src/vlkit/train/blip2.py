@@ -28,7 +28,7 @@ from vlkit.models.blip2_processor import Blip2Processor
 from vlkit.models.blip2_qformer import Blip2QFormer, Blip2QFormerConfig
 from vlkit.text.tokenizer import Tokenizer
 from vlkit.train.clip import SHAPES, DataConfig, build_dataset, build_tokenizer, shapes_processor
-from vlkit.train.distributed import setup, teardown
+from vlkit.train.distributed import is_main_process, setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit
 from vlkit.train.vision_tower import pretrained_vision_tower
 from vlkit.vision.preprocess import ImageProcessor
@@ -327,6 +327,8 @@ def cmd_train_blip2(args, overrides: list[str]) -> int:
 
     recipe = load_recipe(args.stage, read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     summary = train_blip2(args.stage, recipe, args.out, resume=args.resume)
+    if not is_main_process():
+        return 0
     print(json.dumps(summary))
     print(f"wrote {args.out}: BLIP-2 stage {args.stage} ({summary['trainable_params']} trainable parameters), checkpoints, "
           f"metrics.jsonl, recipe.json; vlkit.load({str(args.out)!r}) loads the newest checkpoint")

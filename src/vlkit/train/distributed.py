@@ -34,6 +34,11 @@ class World:
             dist.barrier()
 
 
+def is_main_process() -> bool:
+    """A single process, or torchrun's rank 0: the one that reports a run (every rank trains it)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup() -> World:
     """Join the process group when launched by torchrun with more than one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

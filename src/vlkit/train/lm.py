@@ -33,7 +33,7 @@ from vlkit.losses import causal_lm_loss
 from vlkit.text.lm_tokenizer import LMTokenizer
 from vlkit.text.train_tokenizer import ROLE_TOKENS, train_tokenizer
 from vlkit.train.checkpoint import save_model
-from vlkit.train.distributed import setup, teardown
+from vlkit.train.distributed import is_main_process, setup, teardown
 from vlkit.train.loop import LoopConfig, OptimConfig, fit
 
 SHAPES = "shapes"
@@ -250,6 +250,8 @@ def cmd_train_lm(args, overrides: list[str]) -> int:
 
     recipe = load_recipe(read(args.recipe) if args.recipe else {}, overrides, args.recipe)
     summary = train_lm(recipe, args.out, resume=args.resume)
+    if not is_main_process():
+        return 0
     print(json.dumps(summary))
     extra = f"; skipped.jsonl ({summary['skipped']} bad lines)" if summary["skipped"] else ""
     print(f"wrote {args.out}: the language model (vlkit.load reads it: weights, tokenizer, generation_config.json), "
