@@ -153,7 +153,7 @@ def test_crash_mid_write_leaves_previous_index_loadable(tmp_path, clip_dir, monk
     after = PhotoIndex.load(tmp_path / "idx")
     assert [f.path for f in after.files] == [f.path for f in before.files]
     np.testing.assert_array_equal(after.vectors, before.vectors)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "photos"]  # no temporary folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.lock", "idx", "photos"]  # no temporary folder left behind
 
 
 def test_query_model_must_be_the_one_that_made_the_index(tmp_path, clip_dir):
@@ -289,3 +289,140 @@ def test_cli_index_and_search(tmp_path, clip_dir, capsys):
     assert "exactly one" in capsys.readouterr().err
     assert main(["search", "--index", str(tmp_path / "missing"), "x"]) == 2
     assert "expected a folder written by vlkit index" in capsys.readouterr().err
+
+
+def test_an_out_that_is_or_holds_the_images_folder_is_refused_and_the_photos_stay(tmp_path, clip_dir):
+    photos = tmp_path / "photos"
+    paths = shapes_images(photos, n=3)
+    model = vlkit.load(clip_dir)
+    for out in (photos, tmp_path, photos / "."):
+        with pytest.raises(VlkitError, match="--out .*(is|holds) the images folder"):
+            build_index(model, clip_dir, photos, out, precision="fp32", progress=False)
+    assert all(p.is_file() for p in paths)
+    build_index(model, clip_dir, photos, photos / "idx", precision="fp32", progress=False)  # inside it: fine, not indexed
+    assert len(PhotoIndex.load(photos / "idx")) == 3
+
+
+def test_a_second_run_on_one_index_is_refused_while_the_first_holds_it(tmp_path, clip_dir):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=2)
+    with photos_mod._lock(tmp_path / "idx"):
+        with pytest.raises(VlkitError, match="another vlkit index is updating it"):
+            build_index(vlkit.load(clip_dir), clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+
+
+def test_a_run_killed_between_the_renames_is_recovered_with_its_embeddings(tmp_path, clip_dir, monkeypatch):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=4)
+    model = vlkit.load(clip_dir)
+    build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    (tmp_path / "idx").rename(tmp_path / ".idx.old-deadbeef")  # what a kill after the first rename leaves
+    seen = _count_embedded(model, monkeypatch)
+    summary = build_index(model, clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    assert (summary["unchanged"], summary["new"], seen) == (4, 0, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.lock", "idx", "photos"]
+
+
+def test_an_out_that_links_to_an_index_updates_it_through_the_link(tmp_path, clip_dir):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=2)
+    model = vlkit.load(clip_dir)
+    build_index(model, clip_dir, photos, tmp_path / "real", precision="fp32", progress=False)
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    shapes_images(photos / "more", n=1, seed=3)
+    build_index(model, clip_dir, photos, tmp_path / "link", precision="fp32", progress=False)
+    assert (tmp_path / "link").is_symlink() and len(PhotoIndex.load(tmp_path / "real")) == 3
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
+
+
+def test_an_interrupted_run_keeps_what_it_embedded_and_a_rerun_goes_on(tmp_path, clip_dir, monkeypatch):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=6)
+    model = vlkit.load(clip_dir)
+    seen = _count_embedded(model, monkeypatch)
+    counting = model.encode_image
+
+    def interrupted(pixels):
+        if len(seen) == 2:  # the third batch of files: Ctrl+C
+            raise KeyboardInterrupt
+        return counting(pixels)
+
+    monkeypatch.setattr(model, "encode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, clip_dir, photos, tmp_path / "idx", batch_size=2, precision="fp32", progress=False)
+    partial = PhotoIndex.load(tmp_path / "idx")
+    assert len(partial) == 4 and partial.meta["last_run"]["complete"] is False
+    monkeypatch.setattr(model, "encode_image", counting)
+    summary = build_index(model, clip_dir, photos, tmp_path / "idx", batch_size=2, precision="fp32", progress=False)
+    assert (summary["unchanged"], summary["new"], summary["complete"], seen[2:]) == (4, 2, True, [2])
+
+
+def test_output_and_faiss_problems_are_found_before_any_image_is_embedded(tmp_path, clip_dir, monkeypatch):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=2)
+    model = vlkit.load(clip_dir)
+    seen = _count_embedded(model, monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(VlkitError, match=r"--out .*afile.* is a file; expected a folder"):
+        build_index(model, clip_dir, photos, tmp_path / "afile" / "sub", precision="fp32", progress=False)
+
+    def no_faiss():
+        raise VlkitError("an approximate photo index needs FAISS")
+
+    monkeypatch.setattr(backends, "_faiss", no_faiss)
+    with pytest.raises(VlkitError, match="needs FAISS"):
+        build_index(model, clip_dir, photos, tmp_path / "idx", kind="pq", precision="fp32", progress=False)
+    assert seen == []
+
+
+@pytest.mark.parametrize("kind", ["ivf", "rabitq", "pq", "hnsw"])
+def test_an_empty_folder_gives_an_empty_index_whatever_the_kind(tmp_path, clip_dir, kind):
+    pytest.importorskip("faiss")
+    (tmp_path / "photos").mkdir()
+    summary = build_index(vlkit.load(clip_dir), clip_dir, tmp_path / "photos", tmp_path / "idx", kind=kind,
+                          precision="fp32", progress=False)  # fmt: skip
+    assert (summary["images"], summary["kind"]) == (0, "exact")
+    assert Searcher.open(tmp_path / "idx").search("a red star", k=3) == []
+
+
+def test_damaged_descriptions_are_named_not_tracebacks(tmp_path, clip_dir):
+    photos = tmp_path / "photos"
+    shapes_images(photos, n=2)
+    build_index(vlkit.load(clip_dir), clip_dir, photos, tmp_path / "idx", precision="fp32", progress=False)
+    meta_path = tmp_path / "idx" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    for key, value, message in (("images", None, "'images' is None"), ("unreadable", 5, "'unreadable' is 5"),
+                                ("unreadable", [{"path": "x"}], "'unreadable' is .*expected a list")):  # fmt: skip
+        meta_path.write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(VlkitError, match=message):
+            PhotoIndex.load(tmp_path / "idx")
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "idx" / "files.jsonl").write_bytes(b"\xff\xfe\n")
+    with pytest.raises(VlkitError, match="files.jsonl: not UTF-8"):
+        PhotoIndex.load(tmp_path / "idx")
+    with pytest.raises(VlkitError, match=r"--out .*index.json: .*index.json is a file; expected a folder"):
+        build_index(vlkit.load(clip_dir), clip_dir, photos, meta_path, precision="fp32", progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("someone else's folder")
+    with pytest.raises(VlkitError, match=r"--out .*other: a folder without index.json \(not an index\)"):
+        build_index(vlkit.load(clip_dir), clip_dir, photos, tmp_path / "other", precision="fp32", progress=False)
+
+
+def test_search_prints_each_hit_on_one_line_and_stops_quietly_at_a_closed_pipe(tmp_path, clip_dir, capsys, monkeypatch):
+    from vlkit.index import cli as index_cli
+
+    assert index_cli._shown("/p/a b.png") == "/p/a b.png"
+    assert index_cli._shown("/p/two\nlines.png") == '"/p/two\\nlines.png"'
+    assert index_cli._shown("/p/latin1_\udce9toile.png") == '"/p/latin1_\\udce9toile.png"'
+
+    def closed(args, overrides):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(index_cli, "cmd_search", closed)
+    assert main(["search", "--index", str(tmp_path), "a star"]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
+def test_an_image_query_that_is_a_folder_is_named(tmp_path):
+    with pytest.raises(Exception, match="a folder, not an image file"):
+        load_image(tmp_path)

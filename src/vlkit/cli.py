@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -365,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"unrecognised arguments: {' '.join(unknown)}{hint}")
     try:
         return args.fn(args, overrides)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as a command killed by SIGPIPE does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting does not flush into it again
+        except (OSError, ValueError):  # no file behind sys.stdout (captured): nothing to flush into
+            pass
+        return 141
     except (ValueError, OSError, KeyError) as err:  # VlkitError is a ValueError
         print(f"vlkit: error: {err}", file=sys.stderr)
         return 2

@@ -40,7 +40,15 @@ def recover(target: Path) -> None:
     if olds and not target.exists():
         olds.pop().rename(target)
     for stale in olds + list(target.parent.glob(f".{name}.tmp-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or a link (to a folder or not) without following it."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def atomic_folder(target: Path, write) -> None:
@@ -54,11 +62,15 @@ def atomic_folder(target: Path, write) -> None:
     try:
         write(tmp)
         _fsync_tree(tmp)
-        if target.exists():
+        if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(target)
+            except OSError:
+                old.rename(target)  # put the old one back: a failed write leaves it as it was
+                raise
+            _remove(old)
         else:
             tmp.rename(target)
     finally:

@@ -61,7 +61,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and convert an image file to RGB, or raise :class:`BadSample`."""
     path = Path(path)
     if not path.is_file():
-        raise BadSample(str(path), "file not found")
+        raise BadSample(str(path), "a folder, not an image file" if path.is_dir() else "file not found")
     return decode_image(path, str(path), max_pixels)
 
 

@@ -47,6 +47,11 @@ def choose_kind(count: int, kind: str = "auto") -> str:
     return "exact" if count <= EXACT_MAX else "pq"
 
 
+def require_faiss() -> None:
+    """Refuse now, with the fix, where FAISS is missing (an approximate index will need it)."""
+    _faiss()
+
+
 def _faiss():
     try:
         import faiss

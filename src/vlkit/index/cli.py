@@ -34,9 +34,15 @@ def cmd_search(args, overrides: list[str]) -> int:
         print(json.dumps([{"path": str(root / h.path), "score": h.score} for h in hits]))
     else:
         for h in hits:
-            print(f"{h.score:.4f}\t{root / h.path}")
+            print(f"{h.score:.4f}\t{_shown(str(root / h.path))}")
     print(f"{len(hits)} of {len(searcher.index)} images ({searcher.index.kind} search)", file=sys.stderr)
     return 0
+
+
+def _shown(path: str) -> str:
+    """A path as one printable line: as is, or JSON-quoted when it holds a newline, another control
+    character, or bytes that are not text (a name that is not UTF-8)."""
+    return path if path.isprintable() else json.dumps(path)
 
 
 def add_parsers(sub, positive_int) -> None:

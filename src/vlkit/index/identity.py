@@ -74,16 +74,18 @@ def _cosine(a: list[float], b: list[float]) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
+_ADVICE = "Search with the model that made the index, or build a new index with this model (another --out, or delete this one)"
+
+
 def check_same(made_by: ModelIdentity, query: ModelIdentity, index: str) -> None:
     """Refuse ``query`` unless it is the model that made the index (same width, same probe embeddings)."""
     if query.width != made_by.width:
         raise VlkitError(f"{index}: made by model {made_by.name!r} ({made_by.path}) with {made_by.width}-wide embeddings; "
-                         f"the query model {query.name!r} ({query.path}) gives {query.width}-wide ones. Search with the "
-                         "model that made the index, or index the folder again with this model")  # fmt: skip
+                         f"the query model {query.name!r} ({query.path}) gives {query.width}-wide ones. {_ADVICE}")  # fmt: skip
     same = _cosine(made_by.probe_image, query.probe_image) >= MATCH
     if same and made_by.probe_text is not None and query.probe_text is not None:
         same = _cosine(made_by.probe_text, query.probe_text) >= MATCH
     if not same:
         raise VlkitError(f"{index}: made by model {made_by.name!r} ({made_by.path}); the query model {query.name!r} "
                          f"({query.path}) has the same width ({query.width}) but embeds differently (another checkpoint). "
-                         "Search with the model that made the index, or index the folder again with this model")  # fmt: skip
+                         f"{_ADVICE}")  # fmt: skip
