@@ -6,6 +6,7 @@ scored exactly as a predictions file with the same answers would be."""
 from __future__ import annotations
 
 import base64
+import email.utils
 import io
 import json
 import os
@@ -35,11 +36,14 @@ def answer_for(prompt: str) -> str:
 
 class Stub:
     """A scripted chat endpoint: ``script`` gives the status of each request in turn (then 200);
-    also "cut" (a 200 whose body stops short of its Content-Length), "nan" (a 429 with Retry-After:
-    nan) and ("redirect", URL) (a 302 to URL)."""
+    also "cut" (a 200 whose body stops short of its Content-Length), "cut-unsized" (a 200 without a
+    length, closed mid-JSON), "html" and "sse" (200s that are not a JSON completion), "nan" (a 429
+    with Retry-After: nan) and ("redirect", URL) (a 302 to URL). ``on_request()`` runs as each
+    request arrives."""
 
-    def __init__(self, script=(), delay: float = 0.0):
+    def __init__(self, script=(), delay: float = 0.0, on_request=None):
         self.script = list(script)
+        self.on_request = on_request
         self.delay = delay
         self.requests: list[dict] = []
         self.headers: list[dict] = []
@@ -53,6 +57,8 @@ class Stub:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if stub.on_request is not None:
+                    stub.on_request()
                 with stub.lock:
                     stub.requests.append(body)
                     stub.headers.append(dict(self.headers))
@@ -67,6 +73,14 @@ class Stub:
                     self.send_header("Location", status[1])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if status in ("html", "sse", "cut-unsized"):  # a 200 that is not one JSON completion
+                    data = {"html": b"<html>hello</html>", "sse": b'data: {"choices": []}\n\n',
+                            "cut-unsized": b'{"id": "x", "choices": [{"index"'}[status]  # fmt: skip
+                    self.send_response(200)
+                    self.end_headers()  # no Content-Length: the reply ends where the connection does
+                    self.wfile.write(data)
+                    self.close_connection = True
                     return
                 how, status = status, {"cut": 200, "nan": 429}.get(status, status)
                 if status == 200:
@@ -278,3 +292,69 @@ def test_against_vlkit_serve(tmp_path):
             assert rows[s.id]["prediction"] == direct
         again = run_endpoint_eval("vqa", vqa_data, url + "/v1", "vlm", tmp_path / "out", max_new_tokens=8)
     assert again["requests"]["requested"] == 0 and again["accuracy"] == res["accuracy"]
+
+
+def test_a_key_that_cannot_be_a_header_is_named_without_showing_it(vqa_data, monkeypatch):
+    for key, what in (("sk-SECRET-1\r", "whitespace or a control character"), ("sk-SECRET\u2019-2", "a character outside ASCII")):
+        monkeypatch.setenv("MY_KEY", key)
+        with pytest.raises(VlkitError, match=f"--api-key-env MY_KEY: the key holds {what}") as err:
+            run_endpoint_eval("vqa", vqa_data, "http://127.0.0.1:9/v1", "m", api_key_env="MY_KEY")
+        assert "SECRET" not in str(err.value)
+
+
+def test_a_failure_stops_the_run_at_once(tmp_path, vqa_data, stub_factory):
+    """The other worker's request is retried no more once one sample has failed (it went on to its
+    seventh attempt, and the run waited for it)."""
+    stub = stub_factory(script=[400] + [503] * 30, delay=0.05)
+    start = time.perf_counter()
+    with pytest.raises(EndpointError, match="HTTP 400"):
+        run_endpoint_eval("vqa", vqa_data, stub.url, "m", tmp_path / "out", concurrency=2)
+    assert len(stub.requests) <= 3 and time.perf_counter() - start < 2
+
+
+def test_requests_are_built_as_they_are_sent(tmp_path, vqa_data, stub_factory, monkeypatch):
+    """Only the requests in flight hold an encoded image: the first goes out before the rest are encoded."""
+    from vlkit.eval import endpoint
+
+    encoded, seen = [], []
+    original = endpoint.image_data_url
+    monkeypatch.setattr(endpoint, "image_data_url", lambda image: encoded.append(1) or original(image))
+    stub = stub_factory(on_request=lambda: seen.append(len(encoded)))
+    run_endpoint_eval("vqa", vqa_data, stub.url, "m", tmp_path / "out", concurrency=2)
+    assert len(seen) == len(load_samples("vqa", vqa_data)) > 4 and seen[0] <= 2
+
+
+def test_answers_from_the_cache_are_said_to_be(tmp_path, vqa_data, stub_factory, capfd):
+    stub = stub_factory()
+    run_endpoint_eval("vqa", vqa_data, stub.url, "vlm", tmp_path / "out")
+    assert "from the cache" not in capfd.readouterr().err
+    run_endpoint_eval("vqa", vqa_data, stub.url, "vlm", tmp_path / "out")
+    assert "answers came from the cache" in capfd.readouterr().err
+
+
+def test_replies_that_are_not_a_completion(tmp_path, vqa_data, stub_factory):
+    for mode, message in (("html", "the reply is not JSON"), ("sse", "a stream of server-sent events")):
+        with pytest.raises(EndpointError, match=f"HTTP 200 but {message}|HTTP 200 but the reply is {message}"):
+            run_endpoint_eval("vqa", vqa_data, stub_factory(script=[mode]).url, "m", tmp_path / mode, concurrency=1)
+    cut = stub_factory(script=["cut-unsized", "cut-unsized"])  # a reply cut short without a length: retried
+    res = run_endpoint_eval("vqa", vqa_data, cut.url, "m", tmp_path / "cut", concurrency=1)
+    assert res["requests"]["requested"] == len(cut.requests) - 2
+
+
+def test_urls_dates_hosts_and_caches(tmp_path, vqa_data, stub_factory, capsys):
+    azure = "https://r.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01"
+    assert chat_url(azure) == azure
+    assert chat_url("http://h/v1?api-version=x") == "http://h/v1/chat/completions?api-version=x"
+    e = Endpoint("http://h/v1", "m", max_backoff_s=60.0)
+    soon = email.utils.formatdate(time.time() + 6, usegmt=True)
+    assert 4 <= REAL_DELAY(e, 0, soon) <= 6 and REAL_DELAY(e, 0, email.utils.formatdate(time.time() - 60, usegmt=True)) == 0
+    with pytest.raises(EndpointError, match=r"connection failure: URLError") as err:  # no retries: it will not resolve
+        run_endpoint_eval("vqa", vqa_data, "http://no-such-host.invalid/v1", "m", tmp_path / "o", concurrency=1)
+    assert "attempts" not in str(err.value)
+    stub = stub_factory()
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(VlkitError, match="answer cache .*adir: cannot be written"):
+        run_endpoint_eval("vqa", vqa_data, stub.url, "m", cache=tmp_path / "adir")
+    assert not stub.requests  # found before any request was paid for
+    assert main(["eval", "generation", "--endpoint", stub.url, "--model", "m"]) == 2
+    assert "evaluates caption, vqa, grounding or mcq" in capsys.readouterr().err

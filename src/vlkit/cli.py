@@ -103,22 +103,23 @@ class _TrainHelp(argparse.Action):
 def cmd_eval(args, overrides: list[str]) -> int:
     from vlkit.eval.tasks import run_eval
 
+    chat_task = args.task in ("caption", "vqa", "grounding", "mcq")
+    if args.endpoint is not None and (not chat_task or args.predictions is not None or args.model is None):
+        raise ValueError("--endpoint URL evaluates caption, vqa, grounding or mcq with --model NAME (the endpoint's "
+                         "model name), not with --predictions")  # fmt: skip
     if args.task == "generation":
         from vlkit.generate_cli import cmd_eval_generation
 
         return cmd_eval_generation(args)
 
     options = {}
-    if args.task in ("caption", "vqa", "grounding", "mcq"):
+    if chat_task:
         options = {"split": args.split, **({"box_format": args.box_format} if args.box_format else {})}
         if args.predictions is None:
             options["max_new_tokens"] = args.max_new_tokens
     if args.endpoint is not None:
         from vlkit.eval.endpoint import run_endpoint_eval
 
-        if not options or args.predictions is not None or args.model is None:
-            raise ValueError("--endpoint URL evaluates caption, vqa, grounding or mcq with --model NAME (the endpoint's "
-                             "model name), not with --predictions")  # fmt: skip
         results = run_endpoint_eval(args.task, args.data, args.endpoint, args.model, args.out, args.api_key_env,
                                     args.concurrency, args.cache, on_bad_sample=args.on_bad_sample, **options)  # fmt: skip
     else:

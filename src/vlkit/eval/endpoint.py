@@ -3,12 +3,15 @@ OpenAI-compatible chat endpoint (GPT-4o, Claude or Gemini through their OpenAI-c
 a vLLM server, ``vlkit serve``) with the same samples, prompts and metrics as a local model.
 
 Each sample is one user message: its image as a ``data:`` URL (PNG) and the task's prompt.
-Requests run ``concurrency`` at a time; a 429, a 5xx, a timeout or a dropped connection is
-retried with exponential backoff (honouring ``Retry-After``); any other error stops the run
-with the server's message. Every answer is appended to a cache file as soon as it arrives,
-keyed by the endpoint, the model and a hash of the exact request, so a run that is interrupted
-(or re-run) sends only the requests it has no answer for. The key of ``--api-key-env`` is sent
-as a bearer token and never written anywhere.
+Requests run ``concurrency`` at a time, each built (its image encoded) only when it is sent; a
+429, a 5xx, a timeout or a dropped connection is retried with exponential backoff (honouring
+``Retry-After``, in seconds or as a date); any other error, a host that does not resolve or a TLS
+failure stops the run at once with the server's message (Ctrl+C too: no request is started
+after it). Every answer is appended to a cache file as soon as it arrives, keyed by the
+endpoint, the model's name and a hash of the exact request, so a run that is interrupted (or
+re-run) sends only the requests it has no answer for; a run that takes answers from the cache
+says so (another model served under the same name would need another ``--cache``). The key of
+``--api-key-env`` is sent as a bearer token and never written or printed anywhere.
 
 The HTTP client is the standard library's: one POST per sample needs no new dependency.
 """
@@ -16,18 +19,23 @@ The HTTP client is the standard library's: one POST per sample needs no new depe
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import http.client
 import io
 import json
 import math
 import os
+import queue
 import random
+import socket
+import ssl
+import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +54,14 @@ class EndpointError(VlkitError):
 
 
 def chat_url(endpoint: str) -> str:
-    """The chat-completions URL of ``endpoint``: an OpenAI base URL (``…/v1``) or the full route."""
+    """The chat-completions URL of ``endpoint``: an OpenAI base URL (``…/v1``) or the full route, its
+    query (Azure's ``?api-version=``) kept."""
     if not endpoint.startswith(("http://", "https://")):
         raise VlkitError(f"--endpoint {endpoint!r}; expected an http(s) URL such as http://127.0.0.1:8000/v1")
-    url = endpoint.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    parts = urllib.parse.urlsplit(endpoint)
+    path = parts.path.rstrip("/")
+    path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path, fragment=""))
 
 
 def image_data_url(image) -> str:
@@ -86,7 +97,13 @@ class AnswerCache:
         self.path = Path(path)
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
-        if not self.path.is_file():
+        try:  # before any request is paid for
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            open(self.path, "a", encoding="utf-8").close()
+        except OSError as err:
+            raise VlkitError(f"answer cache {self.path}: cannot be written ({err.strerror or err}); give --cache a file "
+                             "path that can be") from None  # fmt: skip
+        if self.path.stat().st_size == 0:
             return
         text = self.path.read_text(encoding="utf-8", errors="replace")
         lines = text.split("\n")
@@ -155,28 +172,41 @@ class Endpoint:
                                         "as --endpoint"), None  # fmt: skip
             status, raw, retry_after = err.code, err.read(), err.headers.get("Retry-After")
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as err:
-            # HTTPException: a reply cut short (IncompleteRead) or malformed, retried as a dropped connection
-            return 0, None, f"{type(err).__name__}: {getattr(err, 'reason', err)}", None
+            # HTTPException: a reply cut short (IncompleteRead) or malformed, retried as a dropped connection;
+            # a host that does not resolve, or TLS that fails, is not going to get better: -1, not retried
+            reason = getattr(err, "reason", err)
+            lasting = isinstance(reason, (socket.gaierror, ssl.SSLError))
+            return -1 if lasting else 0, None, f"{type(err).__name__}: {reason}", None
         text = raw.decode("utf-8", errors="replace")
         try:
             return status, json.loads(text), text, retry_after
         except json.JSONDecodeError:
             return status, None, text, retry_after
 
-    def ask(self, body: dict, sample_id: str) -> str:
-        """The answer text for one request, retrying 429/5xx/network failures with backoff."""
+    def ask(self, body: dict, sample_id: str, stop: threading.Event | None = None) -> str:
+        """The answer text for one request, retrying 429/5xx/network failures with backoff; once
+        ``stop`` is set no attempt starts and no wait goes on."""
         where = f"{self.url}, sample {sample_id!r}"
+        stop = stop or threading.Event()
         for attempt in range(self.max_retries + 1):
+            if stop.is_set():
+                raise EndpointError(f"{where}: not asked: the run is stopping")
             status, reply, text, retry_after = self._post(body)
             if status == 200 and reply is not None:
                 return answer_text(reply, where)
+            if status == 200:  # not JSON: a reply cut short without a length is retried; anything else is not a completion
+                if not text.lstrip().startswith("{"):
+                    kind = "a stream of server-sent events" if text.lstrip().startswith("data:") else "not JSON"
+                    raise EndpointError(f"{where}: HTTP 200 but the reply is {kind}, not a chat completion: {text[:200]!r}")
+                status, text = 0, f"a reply cut short ({len(text)} characters of JSON)"
             retryable = status == 0 or status in RETRY_STATUS
             if not retryable or attempt == self.max_retries:
                 error = reply.get("error") if isinstance(reply, dict) else None
                 message = error.get("message") if isinstance(error, dict) else None
                 tries = f" after {attempt + 1} attempts" if retryable else ""
-                raise EndpointError(f"{where}: HTTP {status or 'connection failure'}{tries}: {message or text[:300]}")
-            time.sleep(self._delay(attempt, retry_after))
+                what = "connection failure" if status in (0, -1) else status
+                raise EndpointError(f"{where}: HTTP {what}{tries}: {message or text[:300]}")
+            stop.wait(self._delay(attempt, retry_after))
         raise AssertionError("unreachable")
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
@@ -184,10 +214,18 @@ class Endpoint:
             try:
                 seconds = float(retry_after)
             except ValueError:
-                seconds = math.nan
+                seconds = _seconds_until(retry_after)
             if math.isfinite(seconds):
                 return min(max(seconds, 0.0), self.max_backoff_s)
         return min(self.backoff_s * 2**attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
+
+
+def _seconds_until(http_date: str) -> float:
+    """Seconds from now to an HTTP date (``Retry-After: Wed, 21 Oct 2026 07:28:00 GMT``); nan if it is none."""
+    try:
+        return email.utils.parsedate_to_datetime(http_date).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return math.nan
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -210,57 +248,86 @@ def default_cache(out: str | Path | None) -> Path:
 
 
 def api_key_from_env(var: str | None) -> str | None:
+    """The key in the environment variable ``var``, checked to fit a header (never shown in an error)."""
     if var is None:
         return None
     key = os.environ.get(var)
     if not key:
         raise VlkitError(f"--api-key-env {var}: the environment variable {var} is not set (or empty); export it with the API key")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise VlkitError(f"--api-key-env {var}: the key holds whitespace or a control character (a line ending read "
+                         "from a file?); export it without")  # fmt: skip
+    if not key.isascii():
+        raise VlkitError(f"--api-key-env {var}: the key holds a character outside ASCII (a typographic quote pasted "
+                         "with it?); API keys are ASCII")  # fmt: skip
     return key
 
 
 def endpoint_predictions(endpoint: Endpoint, samples: list[Sample], cache: AnswerCache, max_new_tokens: int,
                          concurrency: int = 4, skips: Skips | None = None, progress: bool = True) -> tuple[dict[str, str], dict]:  # fmt: skip
     """``({sample id: answer}, counts)``: cached answers reused, the rest asked ``concurrency`` at a time.
-    A sample whose image cannot be loaded stops, or with ``Skips("skip")`` is left out and recorded."""
+    Each sample's request is built by the worker that sends it, so only ``concurrency`` images are
+    held encoded. A sample whose image cannot be loaded stops the run, or with ``Skips("skip")`` is
+    left out and recorded. A failure (or Ctrl+C) stops it at once: the workers start nothing more,
+    and one waiting on a reply is left to it (its answer is cached if it comes before the exit)."""
     from tqdm import tqdm
 
     skips = skips if skips is not None else Skips()
     if concurrency < 1:
         raise VlkitError(f"--concurrency {concurrency}; expected a whole number of at least 1")
-    answers: dict[str, str] = {}
-    todo: list[tuple[Sample, dict, str]] = []
+    todo: queue.Queue = queue.Queue()
     for s in samples:
+        todo.put(s)
+    done: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def answer(sample: Sample) -> tuple:
         try:
-            url = image_data_url(s.image()) if s.image is not None else None
+            url = image_data_url(sample.image()) if sample.image is not None else None
         except BadSample as err:
-            skips.reject(err, "bad image")
-            continue
-        body = request_body(endpoint.model, s.prompt, url, max_new_tokens)
+            return "bad", sample, err
+        body = request_body(endpoint.model, sample.prompt, url, max_new_tokens)
         key = endpoint.cache_key(body)
         if (hit := cache.get(key)) is not None:
-            answers[s.id] = hit
-        else:
-            todo.append((s, body, key))
-    counts = {"cached": len(answers), "requested": len(todo)}
-    bar = tqdm(total=len(todo), desc="endpoint", unit="sample", disable=not progress)
+            return "cached", sample, hit
+        reply = endpoint.ask(body, sample.id, stop)
+        cache.put(key, sample.id, reply)  # at once, so a request in flight when the run stops is not paid twice
+        return "asked", sample, reply
 
-    def ask(sample: Sample, body: dict, key: str) -> str:
-        answer = endpoint.ask(body, sample.id)
-        cache.put(key, sample.id, answer)  # at once, so a request in flight when the run stops is not paid twice
-        return answer
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                sample = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put(answer(sample))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller, which stops the run
+                stop.set()  # before the caller sees it: no worker starts another request meanwhile
+                done.put(("failed", sample, err))
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        futures = {pool.submit(ask, s, body, key): s for s, body, key in todo}
-        try:
-            for fut in as_completed(futures):
-                answers[futures[fut].id] = fut.result()
+    for _ in range(min(concurrency, len(samples))):  # daemons: an exit does not wait for a reply in flight
+        threading.Thread(target=work, name="vlkit-endpoint", daemon=True).start()
+    answers: dict[str, str] = {}
+    counts = {"cached": 0, "requested": 0}
+    try:
+        with tqdm(total=len(samples), desc="endpoint", unit="sample", disable=not progress) as bar:
+            for _ in range(len(samples)):
+                outcome, sample, value = done.get()
+                if outcome == "failed":
+                    raise value
+                if outcome == "bad":
+                    skips.reject(value, "bad image")
+                else:
+                    answers[sample.id] = value
+                    counts["cached" if outcome == "cached" else "requested"] += 1
                 bar.update(1)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            bar.close()
+    finally:
+        stop.set()
+    if counts["cached"]:
+        print(f"{counts['cached']} of {len(answers)} answers came from the cache {cache.path} (keyed by the endpoint, the "
+              f"model name {endpoint.model!r} and the request); if another model now answers as {endpoint.model!r}, give "
+              "--cache another file", file=sys.stderr)  # fmt: skip
     return answers, counts
 
 
