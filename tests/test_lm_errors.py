@@ -115,3 +115,60 @@ def test_config_that_does_not_describe_the_weights(tmp_path):
     edit_config(folder, num_hidden_layers=3)
     with pytest.raises(CheckpointError, match=r"missing key\(s\) model.decoder.layers.2"):
         vlkit.load(folder)
+
+
+def test_a_qwen2_whose_first_layers_attend_fully_exports_as_it_came(tmp_path):
+    """The export said every layer slides (max_window_layers 0): transformers then ran another model past the window."""
+    from vlkit.interop.export import to_hf
+
+    hf = hf_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    model = vlkit.load(save(hf, tmp_path / "a"))
+    assert model.cfg.full_attention_layers == 1
+    to_hf(model, tmp_path / "b")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", attn_implementation="sdpa").eval()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["max_window_layers"] == 1
+    ids = torch.randint(3, 90, (1, 20))  # past the window, where it matters which layers slide
+    with torch.no_grad():
+        assert (hf(ids).logits - back(ids).logits).abs().max() < 1e-5
+
+
+def test_config_values_of_the_wrong_type_are_named(tmp_path):
+    for key, value in (("num_hidden_layers", "2"), ("hidden_size", None)):
+        folder = save(hf_model("llama"), tmp_path / key)
+        edit_config(folder, **{key: value})
+        with pytest.raises(CheckpointError, match=r"config.json: a value of the wrong type"):
+            vlkit.load(folder)
+
+
+def test_dtype_is_honoured_for_every_folder_and_defaults_to_the_saved_one(tmp_path):
+    from vlkit.train.checkpoint import save_model
+
+    hf = save(hf_model("llama"), tmp_path / "hf")
+    native = tmp_path / "native"
+    save_model(native, vlkit.load(hf), "llama")
+    assert {p.dtype for p in vlkit.load(native, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+    save(hf_model("llama").to(torch.bfloat16), tmp_path / "bf16")
+    assert {p.dtype for p in vlkit.load(tmp_path / "bf16").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in vlkit.load(tmp_path / "bf16", dtype=torch.float32).parameters()} == {torch.float32}
+
+
+def test_sharded_and_legacy_bin_checkpoints_load(tmp_path):
+    hf = hf_model("llama")
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    ids = torch.randint(3, 90, (1, 6))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    for name, write in (("sharded", "shards"), ("legacy", "legacy")):
+        folder = tmp_path / name
+        hf.config.save_pretrained(folder)
+        if write == "legacy":  # torch's format before zip files: cannot be memory-mapped
+            torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+        else:
+            keys = sorted(state)
+            halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2], "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+            for file, part in halves.items():
+                torch.save({k: state[k] for k in part}, folder / file)
+            index = {"metadata": {}, "weight_map": {k: f for f, part in halves.items() for k in part}}
+            (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        with torch.no_grad():
+            assert (vlkit.load(folder)(input_ids=ids).logits - expected).abs().max() < 1e-5, name

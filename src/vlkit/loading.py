@@ -40,7 +40,7 @@ def resolve(path: str | Path) -> Path:
 
 def load(path: str | Path, device: str = "cpu", dtype=None):
     """Load a vlkit, transformers or OpenCLIP checkpoint folder (or a run folder) into an eval-mode
-    model. Foreign checkpoints are cast to ``dtype`` (default float32)."""
+    model, its weights in ``dtype`` (default: the dtype they were saved in)."""
     from vlkit import interop
     from vlkit.interop.common import read_json
 
@@ -89,7 +89,7 @@ def load(path: str | Path, device: str = "cpu", dtype=None):
         from vlkit.interop.hf_llava import attach_lm_files_to
 
         attach_lm_files_to(model, folder)
-    return model.to(device).eval()
+    return (model if dtype is None else model.to(dtype)).to(device).eval()
 
 
 def load_native_weights(model, weights: Path) -> None:

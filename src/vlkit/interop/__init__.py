@@ -33,8 +33,13 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 def load_transformers(folder: Path, raw: dict, dtype=None):
-    """Dispatch on ``raw['model_type']``, which the caller has checked is in :data:`LOADERS`."""
-    return LOADERS[raw["model_type"]](Path(folder), raw, dtype)
+    """Dispatch on ``raw['model_type']``, which the caller has checked is in :data:`LOADERS`. A
+    config value of the wrong type (a string or null for a number) is named with its file."""
+    try:
+        return LOADERS[raw["model_type"]](Path(folder), raw, dtype)
+    except TypeError as err:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: a value of the wrong type ({err}); expected the numbers, "
+                              "strings and lists transformers writes") from None  # fmt: skip
 
 
 def load_open_clip(folder: Path, dtype=None):

@@ -15,7 +15,7 @@ from vlkit.nn.mlp import ACTIVATIONS
 from vlkit.text.tokenizer import Tokenizer
 from vlkit.vision.preprocess import ImageProcessor
 
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def read_json(path: Path) -> dict:

@@ -55,16 +55,22 @@ def rope_config(raw: dict, where: str) -> RopeConfig:
     return RopeConfig(**out)
 
 
-def _sliding_window(raw: dict, model_type: str) -> int | None:
-    """The window, when any layer attends through one (transformers' rules per model type)."""
+def _sliding_window(raw: dict, model_type: str, where: str) -> tuple[int | None, int]:
+    """``(the window, when any layer attends through one; how many first layers attend to
+    everything)``, by transformers' rules per model type."""
     window = raw.get("sliding_window")
     if model_type == "mistral" or window is None:
-        return window
+        return window, 0
     if model_type == "qwen2" and raw.get("use_sliding_window"):
         kinds = raw.get("layer_types") or ["sliding_attention" if i >= raw.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
                                            else "full_attention" for i in range(raw["num_hidden_layers"])]
-        return window if "sliding_attention" in kinds else None
-    return None
+        if "sliding_attention" not in kinds:
+            return None, 0
+        full = kinds.index("sliding_attention")
+        require(all(k == "sliding_attention" for k in kinds[full:]), where,
+                f"layer_types {kinds}: full-attention layers after sliding ones; vlkit represents the first layers full only")
+        return window, full
+    return None, 0
 
 
 def config_from_hf(raw: dict, where: str) -> LlamaConfig:
@@ -78,13 +84,14 @@ def config_from_hf(raw: dict, where: str) -> LlamaConfig:
         qkv_bias, out_bias, mlp_bias = model_type == "qwen2", False, False
     require(c["hidden_size"] % c["num_attention_heads"] == 0 or c.get("head_dim"), where,
             f"hidden_size {c['hidden_size']} is not divisible by num_attention_heads {c['num_attention_heads']}")
+    window, full = _sliding_window(c, model_type, where)
     return LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
         num_key_value_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"),
         hidden_act=activation(c["hidden_act"], f"{where}: hidden_act"), max_position_embeddings=c["max_position_embeddings"],
         rms_norm_eps=c["rms_norm_eps"], tie_word_embeddings=bool(c["tie_word_embeddings"]), rope=rope_config(c, where),
-        qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, sliding_window=_sliding_window(c, model_type),
+        qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=mlp_bias, sliding_window=window, full_attention_layers=full,
         family=model_type, bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
         pad_token_id=c.get("pad_token_id"),
     )
@@ -172,7 +179,7 @@ def config_to_hf(cfg: LlamaConfig) -> tuple[dict, list[str]]:
             problems.append(f"biases qkv={cfg.qkv_bias}, out={cfg.out_bias}, mlp={cfg.mlp_bias}; {cfg.family} has "
                             f"qkv={want_qkv}, out=False, mlp=False")
         out["sliding_window"] = cfg.sliding_window
-        if cfg.family == "qwen2":
-            # vlkit refuses sequences longer than the window, so which layers slide makes no difference.
-            out.update(use_sliding_window=cfg.sliding_window is not None, max_window_layers=0 if cfg.sliding_window else cfg.num_hidden_layers)
+        if cfg.family == "qwen2":  # which layers slide: nothing to vlkit (no sequence runs past the window), all to transformers
+            slides = cfg.sliding_window is not None
+            out.update(use_sliding_window=slides, max_window_layers=cfg.full_attention_layers if slides else cfg.num_hidden_layers)
     return out, problems

@@ -22,7 +22,7 @@ class WeightReader:
 
     @classmethod
     def open(cls, path: Path) -> "WeightReader":
-        """``*.safetensors``, ``*.safetensors.index.json`` (shards) or ``*.bin``."""
+        """``*.safetensors``, ``*.safetensors.index.json`` or ``*.bin.index.json`` (shards), or ``*.bin``."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing")
@@ -39,28 +39,25 @@ class WeightReader:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a shard index (expected JSON with a 'weight_map' of key -> shard file; {err!r})") from None
         files: dict[str, Path] = {}
+        bins: dict[Path, dict] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = index.parent / shard
             if not shard_path.is_file():
                 raise FileNotFoundError(f"{shard_path}: missing (named by {index.name})")
-            keys = set(_safetensors_keys(shard_path))
+            if shard_path.suffix == ".bin":  # pytorch_model-0000N-of-0000M.bin, as older checkpoints are sharded
+                bins[shard_path] = _bin_state(shard_path)
+                keys = set(bins[shard_path])
+            else:
+                keys = set(_safetensors_keys(shard_path))
             for key, name in weight_map.items():
                 if name == shard and key not in keys:
                     raise CheckpointError(f"{shard_path}: has no tensor {key!r}, which {index.name} places in it")
             files.update({k: shard_path for k in keys})
-        return cls(files)
+        return cls(files, bins)
 
     @classmethod
     def _bin(cls, path: Path) -> "WeightReader":
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many kinds for bad pickles
-            raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {err}") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        state = _bin_state(path)
         return cls({k: path for k in state}, {path: state})
 
     def keys(self) -> list[str]:
@@ -89,6 +86,25 @@ class WeightReader:
             return handle.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({err}); the file may be truncated") from None
+
+
+def _bin_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.bin``: memory-mapped, or read whole when it predates torch's zip format
+    (which cannot be mapped)."""
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "_use_new_zipfile_serialization" not in str(err):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for bad pickles
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _safetensors_keys(path: Path) -> list[str]:

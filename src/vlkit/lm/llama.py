@@ -25,7 +25,9 @@ class LlamaConfig:
     has one. ``qkv_bias``/``out_bias`` split transformers' ``attention_bias`` (Qwen2 has q/k/v bias
     but no output bias). ``sliding_window``: attention reaches only that far back (Mistral; Qwen2
     with ``use_sliding_window``); vlkit refuses longer sequences rather than window them.
-    ``family`` is the transformers architecture the model exports to."""
+    ``full_attention_layers``: with a window, how many first layers attend to everything (Qwen2's
+    ``max_window_layers``); as no sequence runs past the window it changes nothing here, but an
+    export must say it. ``family`` is the transformers architecture the model exports to."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -43,6 +45,7 @@ class LlamaConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    full_attention_layers: int = 0
     family: str = "llama"
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
