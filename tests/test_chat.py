@@ -132,3 +132,34 @@ def test_a_model_that_is_not_a_language_model_is_refused(capsys, tmp_path):
     transformers.CLIPModel(cfg).save_pretrained(tmp_path / "clip")
     code, _, err = chat(["--model", str(tmp_path / "clip"), "--prompt", "x"], capsys)
     assert code == 2 and "clip" in err and "not a language model" in err
+
+
+def test_a_conversation_that_outgrows_the_model_forgets_its_oldest_exchanges(folder, capsys, monkeypatch):
+    """Once the history filled the context every later turn failed, for the rest of the session."""
+    line = "Tell me everything about the long history of the city of Paris and of France, please. " * 3
+    code, out, err = chat(["--model", str(folder), "--max-new-tokens", str(NEW)], capsys, stdin=(line + "\n") * 12,
+                          monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 0 and out.count("\n") == 12 and "exceed" not in err
+    assert "the conversation outgrew the model's positions" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-new-tokens", "0", "expected a whole number of at least 1"),  # 0 used to mean the default
+    ("--seed", str(2**70), "expected a whole number from -2**63"),
+    ("--device", "bogus", "'bogus' is not a device"),
+])  # fmt: skip
+def test_flags_are_checked_by_name(folder, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "--model", str(folder), "--prompt", "x", flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}: " in err and message in err
+
+
+def test_ctrl_c_while_the_command_line_is_read_is_a_plain_interruption(capsys, monkeypatch):
+    import vlkit.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlkit.cli, "parser", interrupted)
+    assert main(["chat"]) == 130 and capsys.readouterr().err == "vlkit: interrupted\n"

@@ -183,8 +183,11 @@ def test_bad_prompts_and_settings_are_named(model):
         model.generate(["a red circle", "  "], steps=2)
     with pytest.raises(VlkitError, match="no prompts"):
         model.generate([], steps=2)
-    with pytest.raises(VlkitError, match="guidance must be at least 0"):
-        model.generate(["a red circle"], guidance=-1, steps=2)
+    for guidance in (-1, float("nan"), float("inf")):  # NaN and inf drew black images
+        with pytest.raises(VlkitError, match="guidance must be a finite number of at least 0"):
+            model.generate(["a red circle"], guidance=guidance, steps=2)
+    with pytest.raises(VlkitError, match="eta must be a finite number of at least 0"):
+        model.generate(["a red circle"], eta=float("nan"), steps=2)
     with pytest.raises(VlkitError, match="steps must be at least 1"):
         model.generate(["a red circle"], steps=0)
     long = " ".join(["a red circle"] * 12)
@@ -210,12 +213,15 @@ def test_generate_command_warns_of_truncation(run, tmp_path, capsys):
     "args, message",
     [
         (["", "-n", "1"], "prompt 0 is empty"),
-        (["a red circle", "--guidance", "-0.5"], "guidance must be at least 0"),
+        (["a red circle", "--guidance", "-0.5"], "guidance must be a finite number of at least 0"),
+        (["a red circle", "--guidance", "nan"], "guidance must be a finite number of at least 0"),
+        (["a red circle", "--out", "afile/grid.png"], "afile is a file; expected a folder there"),
         (["a red circle", "--out", "grid.txt"], "ending in .png or .jpg"),
     ],
 )
 def test_generate_command_bad_input(run, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
     assert main(["generate", "--model", str(run), *args]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err

@@ -153,6 +153,8 @@ def test_ground_draws_the_box_it_parses(folder, images, capsys, tmp_path, monkey
     ("a red box in the middle", "no box in the reply"),
     ("[100, 200, 1200, 300]", "off the image"),
     ("[-5, 200, 500, 300]", "off the image"),
+    ("[0, 0, 1000, 1000]", "off the grid"),  # the grid is 0-999: 1000 was taken as the image's edge
+    ("[0, 0, 500.5, 999]", "off the grid"),
     ("[500, 500, 400, 600]", "is empty"),
 ])  # fmt: skip
 def test_replies_without_a_usable_box_are_said_so(folder, images, capsys, tmp_path, monkeypatch, reply, problem):
@@ -266,6 +268,15 @@ def test_ground_refuses_a_bad_out_before_loading(folder, images, capsys, tmp_pat
     assert code == 2 and "is a folder; expected an image file name" in err
     code, _, err = run(["ground", "--model", tmp_path / "no-model", "--image", images[0], "x", "--out", tmp_path / "b.xyz"], capsys)
     assert code == 2 and "unknown image type '.xyz'" in err
+    (tmp_path / "afile").write_text("not a folder")
+    code, _, err = run(["ground", "--model", tmp_path / "no-model", "--image", images[0], "x", "--out", tmp_path / "afile" / "b.png"],
+                       capsys)  # fmt: skip
+    assert code == 2 and "afile is a file; expected a folder there" in err  # named before the (missing) model
+
+
+def test_caption_of_a_folder_without_images_is_an_error(folder, capsys, tmp_path):
+    code, _, err = run(["caption", "--model", folder, tmp_path], capsys)
+    assert code == 2 and "vlkit: error: no images found" in err
 
 
 def test_a_seed_repeats_sampled_captions(folder, images, capsys):

@@ -2,6 +2,15 @@
 
 __version__ = "0.1.0"
 
-from vlkit.loading import load  # noqa: E402
-
 __all__ = ["load", "__version__"]
+
+
+def __getattr__(name: str):
+    """``vlkit.load``, imported on first use: ``import vlkit`` (and so every command, and its
+    --help) starts without importing torch, and Ctrl+C before a command's work begins is a plain
+    interruption."""
+    if name == "load":
+        from vlkit.loading import load
+
+        return load
+    raise AttributeError(f"module 'vlkit' has no attribute {name!r}")

@@ -61,6 +61,7 @@ class ChatSession:
         if system is not None and not self.templated:
             raise VlkitError(f"{self.tokenizer.origin}: --system needs a chat template, and this model folder has none")
         self.messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
+        self.forgotten = 0  # exchanges dropped so that the conversation fits the model's positions
         self.generator = torch.Generator(device=_device(model)).manual_seed(seed) if seed is not None else None
 
     def _user_turn(self, text: str) -> dict:
@@ -86,6 +87,30 @@ class ChatSession:
         ids = self.tokenizer.encode_chat(self.messages + [turn]) if self.templated else self.tokenizer.encode(turn["content"])
         return {"input_ids": torch.tensor([ids], device=device)}
 
+    def _length(self, turn: dict) -> int:
+        """Tokens of the conversation's prompt with ``turn`` added."""
+        if self.vlm:
+            return len(self.processor.encode(self.messages + [turn], self.images, add_generation_prompt=True,
+                                             sample="the conversation"))  # fmt: skip
+        return len(self.tokenizer.encode_chat(self.messages + [turn]))
+
+    def _room(self) -> int:
+        """Positions a prompt may take and leave the answer its ``max_new_tokens``."""
+        lm = self.model.lm if self.vlm else self.model
+        config = getattr(self.model, "generation_config", None)
+        answer = self.options.get("max_new_tokens") or getattr(config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        return lm.max_length - answer
+
+    def _forget_oldest(self) -> bool:
+        """Drop the oldest exchange (a user turn and its answer) the conversation can lose: not the
+        system message, nor the first exchange when it carries the images. False when none is left."""
+        start = int(bool(self.messages) and self.messages[0]["role"] == "system") + (2 if self.vlm and self.images else 0)
+        if len(self.messages) - start < 2:
+            return False
+        del self.messages[start : start + 2]
+        self.forgotten += 1
+        return True
+
     def reply(self, text: str) -> Iterator[str]:
         """The answer to ``text`` piece by piece; the turn joins the history once the answer is whole."""
         import torch
@@ -93,6 +118,8 @@ class ChatSession:
         from vlkit.lm.generate import generate_text, stream
 
         turn = self._user_turn(text)
+        while self.templated and self._length(turn) > self._room() and self._forget_oldest():
+            pass
         prompt = self._prompt(turn)
         mask = torch.ones_like(prompt["input_ids"])
         lm = self.model.lm if self.vlm else self.model
@@ -143,7 +170,8 @@ def generation_options(args, generation_config) -> dict:
         options["do_sample"] = False
     elif any(k in options for k in SAMPLING_FLAGS):
         options["do_sample"] = True
-    options["max_new_tokens"] = args.max_new_tokens or generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    options["max_new_tokens"] = (args.max_new_tokens if args.max_new_tokens is not None
+                                 else generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     return options
 
 
@@ -183,8 +211,12 @@ def run_chat(args, stdin: TextIO | None = None, stdout: TextIO | None = None, st
         if not line or line.strip() == "/exit":
             return 0
         if line.strip():
+            forgotten = session.forgotten
             try:
                 _say(session, line.rstrip("\n"), stdout)
+                if session.forgotten > forgotten:
+                    print(f"vlkit chat: the conversation outgrew the model's positions; its {session.forgotten} oldest "
+                          "exchange(s) are forgotten", file=stderr)  # fmt: skip
             except VlkitError as err:  # e.g. the conversation outgrew the model's positions: say so, keep the session
                 print(f"vlkit chat: {err}", file=stderr)
 
@@ -221,7 +253,9 @@ def add_parser(subparsers) -> None:
 def add_generation_arguments(p) -> None:
     """The generation flags (read by :func:`generation_options`) and ``--seed``, ``--device``:
     shared by ``chat``, ``caption``, ``vqa`` and ``ground``."""
-    p.add_argument("--max-new-tokens", type=int,
+    from vlkit.cli import device_name, positive_int, seed_int
+
+    p.add_argument("--max-new-tokens", type=positive_int,
                    help=f"tokens per answer at most (default: generation_config.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--temperature", type=float, help="sample at this temperature (0: greedy)")
     p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this probability")
@@ -229,5 +263,5 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--min-p", type=float, help="sample from tokens at least this fraction of the top token's probability")
     p.add_argument("--repetition-penalty", type=float, help="divide the logits of tokens already seen by this")
     p.add_argument("--num-beams", type=int, help="beam search with this many beams (the answer is printed whole)")
-    p.add_argument("--seed", type=int, help="seed of the sampling, for answers that repeat")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=seed_int, help="seed of the sampling, for answers that repeat")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1, ...")

@@ -21,6 +21,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse ``type=`` for ``--seed``: a whole number a torch generator takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a whole number from -2**63 to 2**63 - 1, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse ``type=`` for ``--device``: a device torch knows and this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; expected cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine's torch sees no CUDA device; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine's torch has no MPS device; use cpu")
+    return text
+
+
 def cmd_train(args, overrides: list[str]) -> int:
     from vlkit.config import read
 
@@ -200,13 +228,14 @@ def _read_texts(spec: list[str]) -> list[str]:
 def _image_paths(spec: list[str]) -> list[Path]:
     """Image files given directly, or every image under the given folders (sorted; hidden ones passed over)."""
     from vlkit.data.images import image_files
+    from vlkit.errors import VlkitError
 
     paths: list[Path] = []
     for item in spec:
         p = Path(item)
         paths += image_files(p) if p.is_dir() else [p]
     if not paths:
-        raise SystemExit(f"no images found in {spec}")
+        raise VlkitError(f"no images found in {spec}; expected image files or folders holding some")
     return paths
 
 
@@ -357,7 +386,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # what was written stays (a run's checkpoints, an evaluation's cache of answers)
+        print("vlkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     args, rest = parser().parse_known_args(argv)
     takes_overrides = getattr(args, "takes_overrides", False)  # train and demo; any other command refuses them
     overrides = [a for a in rest if takes_overrides and a.startswith("--") and "=" in a]
@@ -376,9 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as err:  # VlkitError is a ValueError
         print(f"vlkit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # what was written stays (a run's checkpoints, an evaluation's cache of answers)
-        print("vlkit: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

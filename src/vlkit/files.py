@@ -10,12 +10,24 @@ import shutil
 import uuid
 from pathlib import Path
 
+from vlkit.errors import VlkitError
+
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def check_file_path(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a file path that cannot be made: a file where one of its folders
+    must be."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise VlkitError(f"{flag} {path}: {parent} is a file; expected a folder there (or a path that can be one)")
+            return
 
 
 def write_text_whole(path: Path, text: str) -> None:

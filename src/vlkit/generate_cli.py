@@ -9,10 +9,13 @@ from pathlib import Path
 
 from vlkit.errors import VlkitError
 from vlkit.eval.generation import ETA, GUIDANCE, STEPS
+from vlkit.files import check_file_path
 
 
 def add_parser(subparsers, positive_int) -> None:
     """Register ``generate`` on the ``vlkit`` command's subparsers."""
+    from vlkit.cli import device_name, seed_int
+
     p = subparsers.add_parser("generate", help="draw images from a text prompt with a text-to-image model")
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each); -n images of each")
     p.add_argument("--model", required=True, help="text-to-image model or run folder (vlkit train diffusion)")
@@ -22,9 +25,9 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=ETA, help="DDIM's eta: 0 deterministic, 1 as much fresh noise as DDPM "
                    "(cleaner images from a briefly trained model; still reproducible by --seed)")
-    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    p.add_argument("--seed", type=seed_int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--out", default="grid.png", help="the grid image (a row per prompt); a .png or .jpg file")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1, ...")
     p.set_defaults(fn=cmd_generate)
 
 
@@ -50,6 +53,7 @@ def cmd_generate(args, overrides: list[str]) -> int:
         raise VlkitError(f"--out {out}: expected an image file name ending in .png or .jpg")
     if out.is_dir():
         raise VlkitError(f"--out {out}: is a folder; expected an image file name such as {out / 'grid.png'}")
+    check_file_path(out)
     model = load_diffusion(args.model, args.device)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     with warnings.catch_warnings(record=True) as caught:

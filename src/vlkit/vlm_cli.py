@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from vlkit.errors import VlkitError
+from vlkit.files import check_file_path
 
 """The default ``caption`` prompt: the one ``vlkit eval caption`` asks."""
 GRID = 1000
@@ -106,11 +107,11 @@ def reply_box(reply: str, width: int, height: int) -> tuple[tuple[int, int, int,
     box = parse_box(reply, "norm1000", width, height)
     if box is None:
         return None, f"no box in the reply; {expected}"
-    inside = all(0 <= v <= size for v, size in zip(box, (width, height, width, height)))
+    inside = all(v == int(v) and 0 <= v < GRID for v in parse_box(reply, "pixels", width, height))  # the numbers as written
     x0, y0, x1, y1 = (round(v) for v in box)
     where = f"[{x0}, {y0}, {x1}, {y1}] in pixels of the {width}x{height} image"
     if not inside:
-        return None, f"the reply's box ({where}) is off the image; {expected}"
+        return None, f"the reply's box ({where}) is off the grid, so off the image; {expected}"
     if x1 <= x0 or y1 <= y0:
         return None, f"the reply's box ({where}) is empty; {expected}, x1 < x2 and y1 < y2"
     return (x0, y0, x1, y1), ""
@@ -122,6 +123,7 @@ def image_format(out: Path) -> str:
 
     if out.is_dir():
         raise VlkitError(f"--out {out}: is a folder; expected an image file name such as {out / 'boxed.png'}")
+    check_file_path(out)
     formats = Image.registered_extensions()
     if out.suffix.lower() not in formats:
         raise VlkitError(f"--out {out}: unknown image type {out.suffix!r}; expected a name ending in .png, .jpg, ...")

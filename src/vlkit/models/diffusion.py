@@ -315,12 +315,12 @@ class TextToImage(nn.Module):
         """Images ``[N, C, H, W]`` in [-1, 1], one per prompt, by ``steps`` DDIM steps with guidance
         scale ``guidance`` (1: the conditional prediction alone, 0: unconditional). Image ``i``
         starts from the noise of seed ``seed + i``, so it is the same whatever the batch."""
-        if guidance < 0:
-            raise VlkitError(f"guidance must be at least 0 (1 = no guidance), got {guidance}")
+        if not 0 <= guidance < math.inf:  # NaN fails too
+            raise VlkitError(f"guidance must be a finite number of at least 0 (1 = no guidance), got {guidance}")
         if steps <= 0:
             raise VlkitError(f"steps must be at least 1, got {steps}")
-        if eta < 0:
-            raise VlkitError(f"eta must be at least 0, got {eta}")
+        if not 0 <= eta < math.inf:
+            raise VlkitError(f"eta must be a finite number of at least 0, got {eta}")
         tokens = self.tokenize(prompts)
         net = self.ema if use_ema else self.unet
         n = len(tokens["input_ids"])

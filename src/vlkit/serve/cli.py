@@ -51,6 +51,8 @@ def cmd_serve(args, overrides: list[str]) -> int:
 
 def add_parser(subparsers, positive_int) -> None:
     """Register ``serve`` on the ``vlkit`` command's subparsers."""
+    from vlkit.cli import device_name
+
     p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API, with photo search and a web page")
     p.add_argument("--model", action="append", metavar="[NAME=]DIR", required=True,
                    help="a chat model (LLaVA VLM, or an LM with a chat template) or an embedding model (CLIP, SigLIP); "
@@ -81,6 +83,6 @@ def add_parser(subparsers, positive_int) -> None:
     p.add_argument("--pin-engines", action=argparse.BooleanOptionalAction, default=True,
                    help="bind each engine process on the CPU to CPUs of its own, the last ones, when it runs fewer "
                    "torch threads (OMP_NUM_THREADS) than the CPUs there are; the HTTP handling keeps the others")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(fn=cmd_serve)
