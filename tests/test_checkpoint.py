@@ -215,3 +215,18 @@ def test_resumed_run_equals_uninterrupted_run_exactly(tmp_path):
         return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_a_resume_refuses_new_optimizer_settings_and_a_truncated_newest_checkpoint_is_named(tmp_path):
+    """A new weight decay was recorded in recipe.json but not used; a truncated checkpoint raised safetensors' own error."""
+    from vlkit.train.clip import train_clip as train
+
+    train(shapes_recipe(4), tmp_path / "r", stop_at=2)
+    changed = shapes_recipe(4)
+    changed.optim.weight_decay = 0.5
+    with pytest.raises(CheckpointError, match=r"optimizer settings .* changes optim.weight_decay"):
+        train(changed, tmp_path / "r", resume=True)
+    weights = checkpoint.latest_checkpoint(tmp_path / "r") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+        vlkit.load(tmp_path / "r")

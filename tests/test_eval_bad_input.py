@@ -368,3 +368,76 @@ def test_bad_numeric_precision_names_the_line(data, tmp_path):
 def test_a_split_with_no_samples_is_an_error(data):
     with pytest.raises(VlkitError, match=r"no .*split"):
         load_samples("caption", data / "coco", split="tset")
+
+
+def test_a_bad_mcq_row_is_skipped_and_counted_under_skip(data, tmp_path):
+    """A wrong answer letter or precision always stopped the run, even under --on-bad-sample skip."""
+    for fmt, column, value in (("mmbench", "answer", "Z"), ("mathvista", "precision", "two")):
+        tsv = (data / fmt / f"{fmt}.tsv").read_text().splitlines()
+        header, row = tsv[0].split("\t"), tsv[1].split("\t")
+        row[header.index(column)] = value
+        (tmp_path / f"{fmt}.tsv").write_text("\n".join([tsv[0], "\t".join(row), *tsv[2:]]) + "\n")
+        skips = Skips("skip")
+        assert len(load_samples("mcq", tmp_path / f"{fmt}.tsv", skips=skips)) == len(tsv) - 2
+        assert skips.total == 1 and f"{column} '{value}'" in str(skips.items[0])
+
+
+def _refcoco_copy(data, tmp_path, change) -> Path:
+    import shutil
+
+    folder = tmp_path / "ref"
+    shutil.copytree(data / "refcoco", folder)
+    inst = next(folder.rglob("instances.json"))
+    doc = json.loads(inst.read_text())
+    change(doc)
+    inst.write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 0]), "expected \\[x, y, w, h\\] of finite numbers with w, h > 0"),
+    (lambda d: d["annotations"][0].update(bbox=[1000, 1000, 10, 10]), "lies outside its"),
+    (lambda d: d["images"][0].update(width=-5, height=0), "expected the image's size in pixels"),
+])  # fmt: skip
+def test_refcoco_boxes_that_cannot_be_scored_are_bad_records(data, tmp_path, change, message):
+    """A zero-area box scored a perfect answer as a miss, and a bad image size shifted every parsed box."""
+    folder = _refcoco_copy(data, tmp_path, change)
+    with pytest.raises(FormatError, match=message):
+        load_samples("grounding", folder)
+    skips = Skips("skip")
+    assert len(load_samples("grounding", folder, skips=skips)) < len(load_samples("grounding", data / "refcoco"))
+    assert skips.total >= 1
+
+
+def test_ids_that_read_the_same_are_one_id(data, tmp_path):
+    """0 and "0" passed the loader's duplicate check, then stopped scoring with an error naming nothing."""
+    import shutil
+
+    folder = tmp_path / "vqa"
+    shutil.copytree(data / "vqav2", folder)
+    q = next(folder.glob("*questions*.json"))
+    a = next(folder.glob("*annotations*.json"))
+    qd, ad = json.loads(q.read_text()), json.loads(a.read_text())
+    first = qd["questions"][0]["question_id"]
+    qd["questions"][1]["question_id"] = ad["annotations"][1]["question_id"] = str(first)
+    q.write_text(json.dumps(qd))
+    a.write_text(json.dumps(ad))
+    with pytest.raises(FormatError, match=f"questions.json: duplicate question_id \\['{first}'\\]"):
+        load_samples("vqa", folder)
+
+
+def test_a_byte_order_mark_is_read_past(data, tmp_path):
+    """Windows tools start UTF-8 files with one: it cost JSON lines their first record and stopped TSV and JSON."""
+    import shutil
+
+    for task, fmt in (("mcq", "mmbench"), ("caption", "coco"), ("vqa", "vqav2")):
+        folder = tmp_path / fmt
+        shutil.copytree(data / fmt, folder)
+        for f in [*folder.glob("*.tsv"), *folder.glob("*.json")]:
+            f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+        assert [s.id for s in load_samples(task, folder)] == [s.id for s in load_samples(task, data / fmt)], fmt
+    lines = tmp_path / "c.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": 2}\n')
+    from vlkit.data.formats.common import iter_jsonl
+
+    assert [r for _, r in iter_jsonl(lines, "lines")] == [{"a": 1}, {"a": 2}]

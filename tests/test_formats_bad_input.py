@@ -30,7 +30,7 @@ def test_coco_record_errors(tmp_path):
     with pytest.raises(FormatError, match=r"c\.json, images\[1\]: missing key 'sentences'"):
         read_karpathy(p)
     p.write_text(json.dumps({"images": [{"filename": "a.png", "cocoid": 7, "sentences": [{"raw": "x"}]}] * 2}))
-    with pytest.raises(FormatError, match=r"duplicate image id.*\[7\]"):
+    with pytest.raises(FormatError, match=r"duplicate image id.*\['7'\]"):
         read_karpathy(p)
     p.write_text(json.dumps({"images": [{"filename": "a.png", "sentences": [{"raw": "x"}, {"raw": "  "}]}]}))
     with pytest.raises(FormatError, match=r"c\.json, images\[0\]\.sentences\[1\]: a blank caption"):  # it was a reference
@@ -40,7 +40,7 @@ def test_coco_record_errors(tmp_path):
 def test_vqa_errors(tmp_path):
     q, a = tmp_path / "q.json", tmp_path / "a.json"
     q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": "?"}] * 2}))
-    with pytest.raises(FormatError, match=r"q\.json: duplicate question_id \[1\]"):
+    with pytest.raises(FormatError, match=r"q\.json: duplicate question_id \['1'\]"):
         read_vqav2(q)
     q.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 1, "question": "?"}, {"question_id": 2, "image_id": 1, "question": "?"}]}))
     a.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "x"}]}]}))

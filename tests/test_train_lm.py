@@ -119,3 +119,13 @@ def test_command_line(tmp_path, capsys):
     assert (tmp_path / "cli" / "config.json").is_file()
     assert main(["train", "lm", "--out", str(tmp_path / "bad"), "--data.source=/nonexistent.jsonl"]) == 2
     assert "data.source" in capsys.readouterr().err
+
+
+def test_a_finished_run_extended_and_interrupted_loads_its_newest_checkpoint(tmp_path):
+    """The finished run's model stayed at the top of the folder, and vlkit.load kept taking it."""
+    train_lm(tiny(steps=3), tmp_path / "run")
+    train_lm(tiny(steps=6), tmp_path / "run", resume=True, stop_at=5)
+    newest = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000005" / "model.safetensors"))
+    loaded = vlkit.load(tmp_path / "run").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in newest.items())
+    assert not list((tmp_path / "run").glob(".*.stale"))

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vlkit.data.formats.common import FormatError, read_json
+from vlkit.data.formats.common import BadRecord, FormatError, read_json
 from vlkit.data.skips import Skips
 from vlkit.errors import VlkitError
 
@@ -125,23 +125,31 @@ def _load_samples(task: str, data: Path, split: str | None, skips: Skips) -> lis
     path = data if data.is_file() else _find(data, "*.tsv", "benchmark TSV")
     out = []
     for row in iter_tsv(path, skips=skips):
-        where = f"{path}, line {row.line} (index {row.index})"
-        opts = row.options
-        if opts:
-            if row.answer.strip().upper() not in opts:
-                raise FormatError(f"{where}: answer {row.answer!r}; expected one of the option letters {sorted(opts)}")
-            text = "\n".join(f"{k}. {v}" for k, v in opts.items())
-            q = (row.fields.get("hint", "") + "\n" + row.question).strip() if row.fields.get("hint") not in (None, "", "nan") else row.question
-            target = {"answer": row.answer.strip().upper(), "options": opts}
-            prompt = MCQ_PROMPT.format(question=q, options=text)
-        else:
-            target = {"answer": row.answer, "numeric": True, "precision": _precision(row.fields.get("precision", ""), where)}
-            prompt = NUMERIC_PROMPT.format(question=row.question)
-        out.append(Sample(str(row.index), prompt, target, row.image, row.fields.get("category", "") or row.fields.get("question_type", "")))
+        try:
+            out.append(_tsv_sample(row, path))
+        except BadRecord as err:
+            skips.reject(err, "bad record")
     return out
 
 
-def _precision(text: str, where: str) -> int | None:
+def _tsv_sample(row, path: Path) -> Sample:
+    """A benchmark TSV row (MMBench's multiple choice, or MathVista's numeric answer) as a sample."""
+    where = f"line {row.line} (index {row.index})"
+    opts = row.options
+    if opts:
+        if row.answer.strip().upper() not in opts:
+            raise BadRecord(str(path), f"answer {row.answer!r}; expected one of the option letters {sorted(opts)}", where)
+        text = "\n".join(f"{k}. {v}" for k, v in opts.items())
+        q = (row.fields.get("hint", "") + "\n" + row.question).strip() if row.fields.get("hint") not in (None, "", "nan") else row.question
+        target = {"answer": row.answer.strip().upper(), "options": opts}
+        prompt = MCQ_PROMPT.format(question=q, options=text)
+    else:
+        target = {"answer": row.answer, "numeric": True, "precision": _precision(row.fields.get("precision", ""), path, where)}
+        prompt = NUMERIC_PROMPT.format(question=row.question)
+    return Sample(str(row.index), prompt, target, row.image, row.fields.get("category", "") or row.fields.get("question_type", ""))
+
+
+def _precision(text: str, path: Path, where: str) -> int | None:
     """A MathVista ``precision`` field: decimal places to compare at (empty: compare as given)."""
     if text.strip() in ("", "nan"):
         return None
@@ -150,7 +158,7 @@ def _precision(text: str, where: str) -> int | None:
     except ValueError:
         value = -1.0
     if not value.is_integer() or value < 0:
-        raise FormatError(f"{where}: precision {text!r}; expected a whole number of decimal places (or empty)")
+        raise BadRecord(str(path), f"precision {text!r}; expected a whole number of decimal places (or empty)", where)
     return int(value)
 
 

@@ -177,9 +177,12 @@ def run_lora(checkpoint: Path):
     weights, recipe = Path(checkpoint) / "model.safetensors", run_recipe_file(checkpoint)
     if not weights.is_file() or Path(checkpoint).parent.name != "checkpoints":
         return None
-    with safe_open(str(weights), "pt") as f:
-        if not any(k.endswith(".lora_A") for k in f.keys()):
-            return None
+    try:
+        with safe_open(str(weights), "pt") as f:
+            if not any(k.endswith(".lora_A") for k in f.keys()):
+                return None
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err}); it may be truncated") from None
     if not recipe.is_file():
         raise CheckpointError(f"{weights}: holds LoRA adapters, but its run's recipe.json (their rank and scale) is missing")
     return from_dict(LoraConfig, json.loads(recipe.read_text()).get("lora") or {}, str(recipe) + ": lora")

@@ -218,7 +218,8 @@ def train_lm(recipe: LMRecipe, out: str | Path, resume: bool = False, stop_at: i
         model.generation_config = generation_config(tokenizer)
         device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         summary = fit(model, dataset, collate_blocks, recipe.loop, recipe.optim, out, "llama", world=world, resume=resume,
-                      device=device, stop_at=stop_at, recipe=to_dict(recipe))
+                      device=device, stop_at=stop_at, recipe=to_dict(recipe),
+                      exports=("config.json", "model.safetensors"))  # the final model: stale once a checkpoint is newer
         if world.is_main:
             if skips.total:
                 skips.write(out)

@@ -246,9 +246,9 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
             f"{ckpt / 'model.safetensors'}: does not fit the model this recipe builds: {'; '.join(problems)}. "
             f"{_recipe_change(recipe_file, recipe)}Resume with the run's recipe, or train into a new --out."
         )
-    if lrs := [c for c in _changes(recipe_file, recipe) or [] if c[0].endswith("lr")]:
-        raise CheckpointError(f"{ckpt}: a resumed run keeps the learning rates its schedule was saved with, but the recipe "
-                              f"changes {_shown(lrs)}; resume with the run's, or start a new run from it (init_from)")
+    if kept := [c for c in _changes(recipe_file, recipe) or [] if c[0].endswith("lr") or c[0] in _OPTIMIZER_KEYS]:
+        raise CheckpointError(f"{ckpt}: a resumed run keeps the learning rates and optimizer settings it was saved with, but "
+                              f"the recipe changes {_shown(kept)}; resume with the run's, or start a new run from it (init_from)")
     from safetensors.torch import load_file
 
     try:
@@ -266,6 +266,10 @@ def _restore(ckpt: Path, model: torch.nn.Module, optimizer, scheduler, recipe_fi
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"{ckpt}: cannot resume from it ({type(err).__name__}: {err}). "
                               f"{_recipe_change(recipe_file, recipe)}") from None
+
+
+_OPTIMIZER_KEYS = ("optim.weight_decay", "optim.betas", "optim.eps")
+"""Recipe keys (with every ``*lr``) a resumed optimizer's saved parameter groups hold: a change would be recorded but not used."""
 
 
 def _changes(recipe_file: Path, recipe: dict | None) -> list[tuple[str, object, object]] | None:
@@ -494,9 +498,13 @@ def fit(
         rng, saved = _rng_states(world), None
         if world.is_main:
             for name in exports:  # renamed away in one step, then removed: never left half there
+                stale = run_dir / f".{name}.stale"
                 if (run_dir / name).exists():
-                    os.replace(run_dir / name, run_dir / f".{name}.stale")
-                shutil.rmtree(run_dir / f".{name}.stale", ignore_errors=True)
+                    os.replace(run_dir / name, stale)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                elif stale.exists():
+                    stale.unlink()
             state = _training_state(optimizer_state, scheduler, progress, rng)
             saved = save_checkpoint(run_dir, progress.step, model, model_type, state, loop.keep_checkpoints, weights)
             if log.pending and recipe is not None:

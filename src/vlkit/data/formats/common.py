@@ -43,7 +43,7 @@ def read_text(path: str | Path, expected: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; expected {expected}")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as Windows tools write, is dropped
     except UnicodeDecodeError:
         raise not_utf8(path, expected) from None
 
@@ -83,7 +83,7 @@ def iter_jsonl(path: str | Path, expected: str = "one JSON object per line", ski
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark before line 1 is dropped
             except UnicodeDecodeError:
                 raise not_utf8(path, expected) from None
             if not line.strip():
@@ -149,7 +149,8 @@ def check_type(value, tp: type | tuple, source, record: str, what: str) -> None:
 
 
 def check_unique(ids, what: str, where: str) -> None:
-    dup = [k for k, c in Counter(ids).items() if c > 1]
+    """Each id once, compared as the text it becomes in results (``5`` and ``"5"`` are one id)."""
+    dup = [k for k, c in Counter(str(i) for i in ids).items() if c > 1]
     if dup:
         raise FormatError(f"{where}: duplicate {what} {dup[:5]!r} ({len(dup)} in all); expected each {what} once")
 

@@ -39,6 +39,12 @@ class _JSONStream:
         self._mark = self.pos
         return self._mark_bytes
 
+    def skip_bom(self) -> None:
+        """Step over a byte-order mark that starts the file (Windows tools write one); its bytes are
+        still counted in the offsets."""
+        if self.fill(self.chunk_size) and self.buf.startswith("\ufeff"):
+            self.pos += 1
+
     def fail(self, where: str, what: str) -> FormatError:
         """The error for text that is not the JSON expected, naming the file and record."""
         return FormatError(f"{where}: malformed JSON ({what}); expected {self.expected}")
@@ -192,6 +198,7 @@ def _iter_json_array(path: Path, key: str | None, expected: str, chunk_size: int
     """:func:`iter_json_array` for an existing file (JSON nested past Python's recursion limit raises)."""
     with open(path, encoding="utf-8", newline="") as f:
         s = _JSONStream(f, path, expected, chunk_size)
+        s.skip_bom()
         if key is None:
             s.enter("[", "the top level")
             yield from s.items(lambda i: f"{path}, item {i}", spans)

@@ -11,6 +11,8 @@ layout, ``{"images": [{"id", "file_name", "width", "height"}], "annotations": [{
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -93,6 +95,9 @@ def _samples(r, path: Path, record: str, split: str | None, images: dict, anns: 
     if image_id not in images:
         raise BadRecord(str(path), f"its annotation {r['ann_id']} names image_id {image_id}, which is not an image of {inst_path}", record)
     image, width, height = images[image_id]
+    if width and height and not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
+        raise BadRecord(str(path), f"its annotation {r['ann_id']}'s box {[round(v, 2) for v in box]} lies outside its "
+                        f"{width}x{height} image (x0, y0, x1, y1 in pixels)", record)  # fmt: skip
     out = []
     for j, s in enumerate(r["sentences"]):
         where = f"{record}.sentences[{j}]"
@@ -111,6 +116,10 @@ def _images(path: Path, root: Path, skips: Skips, allow_outside: bool) -> dict[i
         try:
             require(im, {"id": int, "file_name": str}, path, record)
             size = [optional(im, k, int, 0, path, record) for k in ("width", "height")]
+            if "width" in im or "height" in im:
+                if min(size) <= 0:
+                    raise BadRecord(str(path), f"width {size[0]}, height {size[1]}; expected the image's size in pixels, "
+                                    "both at least 1", record)  # fmt: skip
             images[im["id"]] = (image_path(root, im["file_name"], path, record, allow_outside), *size)
         except BadRecord as err:
             skips.reject(err, "bad record")
@@ -129,8 +138,8 @@ def _boxes(path: Path, skips: Skips) -> dict[int, tuple[int, tuple[float, float,
         try:
             require(a, {"id": int, "image_id": int, "bbox": list}, path, record)
             b = a["bbox"]
-            if len(b) != 4 or not all(has_type(v, (int, float)) for v in b) or b[2] < 0 or b[3] < 0:
-                raise BadRecord(str(path), f"bbox {b!r:.80}; expected [x, y, w, h] of finite numbers with w, h >= 0", record)
+            if len(b) != 4 or not all(has_type(v, (int, float)) and math.isfinite(v) for v in b) or b[2] <= 0 or b[3] <= 0:
+                raise BadRecord(str(path), f"bbox {b!r:.80}; expected [x, y, w, h] of finite numbers with w, h > 0", record)
         except BadRecord as err:
             skips.reject(err, "bad record")
             continue

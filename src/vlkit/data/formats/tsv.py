@@ -100,7 +100,7 @@ def iter_tsv(path: str | Path, required: Iterable[str] = ("index", "question", "
         raise FileNotFoundError(f"{path}: missing; expected {TSV}")
     skips = skips if skips is not None else Skips()
     seen = set()
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # pandas' to_csv(encoding="utf-8-sig") starts with a BOM
         reader = csv.reader(f, delimiter="\t")
         try:
             header = next(reader, None)
