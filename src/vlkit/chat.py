@@ -71,28 +71,25 @@ class ChatSession:
             text = f"{IMAGE_TOKEN}\n" * len(self.images) + text
         return {"role": "user", "content": text}
 
-    def _prompt(self, turn: dict) -> dict:
-        """``input_ids`` (and for a vision-language model ``inputs_embeds``) of the conversation
-        with ``turn`` added and the assistant's turn opened."""
+    def _encode(self, turn: dict):
+        """The conversation with ``turn`` added and the assistant's turn opened: a vision-language
+        model's processed sample, or a language model's ids (``len`` of either is its tokens)."""
+        if self.vlm:
+            return self.processor.encode(self.messages + [turn], self.images, add_generation_prompt=True,
+                                         sample="the conversation")  # fmt: skip
+        return self.tokenizer.encode_chat(self.messages + [turn]) if self.templated else self.tokenizer.encode(turn["content"])
+
+    def _prompt(self, encoded) -> dict:
+        """``input_ids`` (and for a vision-language model ``inputs_embeds``) of an encoded conversation."""
         import torch
 
         device = _device(self.model)
         if self.vlm:
-            sample = self.processor.encode(self.messages + [turn], self.images, add_generation_prompt=True,
-                                           sample="the conversation")
-            batch = {k: v.to(device) for k, v in self.processor.collate([sample], "left").items()}
+            batch = {k: v.to(device) for k, v in self.processor.collate([encoded], "left").items()}
             with torch.inference_mode():
                 embeds = self.model.inputs_embeds(batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes"))
             return {"input_ids": batch["input_ids"], "inputs_embeds": embeds}
-        ids = self.tokenizer.encode_chat(self.messages + [turn]) if self.templated else self.tokenizer.encode(turn["content"])
-        return {"input_ids": torch.tensor([ids], device=device)}
-
-    def _length(self, turn: dict) -> int:
-        """Tokens of the conversation's prompt with ``turn`` added."""
-        if self.vlm:
-            return len(self.processor.encode(self.messages + [turn], self.images, add_generation_prompt=True,
-                                             sample="the conversation"))  # fmt: skip
-        return len(self.tokenizer.encode_chat(self.messages + [turn]))
+        return {"input_ids": torch.tensor([encoded], device=device)}
 
     def _room(self) -> int:
         """Positions a prompt may take and leave the answer its ``max_new_tokens``."""
@@ -118,9 +115,10 @@ class ChatSession:
         from vlkit.lm.generate import generate_text, stream
 
         turn = self._user_turn(text)
-        while self.templated and self._length(turn) > self._room() and self._forget_oldest():
-            pass
-        prompt = self._prompt(turn)
+        encoded = self._encode(turn)
+        while self.templated and len(encoded) > self._room() and self._forget_oldest():
+            encoded = self._encode(turn)
+        prompt = self._prompt(encoded)
         mask = torch.ones_like(prompt["input_ids"])
         lm = self.model.lm if self.vlm else self.model
         options = {"generation_config": self.model.generation_config, **self.options} if self.vlm else self.options

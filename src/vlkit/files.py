@@ -20,14 +20,17 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def check_file_path(path: Path, flag: str = "--out") -> None:
-    """Refuse, before any work, a file path that cannot be made: a file where one of its folders
-    must be."""
-    for parent in Path(path).parents:
+def check_file_path(path: Path, flag: str = "--out", folder: bool = False) -> Path:
+    """Refuse, before any work, a path that cannot be made: a file where one of its folders must be
+    (or, with ``folder``, where the path itself must be a folder). Returns the nearest folder that
+    exists, in which it would be made."""
+    path = Path(path)
+    for parent in [path] * folder + list(path.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise VlkitError(f"{flag} {path}: {parent} is a file; expected a folder there (or a path that can be one)")
-            return
+            return parent
+    return Path(".")
 
 
 def write_text_whole(path: Path, text: str) -> None:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from vlkit.data.images import BadSample, image_files, load_image
 from vlkit.data.skips import Skips
 from vlkit.errors import VlkitError
-from vlkit.files import atomic_folder, recover
+from vlkit.files import atomic_folder, check_file_path, recover
 from vlkit.index import backends
 from vlkit.index.identity import ModelIdentity, check_same, identify
 from vlkit.precision import autocast
@@ -244,7 +244,7 @@ def build_index(model, model_path: str | Path, images: str | Path, out: str | Pa
             run.write(complete=False)  # what was embedded stays: a re-run goes on from there
             raise
         embed_s = time.perf_counter() - t0
-        summary = run.write(complete=True, embed_s=embed_s, reused=len(reuse))
+        summary = run.write(complete=True, embed_s=embed_s)
     return summary
 
 
@@ -264,7 +264,7 @@ class _Run:
         self.files += files
         self.vectors.append(vectors)
 
-    def write(self, complete: bool, embed_s: float = 0.0, reused: int = 0) -> dict:
+    def write(self, complete: bool, embed_s: float = 0.0) -> dict:
         """Write the index: the previous rows of files still there and not yet embedded again (a
         changed file's old row stays until its new one replaces it), then this run's."""
         old, width = self.old, self.identity.width
@@ -289,7 +289,7 @@ class _Run:
         known = {f.path for f in old.files} if old else set()
         changed = sum(f.path in known for f in self.files)
         summary = {
-            "images": len(files), "new": len(self.files) - changed, "changed": changed, "unchanged": reused,
+            "images": len(files), "new": len(self.files) - changed, "changed": changed, "unchanged": len(keep),
             "removed": len(known - self.present), "unreadable": len(bad), "unreadable_new": len(self.skips.items),
             "kind": chosen, "kind_reason": reason, "embed_seconds": round(embed_s, 3),
             "images_per_second": round(len(self.todo) / embed_s, 2) if self.todo and embed_s > 0 else None,
@@ -321,13 +321,9 @@ def _output(out: Path, images: Path) -> Path:
         raise VlkitError(f"--out {out}: {'is' if real == images else 'holds'} the images folder {images}; the index is "
                          "written whole in its own folder, which would replace the photos. Give another --out "
                          "(a folder inside the images folder is fine: it is not indexed)")  # fmt: skip
-    for parent in [real, *real.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise VlkitError(f"--out {out}: {parent} is a file; expected a folder (or a path that can be one)")
-            if not os.access(parent, os.W_OK):
-                raise VlkitError(f"--out {out}: cannot write in {parent if parent != real else real.parent}")
-            break
+    existing = check_file_path(real, "--out", folder=True)
+    if not os.access(existing, os.W_OK):
+        raise VlkitError(f"--out {out}: cannot write in {existing}")
     return real
 
 

@@ -177,12 +177,8 @@ def run_lora(checkpoint: Path):
     weights, recipe = Path(checkpoint) / "model.safetensors", run_recipe_file(checkpoint)
     if not weights.is_file() or Path(checkpoint).parent.name != "checkpoints":
         return None
-    try:
-        with safe_open(str(weights), "pt") as f:
-            if not any(k.endswith(".lora_A") for k in f.keys()):
-                return None
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err}); it may be truncated") from None
+    if not any(k.endswith(".lora_A") for k in _weight_shapes(weights)):
+        return None
     if not recipe.is_file():
         raise CheckpointError(f"{weights}: holds LoRA adapters, but its run's recipe.json (their rank and scale) is missing")
     return from_dict(LoraConfig, json.loads(recipe.read_text()).get("lora") or {}, str(recipe) + ": lora")
@@ -191,12 +187,7 @@ def run_lora(checkpoint: Path):
 def weight_mismatches(folder: Path, model) -> list[str]:
     """How ``folder/model.safetensors`` differs from ``model``'s parameters (names and shapes,
     read from the header only); empty when the weights fit."""
-    weights = folder / "model.safetensors"
-    try:
-        with safe_open(str(weights), "pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
+    shapes = _weight_shapes(folder / "model.safetensors")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = [f"{k} is {shapes[k]} there but {expected[k]} here" for k in expected if k in shapes and shapes[k] != expected[k]]
     if missing := sorted(set(expected) - set(shapes)):
@@ -204,6 +195,15 @@ def weight_mismatches(folder: Path, model) -> list[str]:
     if unexpected := sorted(set(shapes) - set(expected)):
         problems.append(f"it has {_some(unexpected)}, which this model has not")
     return problems
+
+
+def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a safetensors file, read from its header; a damaged file is named."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err}); it may be truncated") from None
 
 
 def _some(keys: list[str], n: int = 5) -> str:
